@@ -1,0 +1,190 @@
+"""The streaming merge: tensor by tensor from memory-mapped inputs to a file written as it goes.
+
+Peak memory is a few copies of the largest tensor (row-chunked for elementwise methods), not the
+model: inputs are page-cache views, each result is written and dropped before the next key.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from baka.errors import BakaError, ModelFileError
+from baka.merge.elemental import Rule, override, parse_rules
+from baka.merge.methods import METHODS, Ctx, MergeMethod
+from baka.merge.recipe import Recipe, metadata_for
+from baka.models import detect
+from baka.models.blocks import BLOCK_INDEX, block_of
+from baka.models.hashes import sha256_file
+from baka.models.io import DTYPE_BY_NAME, open_source, shapes_of_source
+from baka.models.safetensors_io import TensorSpec, atomic_output, build_header
+
+CHUNK_ELEMENTS = 1 << 22  # rows are merged in ~4M-element slices (16 MB of fp32 per operand)
+_HEADER_SLACK = 16384  # room reserved for the header's model hashes, computed while merging
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    recipe: Recipe
+    keys: int
+    copied_from_a: int = 0  # keys missing from B/C, or whose weights make the result exactly A
+    dropped: list[str] = field(default_factory=list)  # keys outside the model (EMA, buffers)
+
+
+def _key_weights(method: MergeMethod, recipe: Recipe, rules: list[Rule], key: str) -> tuple[float, float]:
+    block = block_of(key)
+    i = BLOCK_INDEX[block] if block else 0
+    alpha = override(rules, block, key, recipe.alpha[i])
+    return alpha, recipe.beta[i]
+
+
+def merge_models(
+    recipe: Recipe, output: str | Path, *, progress: bool = True, hash_inputs: bool = True
+) -> MergeResult:
+    """Merge ``recipe.models`` into ``output`` (.safetensors) by ``recipe.method`` and block weights.
+
+    Inputs are opened lazily (safetensors are memory-mapped); floating tensors are merged in fp32 and
+    cast to the output dtype (``recipe.dtype`` or A's). Keys outside the model (EMA copies, schedule
+    buffers) are dropped; keys missing from B or C are copied from A. The output is written to a
+    temp file and renamed into place; it may not be one of the inputs.
+    """
+    method = METHODS.get(recipe.method)
+    recipe.method = method.name
+    n_models = 3 if method.needs_c else 2
+    if len(recipe.models) < n_models:
+        raise BakaError(
+            f"method {method.name} needs {n_models} models (A, B{', C' if n_models == 3 else ''})"
+        )
+    if len(recipe.models) > n_models and method.name != "ties":
+        raise BakaError(f"method {method.name} takes {n_models} models, got {len(recipe.models)}")
+    out_path = Path(output)
+    if out_path.suffix.lower() != ".safetensors":
+        raise BakaError(f"{out_path}: merge output must be a .safetensors file")
+    rules = parse_rules(recipe.elemental)
+    out_dtype = DTYPE_BY_NAME[recipe.dtype] if recipe.dtype else None
+
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_source(p)) for p in recipe.models]
+        all_specs = [s.specs() for s in sources]
+        for path, src in zip(recipe.models, sources, strict=True):
+            detect.require_sd1(path, detect.classify(shapes_of_source(src)))
+        spec_a = all_specs[0]
+        keys = [k for k in spec_a if block_of(k) is not None]
+        dropped = [k for k in spec_a if block_of(k) is None]
+        for path, specs in zip(recipe.models[1:], all_specs[1:], strict=True):
+            for k in keys:
+                if k in specs and specs[k].shape != spec_a[k].shape:
+                    raise ModelFileError(
+                        path, f"shape of {k} is {specs[k].shape}, model A has {spec_a[k].shape}"
+                    )
+        out_specs = {
+            k: TensorSpec(
+                out_dtype if out_dtype and spec_a[k].dtype.is_floating_point else spec_a[k].dtype,
+                spec_a[k].shape,
+            )
+            for k in sorted(keys)
+        }
+
+        hasher = cf.ThreadPoolExecutor(max_workers=1)
+        stack.callback(hasher.shutdown)
+        # hashing runs beside the merge (hashlib releases the GIL); the header is written last
+        futures = [hasher.submit(sha256_file, p) for p in recipe.models if hash_inputs and Path(p).is_file()]
+        copied = 0
+
+        def produce() -> Iterator[tuple[str, object]]:
+            nonlocal copied
+            for k in out_specs:
+                alpha, beta = _key_weights(method, recipe, rules, k)
+                a = sources[0].get(k)
+                others = [
+                    s.get(k) if k in sp else None for s, sp in zip(sources[1:], all_specs[1:], strict=True)
+                ]
+                want = out_specs[k].dtype
+                if not a.dtype.is_floating_point or any(o is None for o in others[: n_models - 1]):
+                    copied += 1
+                    yield k, a.to(want)
+                    continue
+                pick = method.shortcut(alpha, beta)
+                if pick is not None:
+                    copied += pick == "A"
+                    yield k, (a if pick == "A" else others[0]).to(want)
+                    continue
+                ctx = Ctx(k, alpha, beta, recipe.seed)
+                yield k, _compute(method, a, others, ctx, want)
+
+        with atomic_output(out_path, protect=recipe.models) as tmp:
+            head_guess = len(build_header(out_specs, _metadata(recipe, sources, ["0" * 64] * len(futures))))
+            reserve = head_guess + _HEADER_SLACK
+            total = sum(s.nbytes for s in out_specs.values())
+            with open(tmp, "wb") as f:
+                f.seek(reserve)
+                bar = tqdm(
+                    total=total, unit="B", unit_scale=True, desc="merge", disable=not progress, leave=False
+                )
+                for k, t in produce():
+                    n = _write(f, t, out_specs[k], k)
+                    bar.update(n)
+                bar.close()
+                recipe.model_sha256 = [fu.result() for fu in futures]
+                header = build_header(out_specs, _metadata(recipe, sources, recipe.model_sha256))
+                header = _pad_header(header, reserve)
+                f.seek(0)
+                f.write(header)
+                f.flush()
+                os.fsync(f.fileno())
+    return MergeResult(out_path, recipe, len(out_specs), copied, dropped)
+
+
+def _metadata(recipe: Recipe, sources, shas: list[str]) -> dict[str, str]:
+    r = Recipe(**{**recipe.__dict__, "model_sha256": list(shas)})
+    metas = [dict(getattr(s, "metadata", {}) or {}) for s in sources]
+    return metadata_for(r, metas, Path(recipe.models[0]).stem + "-merge")
+
+
+def _pad_header(header: bytes, reserve: int) -> bytes:
+    """Pad the JSON header with spaces (valid trailing whitespace) so data starts at ``reserve``."""
+    n = len(header) - 8
+    want = reserve - 8
+    if n > want:
+        raise RuntimeError("merge header outgrew its reserved space")
+    return struct.pack("<Q", want) + header[8:] + b" " * (want - n)
+
+
+def _compute(method: MergeMethod, a: torch.Tensor, others: list, ctx: Ctx, want: torch.dtype):
+    b = others[0]
+    c = others[1] if len(others) > 1 else None
+    if not method.elementwise or a.numel() <= CHUNK_ELEMENTS or a.ndim == 0:
+        out = method.fn(a.float(), b.float(), None if c is None else c.float(), ctx)
+        return out.to(want)
+    rows = max(1, CHUNK_ELEMENTS // max(1, a[0].numel()))
+    return (
+        method.fn(
+            a[i : i + rows].float(),
+            b[i : i + rows].float(),
+            None if c is None else c[i : i + rows].float(),
+            ctx,
+        ).to(want)
+        for i in range(0, a.shape[0], rows)
+    )
+
+
+def _write(f, t, spec: TensorSpec, key: str) -> int:
+    pieces = [t] if isinstance(t, torch.Tensor) else t
+    n = 0
+    for p in pieces:
+        p = p.contiguous()
+        if p.numel():
+            f.write(memoryview(p.reshape(-1).view(torch.uint8).numpy()))
+        n += p.numel() * p.element_size()
+    if n != spec.nbytes:
+        raise RuntimeError(f"{key}: wrote {n} bytes, expected {spec.nbytes}")
+    return n

@@ -1,0 +1,76 @@
+"""Parsing the 26 block weights the way supermerger users write them.
+
+Accepted: one number (all blocks), 26 comma-separated numbers (BASE, IN00..IN11, M00, OUT00..OUT11),
+25 numbers (A1111 MBW style: BASE comes from ``base``), a preset name, and any of those followed by
+per-block overrides ``;IN05=0.3;OUT11=1`` (also given on the CLI as ``--block IN05=0.3``).
+"""
+
+from __future__ import annotations
+
+from baka.errors import BakaError
+from baka.merge.presets import builtin_presets
+from baka.models.blocks import BLOCK_IDS, BLOCK_INDEX, N_BLOCKS, parse_block_id
+from baka.registry import Registry
+
+Weights = tuple[float, ...]
+
+
+def _floats(text: str) -> list[float] | None:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        return None
+
+
+def parse_weights(
+    spec: str | float | list[float] | tuple[float, ...] | None,
+    *,
+    base: float | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    presets: Registry[Weights] | None = None,
+    default: float = 0.5,
+) -> Weights:
+    """26 block weights from a spec string, number or list (see module doc)."""
+    presets = presets or builtin_presets()
+    if spec is None:
+        values = [default] * N_BLOCKS
+        parts: list[str] = []
+    elif isinstance(spec, int | float):
+        values, parts = [float(spec)] * N_BLOCKS, []
+    elif isinstance(spec, list | tuple):
+        values, parts = _expand([float(v) for v in spec], base, str(spec)), []
+    else:
+        head, *parts = [p.strip() for p in spec.split(";")]
+        nums = _floats(head)
+        values = _expand(nums, base, spec) if nums is not None else list(presets.get(head))
+    for item in [*parts, *overrides]:
+        if not item:
+            continue
+        block, sep, val = item.partition("=")
+        if not sep:
+            raise BakaError(f"bad block override {item!r}; write BLOCK=VALUE, e.g. IN05=0.3")
+        try:
+            values[BLOCK_INDEX[parse_block_id(block)]] = float(val)
+        except ValueError:
+            raise BakaError(f"bad block override {item!r}: {val!r} is not a number") from None
+    return tuple(values)
+
+
+def _expand(nums: list[float], base: float | None, text: str) -> list[float]:
+    if len(nums) == 1:
+        return nums * N_BLOCKS
+    if len(nums) == N_BLOCKS:
+        return nums
+    if len(nums) == N_BLOCKS - 1:
+        if base is None:
+            raise BakaError(f"25 weights given ({text!r}) but no base alpha for BASE")
+        return [base, *nums]
+    raise BakaError(f"{len(nums)} block weights given; need 1, 25 or 26 (BASE, IN00-IN11, M00, OUT00-OUT11)")
+
+
+def format_weights(w: Weights) -> str:
+    return ",".join(f"{v:g}" for v in w)
+
+
+def describe_weights(w: Weights) -> str:
+    return " ".join(f"{b}={v:g}" for b, v in zip(BLOCK_IDS, w, strict=True))

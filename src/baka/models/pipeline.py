@@ -1,0 +1,52 @@
+"""diffusers modules and pipelines built from an in-memory SD1.x checkpoint (no hub, no network)."""
+
+from __future__ import annotations
+
+import torch
+
+from baka.models.config import MAKERS, SDConfig
+from baka.models.io import Checkpoint
+
+
+def build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tensor], dtype=None):
+    """A diffusers/transformers module of ``component`` with ``state_dict`` loaded strictly."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        module = MAKERS[component](getattr(cfg, component))
+    sd = state_dict
+    if component == "text_encoder":
+        own = set(module.state_dict())
+        sd = {
+            (k[len("text_model.") :] if k not in own and k.startswith("text_model.") else k): v
+            for k, v in sd.items()
+        }
+    # assign=True materialises the meta module from our tensors (cloned: sources may be mmap views)
+    module.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
+    if dtype is not None:
+        module.to(dtype)
+    return module.eval()
+
+
+def build_components(ckpt: Checkpoint, dtype=None) -> dict:
+    return {c: build_module(c, ckpt.config, sd, dtype) for c, sd in ckpt.components().items()}
+
+
+def build_pipeline(ckpt: Checkpoint, dtype=None):
+    """A StableDiffusionPipeline over the checkpoint (safety checker off, offline tokenizer)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.schedulers import PNDMScheduler
+
+    from baka.models.tokenizer import load_tokenizer
+
+    mods = build_components(ckpt, dtype)
+    return StableDiffusionPipeline(
+        vae=mods["vae"],
+        text_encoder=mods["text_encoder"],
+        tokenizer=load_tokenizer(),
+        unet=mods["unet"],
+        scheduler=PNDMScheduler.from_config(ckpt.config.scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
