@@ -212,3 +212,12 @@ def test_zero_copy_views_are_copy_on_write(tiny_files):
         t.add_(1)  # must not crash and must not touch the file
     with SafetensorsFile(tiny_files[0]) as f:
         assert torch.equal(f.get("model.diffusion_model.out.2.bias"), before)
+
+
+def test_outputs_have_ordinary_permissions(tiny_sds, tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = save_checkpoint(tiny_sds[0], tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644

@@ -64,7 +64,7 @@ def merge_models(
         raise BakaError(
             f"method {method.name} needs {n_models} models (A, B{', C' if n_models == 3 else ''})"
         )
-    if len(recipe.models) > n_models and method.name != "ties":
+    if len(recipe.models) > n_models and not (method.accepts_c and len(recipe.models) == 3):
         raise BakaError(f"method {method.name} takes {n_models} models, got {len(recipe.models)}")
     out_path = Path(output)
     if out_path.suffix.lower() != ".safetensors":

@@ -32,6 +32,7 @@ class MergeMethod:
     name: str
     fn: MethodFn
     needs_c: bool = False
+    accepts_c: bool = False  # C is optional (TIES merges B - A and C - A when C is given)
     uses_beta: bool = False
     elementwise: bool = True  # output element i depends only on input element i: may run in row chunks
     beta_default: float = 0.0

@@ -21,10 +21,13 @@ def build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tens
             (k[len("text_model.") :] if k not in own and k.startswith("text_model.") else k): v
             for k, v in sd.items()
         }
-    # assign=True materialises the meta module from our tensors (cloned: sources may be mmap views)
-    module.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
-    if dtype is not None:
-        module.to(dtype)
+
+    # assign=True materialises the meta module from our tensors: cast (or clone) them first, since
+    # sources may be shared mmap views and the module must own its weights
+    def own(v: torch.Tensor) -> torch.Tensor:
+        return v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v.clone()
+
+    module.load_state_dict({k: own(v) for k, v in sd.items()}, strict=True, assign=True)
     return module.eval()
 
 

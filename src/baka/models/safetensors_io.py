@@ -171,6 +171,9 @@ def atomic_output(path: str | Path, *, protect: Iterable[str | Path] = ()) -> It
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -1,0 +1,67 @@
+import torch
+
+from baka.merge.diff import block_diff, heatmap_png
+from baka.merge.engine import merge_models
+from baka.merge.recipe import Recipe
+from baka.merge.runtime import RuntimeBlockMerge
+from baka.merge.weights import parse_weights
+from baka.models.io import load_checkpoint
+from baka.models.pipeline import build_module
+
+
+def _unet(path):
+    ck = load_checkpoint(path)
+    return ck, build_module("unet", ck.config, ck.components()["unet"])
+
+
+def test_runtime_merge_matches_streaming_merge(tiny_files, tmp_path):
+    ck_a, unet = _unet(tiny_files[0])
+    ck_b = load_checkpoint(tiny_files[1])
+    comps = ("unet", "text_encoder")
+    a = {c: ck_a.components()[c] for c in comps}
+    b = {c: ck_b.components()[c] for c in comps}
+    te = build_module("text_encoder", ck_a.config, a["text_encoder"])
+    rt = RuntimeBlockMerge({"unet": unet, "text_encoder": te}, a, b, parse_weights("ALL_A"))
+    w = parse_weights("GRAD_A")
+    changed = rt.set_weights(w)
+    assert changed == [bid for bid, x in zip(rt.groups, w, strict=True) if x != 0]
+
+    out = tmp_path / "m.safetensors"
+    merge_models(
+        Recipe("weight_sum", [str(f) for f in tiny_files[:2]], w, parse_weights(0)), out, progress=False
+    )
+    ck_m = load_checkpoint(out)
+    want = ck_m.components()["unet"]
+    for k, v in unet.state_dict().items():
+        assert torch.allclose(v, want[k], atol=1e-6), k
+
+    # changing one block touches only that block's tensors
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    w2 = list(w)
+    w2[6] = 1.0  # IN05
+    assert rt.set_weights(tuple(w2)) == ["IN05"]
+    after = unet.state_dict()
+    diff = {k for k in before if not torch.equal(before[k], after[k])}
+    assert diff and all(
+        k.startswith("down_blocks.1.") and (".resnets.1." in k or ".attentions.1." in k) for k in diff
+    )
+    assert rt.set_weights(tuple(w2)) == []
+
+
+def test_block_diff(tiny_files, tmp_path):
+    same = block_diff(tiny_files[0], tiny_files[0])
+    assert all(s.cosine == 1.0 or abs(s.cosine - 1) < 1e-12 for s in same)
+    assert all(s.rel_change == 0 for s in same)
+    out = tmp_path / "m.safetensors"
+    merge_models(
+        Recipe("weight_sum", [str(f) for f in tiny_files[:2]], parse_weights("OUT07"), parse_weights(0)),
+        out,
+        progress=False,
+    )
+    stats = {s.block: s for s in block_diff(tiny_files[0], out)}
+    assert stats["IN05"].rel_change == 0 and stats["OUT04"].rel_change == 0
+    assert stats["OUT05"].rel_change > 0.1 and stats["OUT11"].rel_change > 0.1
+    png = heatmap_png(list(stats.values()), tmp_path / "d.png")
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 26 * 40
