@@ -50,6 +50,15 @@ _STAND_INS = [
 def load_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a pickled checkpoint, flattened from a nested ``state_dict`` if present."""
     path = Path(path)
+    sd = _find_state_dict(safe_torch_load(path))
+    if sd is None:
+        raise ModelFileError(path, "checkpoint holds no tensors")
+    return sd
+
+
+def safe_torch_load(path: str | Path) -> object:
+    """``torch.load(weights_only=True)`` with the inert stand-ins; one-line errors naming the file."""
+    path = Path(path)
     stand_ins = [(Inert, name) for name in _STAND_INS]
     try:
         with torch.serialization.safe_globals(stand_ins):
@@ -64,10 +73,7 @@ def load_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(path, f"not a loadable checkpoint ({first})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise ModelFileError(path, f"not a loadable checkpoint ({str(e).splitlines()[0][:200]})") from None
-    sd = _find_state_dict(obj)
-    if sd is None:
-        raise ModelFileError(path, "checkpoint holds no tensors")
-    return sd
+    return obj
 
 
 def _is_zip(path: Path) -> bool:

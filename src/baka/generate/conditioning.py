@@ -1,0 +1,90 @@
+"""Prompt -> CLIP conditioning, as A1111 computes it: chunks of 77, embedding vectors spliced in,
+clip skip (the chosen layer then the final layer norm), and emphasis weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from baka.generate.embeddings import Embedding, EmbeddingDB
+from baka.generate.prompt import Chunk, chunk_prompt, weights_tensor
+from baka.registry import Registry
+
+Emphasis = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EMPHASIS: Registry[Emphasis] = Registry("emphasis mode")
+
+
+@EMPHASIS.register("Original")
+def emphasis_original(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Scale token vectors by their weights, then restore the chunk's mean (A1111 default)."""
+    mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * w[..., None]
+    return z * (mean / z.mean(dim=(1, 2), keepdim=True))
+
+
+@EMPHASIS.register("No norm")
+def emphasis_no_norm(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Scale token vectors by their weights, no mean restoration."""
+    return z * w[..., None]
+
+
+@EMPHASIS.register("None")
+def emphasis_none(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Ignore weights (the syntax is still parsed and removed)."""
+    return z
+
+
+@dataclass
+class PromptEncoder:
+    text_encoder: torch.nn.Module
+    embeddings: EmbeddingDB | None = None
+    clip_skip: int = 1
+    emphasis: str = "Original"
+    used: dict[str, Embedding] = field(default_factory=dict)  # embeddings seen, for infotext
+
+    def chunks(self, text: str) -> list[Chunk]:
+        return chunk_prompt(text, self.embeddings)[0]
+
+    @torch.no_grad()
+    def encode_chunks(self, chunks: list[Chunk]) -> torch.Tensor:
+        """[1, 77 * len(chunks), width] conditioning."""
+        te = self.text_encoder
+        device = next(te.parameters()).device
+        ids = torch.tensor([c.tokens for c in chunks], device=device)
+        fixes = [(row, pos, emb) for row, c in enumerate(chunks) for pos, emb in c.fixes]
+        for _, _, emb in fixes:
+            self.used[emb.name] = emb
+        token_embedding = te.get_input_embeddings()
+
+        def splice(_module, _inp, out):
+            out = out.clone()
+            for row, pos, emb in fixes:
+                n = emb.vectors.shape[0]
+                out[row, pos : pos + n] = emb.vectors.to(out.dtype).to(out.device)
+            return out
+
+        handle = token_embedding.register_forward_hook(splice) if fixes else None
+        try:
+            out = te(input_ids=ids, output_hidden_states=self.clip_skip > 1)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if self.clip_skip > 1:
+            # A1111 clip skip: the output of layer -N, then the final layer norm
+            z = getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-self.clip_skip])
+        else:
+            z = out.last_hidden_state
+        z = EMPHASIS.get(self.emphasis)(z.float(), weights_tensor(chunks).to(z.device))
+        return z.reshape(1, -1, z.shape[-1])
+
+    def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditioning for prompt and negative prompt, padded to the same number of chunks."""
+        pos, neg = self.chunks(prompt), self.chunks(negative)
+        empty = self.chunks("")[0]
+        while len(pos) < len(neg):
+            pos.append(empty)
+        while len(neg) < len(pos):
+            neg.append(empty)
+        return self.encode_chunks(pos), self.encode_chunks(neg)

@@ -1,0 +1,238 @@
+"""The generator: an SD1.x checkpoint on diffusers' StableDiffusionPipeline, driven A1111-style.
+
+Per call: LoRA tags are applied (reversibly), prompts are encoded with A1111 semantics, the sampler is
+built from its A1111 name, noise comes from a CPU generator per image (image i uses seed + i, so any
+image of a batch can be reproduced alone), FreeU runs as a scheduled patch, the VAE decodes with an
+automatic fp32 retry on NaNs, and every image carries A1111 infotext.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from baka import __version__
+from baka.errors import BakaError
+from baka.generate import infotext
+from baka.generate.conditioning import PromptEncoder
+from baka.generate.embeddings import EmbeddingDB
+from baka.generate.freeu import FreeU, parse_freeu
+from baka.generate.lora import LoraPatch, find_network, load_network, target_names
+from baka.generate.prompt import extract_networks
+from baka.generate.samplers import SAMPLERS, build_scheduler
+
+
+@dataclass
+class GenParams:
+    prompt: str
+    negative: str = ""
+    steps: int = 20
+    sampler: str = "Euler a"
+    cfg: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch: int = 1
+    clip_skip: int = 1
+    guidance_rescale: float = 0.0
+    zero_snr: bool = False
+    v_pred: bool = False
+    freeu: FreeU | None = None
+    emphasis: str = "Original"
+
+    def replace(self, **kw) -> GenParams:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_infotext(cls, text: str) -> GenParams:
+        """The parameters of an A1111 infotext (as written by baka or A1111)."""
+        prompt, negative, p = infotext.parse(text)
+        try:
+            w, h = (int(v) for v in p.get("Size", "512x512").split("x"))
+            sampler = p.get("Sampler", "Euler a")
+            sched = p.get("Schedule type", "Automatic")
+            if sched and sched != "Automatic" and f"{sampler} {sched}" in SAMPLERS:
+                sampler = f"{sampler} {sched}"
+            return cls(
+                prompt=prompt,
+                negative=negative,
+                steps=int(p.get("Steps", 20)),
+                sampler=sampler,
+                cfg=float(p.get("CFG scale", 7)),
+                seed=int(p.get("Seed", -1)),
+                width=w,
+                height=h,
+                clip_skip=int(p.get("Clip skip", 1)),
+                guidance_rescale=float(p.get("CFG Rescale phi", 0)),
+                zero_snr=p.get("Noise Schedule") == "Zero Terminal SNR",
+                v_pred=p.get("Prediction") == "v_prediction",
+                freeu=parse_freeu(p.get("FreeU")),
+                emphasis=p.get("Emphasis", "Original"),
+            )
+        except (ValueError, KeyError) as e:
+            raise BakaError(f"infotext could not be read: {e}") from None
+
+
+@dataclass
+class Result:
+    image: object  # PIL.Image
+    seed: int
+    infotext: str
+
+    def save(self, path: str | Path) -> Path:
+        from PIL.PngImagePlugin import PngInfo
+
+        from baka.models.safetensors_io import atomic_output
+
+        info = PngInfo()
+        info.add_text("parameters", self.infotext)
+        with atomic_output(path) as tmp:
+            self.image.save(tmp, format="PNG", pnginfo=info)
+        return Path(path)
+
+
+@dataclass
+class Generator:
+    """Loads a model once; call it with :class:`GenParams` to get images with infotext."""
+
+    model: str | Path
+    vae: str | Path | None = None
+    embedding_dirs: list[str | Path] = field(default_factory=list)
+    lora_dirs: list[str | Path] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from baka.models.io import load_checkpoint
+        from baka.models.pipeline import build_pipeline
+
+        self.ckpt = load_checkpoint(self.model, vae=self.vae)
+        self.pipe = build_pipeline(self.ckpt, self.dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=not self.progress, leave=False)
+        width = self.ckpt.config.text_encoder["hidden_size"]
+        self.embeddings = EmbeddingDB(width)
+        for d in self.embedding_dirs:
+            self.embeddings.load_dir(d)
+        self._targets = target_names(self.pipe.unet, self.pipe.text_encoder)
+        self._networks: dict[str, object] = {}
+        self._hash: str | None = None
+        self.base_scheduler = dict(self.ckpt.config.scheduler)
+        self.lora_unmatched: list[str] = []
+
+    @property
+    def model_hash(self) -> str | None:
+        from baka.models.hashes import autov2
+
+        if self._hash is None and Path(self.model).is_file():
+            self._hash = autov2(self.model)
+        return self._hash
+
+    def _network(self, name: str):
+        if name not in self._networks:
+            self._networks[name] = load_network(find_network(name, [Path(d) for d in self.lora_dirs]))
+        return self._networks[name]
+
+    @torch.no_grad()
+    def __call__(self, p: GenParams) -> list[Result]:
+        if p.width % 8 or p.height % 8:
+            raise BakaError(f"size {p.width}x{p.height}: width and height must be multiples of 8")
+        seed = p.seed if p.seed >= 0 else random.randrange(2**32)
+        prompt, tags = extract_networks(p.prompt)
+        negative, neg_tags = extract_networks(p.negative)
+        patch = LoraPatch()
+        freeu_patch = None
+        try:
+            for tag in tags + neg_tags:
+                patch.add(self._network(tag.name), self._targets, tag.te, tag.unet, tag.lbw)
+            self.lora_unmatched = list(patch.unmatched)
+            enc = PromptEncoder(self.pipe.text_encoder, self.embeddings, p.clip_skip, p.emphasis)
+            cond, uncond = enc.encode_pair(prompt, negative)
+            self.pipe.scheduler = build_scheduler(
+                p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred
+            )
+            gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(p.batch)]
+            shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
+            latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
+            kwargs = {}
+            if p.freeu is not None:
+                freeu_patch = p.freeu.apply(self.pipe.unet, p.steps)
+
+                def on_step(pipe, i, t, cb_kwargs):
+                    freeu_patch.set_step(i + 1)
+                    return cb_kwargs
+
+                kwargs["callback_on_step_end"] = on_step
+            out = self.pipe(
+                prompt_embeds=cond.repeat(p.batch, 1, 1).to(self.device, self.dtype),
+                negative_prompt_embeds=uncond.repeat(p.batch, 1, 1).to(self.device, self.dtype),
+                num_inference_steps=p.steps,
+                guidance_scale=p.cfg,
+                guidance_rescale=p.guidance_rescale,
+                latents=latents.to(self.device, self.dtype),
+                generator=gens if p.batch > 1 else gens[0],
+                output_type="latent",
+                **kwargs,
+            ).images
+            images = self.decode(out)
+            info = self._infotext(p, enc, patch)
+        finally:
+            if freeu_patch is not None:
+                freeu_patch.remove()
+            patch.remove()
+        return [
+            Result(img, seed + i, infotext.build(p.prompt, p.negative, {**info, "Seed": seed + i}))
+            for i, img in enumerate(images)
+        ]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list:
+        """VAE decode; fp16 NaNs (a known SD1.x VAE failure) trigger one fp32 retry."""
+        vae = self.pipe.vae
+        scaled = latents / vae.config.scaling_factor
+        image = vae.decode(scaled.to(vae.dtype)).sample
+        if torch.isnan(image).any() and vae.dtype != torch.float32:
+            # diffusers warns on every dtype cast of a model; this one is deliberate
+            quiet = logging.getLogger("diffusers.models.modeling_utils")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(scaled.float()).sample
+            finally:
+                vae.to(self.dtype)
+                quiet.setLevel(level)
+        return self.pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+    def _infotext(self, p: GenParams, enc: PromptEncoder, patch: LoraPatch) -> dict[str, object]:
+        ti = {name: e.hash for name, e in enc.used.items()}
+        loras = {net.name: net.hash for net, *_ in patch.applied}
+        return {
+            "Steps": p.steps,
+            "Sampler": SAMPLERS.canonical(p.sampler),
+            "CFG scale": f"{p.cfg:g}",
+            "Seed": None,  # filled per image
+            "Size": f"{p.width}x{p.height}",
+            "Model hash": self.model_hash,
+            "Model": Path(self.model).stem,
+            "VAE": Path(self.vae).name if self.vae else None,
+            "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+            "CFG Rescale phi": f"{p.guidance_rescale:g}" if p.guidance_rescale else None,
+            "Noise Schedule": "Zero Terminal SNR" if p.zero_snr else None,
+            "Prediction": "v_prediction" if p.v_pred else None,
+            "FreeU": ",".join(
+                f"{getattr(p.freeu, k):g}"
+                for k in ("b1", "b2", "s1", "s2", "version", "start", "stop", "smoothness")
+            )
+            if p.freeu
+            else None,
+            "Emphasis": p.emphasis if p.emphasis != "Original" else None,
+            "Lora hashes": ", ".join(f"{k}: {v}" for k, v in loras.items()) or None,
+            "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti.items()) or None,
+            "Version": f"baka {__version__}",
+        }

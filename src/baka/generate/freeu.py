@@ -1,0 +1,154 @@
+"""FreeU (Si et al. 2023) v1 and v2 with sd-webui-freeu's start/stop schedule and transition
+smoothness, as a reversible patch: hooks on the decoder resnets, removed by ``remove()``.
+
+At each decoder concatenation ``cat([h, skip])``: where h is 4C wide (C = the first block width,
+1280 in SD1.x) use (b1, s1), where 2C wide (640) use (b2, s2) (the official code's stage rule).
+- backbone: the first half of h's channels times ``b`` (v1), or times ``(b - 1) * m + 1`` with m the
+  per-sample channel-mean map min-max normalised to [0, 1] (v2);
+- skip: the lowest frequencies (FFT, a 2x2 window around DC) times ``s``.
+Schedule: with n steps, start = int(start_ratio * n), stop = int(stop_ratio * n), step k:
+flat = 1 if start <= k < stop else 0; smooth = clamp(k / start) before start, else
+clamp(1 + (k - start) / (start - stop)); ratio = lerp(flat, smooth, smoothness); every factor f is
+applied as lerp(1, f, ratio). A ratio of 0 leaves the step untouched (bit-identical to FreeU off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from baka.registry import Registry
+
+
+@dataclass(frozen=True)
+class FreeU:
+    b1: float = 1.3
+    b2: float = 1.4
+    s1: float = 0.9
+    s2: float = 0.2
+    version: int = 2
+    start: float = 0.0
+    stop: float = 1.0
+    smoothness: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"b1={self.b1:g} b2={self.b2:g} s1={self.s1:g} s2={self.s2:g} v{self.version} "
+            f"start={self.start:g} stop={self.stop:g} smooth={self.smoothness:g}"
+        )
+
+    def schedule_ratio(self, step: int, steps: int) -> float:
+        start, stop = int(self.start * steps), int(self.stop * steps)
+        if start == stop:
+            smooth = 0.0
+        elif step < start:
+            smooth = min(1.0, max(0.0, step / start))
+        else:
+            smooth = min(1.0, max(0.0, 1 + (step - start) / (start - stop)))
+        flat = 1.0 if start <= step < stop else 0.0
+        return (1 - self.smoothness) * flat + self.smoothness * smooth
+
+    def apply(self, unet: torch.nn.Module, steps: int) -> FreeUPatch:
+        return FreeUPatch(self, unet, steps)
+
+
+PRESETS: Registry[FreeU] = Registry("FreeU preset")
+PRESETS.add("sd1", FreeU(1.3, 1.4, 0.9, 0.2, version=1), ("sd15", "sd14"))  # FreeU paper, SD1.4/1.5
+PRESETS.add("sd1-v2", FreeU(1.3, 1.4, 0.9, 0.2, version=2))
+PRESETS.add("sd21", FreeU(1.4, 1.6, 0.9, 0.2, version=1))
+
+
+def parse_freeu(spec: str | None) -> FreeU | None:
+    """``off``, a preset name, or ``b1,b2,s1,s2[,version[,start,stop[,smoothness]]]``."""
+    if spec is None or spec.strip().lower() in ("", "off", "none"):
+        return None
+    parts = [p.strip() for p in spec.split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        return PRESETS.get(spec)
+    if len(nums) < 4:
+        from baka.errors import BakaError
+
+        raise BakaError(f"FreeU {spec!r}: give b1,b2,s1,s2[,version[,start,stop[,smoothness]]] or a preset")
+    keys = ["b1", "b2", "s1", "s2", "version", "start", "stop", "smoothness"]
+    kw = dict(zip(keys, nums, strict=False))
+    if "version" in kw:
+        kw["version"] = int(kw["version"])
+    return FreeU(**kw)
+
+
+def _low_pass_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scale the lowest spatial frequencies of x by ``scale`` (2x2 window around DC, like the paper)."""
+    if scale == 1.0:
+        return x
+    f = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = f.shape[-2:]
+    ch, cw = h // 2, w // 2
+    t = 1
+    mask = torch.ones(f.shape[-2:], device=x.device)
+    mask[max(ch - t, 0) : ch + t, max(cw - t, 0) : cw + t] = scale
+    f = torch.fft.ifftshift(f * mask, dim=(-2, -1))
+    return torch.fft.ifftn(f, dim=(-2, -1)).real.to(x.dtype)
+
+
+@dataclass
+class FreeUPatch:
+    """Live FreeU hooks on a diffusers UNet; ``set_step`` moves the schedule, ``remove`` undoes it."""
+
+    freeu: FreeU
+    unet: torch.nn.Module
+    steps: int
+    step: int = 0
+    handles: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        chans = list(self.unet.config.block_out_channels)
+        stage = {4 * chans[0]: (self.freeu.b1, self.freeu.s1), 2 * chans[0]: (self.freeu.b2, self.freeu.s2)}
+        rev = chans[::-1]
+        for i, block in enumerate(self.unet.up_blocks):
+            for j, resnet in enumerate(block.resnets):
+                hidden = (rev[i - 1] if i > 0 else rev[0]) if j == 0 else rev[i]
+                if hidden in stage:
+                    b, s = stage[hidden]
+                    self.handles.append(resnet.register_forward_pre_hook(self._hook(hidden, b, s)))
+
+    def _hook(self, hidden: int, b: float, s: float):
+        def pre(_module, args):
+            ratio = self.freeu.schedule_ratio(self.step, self.steps)
+            if ratio == 0.0:
+                return None
+            x = args[0]
+            h, skip = x[:, :hidden].clone(), x[:, hidden:]
+            half = hidden // 2
+            b_eff = 1 + (b - 1) * ratio
+            if self.freeu.version == 2:
+                m = h.mean(1, keepdim=True)
+                lo = m.amin(dim=(2, 3), keepdim=True)
+                hi = m.amax(dim=(2, 3), keepdim=True)
+                m = (m - lo) / (hi - lo).clamp_min(1e-12)
+                h[:, :half] = h[:, :half] * ((b_eff - 1) * m + 1)
+            else:
+                h[:, :half] = h[:, :half] * b_eff
+            skip = _low_pass_scale(skip, 1 + (s - 1) * ratio)
+            return (torch.cat([h, skip], dim=1), *args[1:])
+
+        return pre
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> FreeUPatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+__all__ = ["FreeU", "FreeUPatch", "PRESETS", "parse_freeu"]
