@@ -244,3 +244,13 @@ def test_vae_nan_retry_in_fp32(gen):
 def test_bad_size(gen):
     with pytest.raises(BakaError, match="multiples of 8"):
         gen(GenParams("a", width=65, height=64, steps=1))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 4, 7, 9), (1, 2, 1, 5), (1, 1, 16, 4)])
+def test_freeu_skip_filter_equals_fft_reference(shape):
+    from baka.generate.freeu import _low_pass_scale, _low_pass_scale_fft
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for s in (0.2, 0.9, 1.7):
+        assert torch.allclose(_low_pass_scale(x, s), _low_pass_scale_fft(x, s), atol=1e-5)
+    assert torch.equal(_low_pass_scale(x, 1.0), x)

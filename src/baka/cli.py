@@ -143,6 +143,7 @@ def _load_commands() -> None:
     import baka.demo  # noqa: F401
     import baka.generate.cli  # noqa: F401
     import baka.merge.cli  # noqa: F401
+    import baka.train.cli  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,4 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m baka.cli`` runs this file as __main__; commands register on the real baka.cli module
+    from baka.cli import main as _main
+
+    sys.exit(_main())

@@ -1,7 +1,8 @@
 """``baka demo``: the main job on built-in tiny SD1.x models, end to end and offline.
 
 Builds two tiny models, merges them with a supermerger preset (streaming), replays the recipe from
-the output's metadata, checks the replay is byte-identical, and writes a per-block diff heatmap.
+the output's metadata, checks the replay is byte-identical, writes a per-block diff heatmap, and
+renders a preview grid of the merged model (A1111 prompt syntax, FreeU off/on) with infotext.
 """
 
 from __future__ import annotations
@@ -55,4 +56,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(format_table(stats))
     png = heatmap_png(stats, out / "diff-A-vs-merged.png", f"A vs {merged.name}")
     print(f"heatmap: {png}")
+
+    from baka.generate.engine import Generator, GenParams
+    from baka.generate.grid import GridContext, run_grid
+    from baka.models.safetensors_io import atomic_output
+
+    gen = Generator(merged, progress=False)
+    params = GenParams("a (cat:1.2) on a mat, masterpiece", "lowres", steps=8, width=64, height=64, seed=1)
+    grid, rows = run_grid(GridContext(gen), params, "seed=1,2,3", "freeu=off|sd1-v2", progress=False)
+    with atomic_output(out / "preview-grid.png") as tmp:
+        grid.save(tmp, format="PNG")
+    first = rows[0][0].save(out / "preview-1.png")
+    print(f"preview: {out / 'preview-grid.png'} (seeds x FreeU off/on); {first} carries infotext:")
+    print("  " + rows[0][0].infotext.replace("\n", "\n  "))
     return 0 if same else 1

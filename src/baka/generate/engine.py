@@ -107,23 +107,38 @@ class Generator:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     progress: bool = True
+    pipe: object | None = None  # given by from_modules; otherwise built from ``model``
+    sd_config: object | None = None
 
     def __post_init__(self) -> None:
-        from baka.models.io import load_checkpoint
-        from baka.models.pipeline import build_pipeline
+        self.ckpt = None
+        if self.pipe is None:
+            from baka.models.io import load_checkpoint
+            from baka.models.pipeline import build_pipeline
 
-        self.ckpt = load_checkpoint(self.model, vae=self.vae)
-        self.pipe = build_pipeline(self.ckpt, self.dtype).to(self.device)
+            self.ckpt = load_checkpoint(self.model, vae=self.vae)
+            self.sd_config = self.ckpt.config
+            self.pipe = build_pipeline(self.ckpt, self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=not self.progress, leave=False)
-        width = self.ckpt.config.text_encoder["hidden_size"]
+        width = self.sd_config.text_encoder["hidden_size"]
         self.embeddings = EmbeddingDB(width)
         for d in self.embedding_dirs:
             self.embeddings.load_dir(d)
         self._targets = target_names(self.pipe.unet, self.pipe.text_encoder)
         self._networks: dict[str, object] = {}
         self._hash: str | None = None
-        self.base_scheduler = dict(self.ckpt.config.scheduler)
+        self.base_scheduler = dict(self.sd_config.scheduler)
         self.lora_unmatched: list[str] = []
+
+    @classmethod
+    def from_modules(cls, unet, text_encoder, vae, sd_config, name: str = "model", **kw) -> Generator:
+        """A generator over live modules (e.g. a model being trained); weights are shared, not copied."""
+        from baka.models.pipeline import pipeline_from_modules
+
+        pipe = pipeline_from_modules(
+            {"unet": unet, "text_encoder": text_encoder, "vae": vae}, sd_config.scheduler
+        )
+        return cls(name, pipe=pipe, sd_config=sd_config, progress=False, dtype=unet.dtype, **kw)
 
     @property
     def model_hash(self) -> str | None:

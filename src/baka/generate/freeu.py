@@ -14,6 +14,7 @@ applied as lerp(1, f, ratio). A ratio of 0 leaves the step untouched (bit-identi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -79,16 +80,39 @@ def parse_freeu(spec: str | None) -> FreeU | None:
     return FreeU(**kw)
 
 
+def _low_modes(n: int, device, dtype=torch.complex64) -> torch.Tensor:
+    """[n, k] complex exponentials of the frequencies inside FreeU's window: {0, -1}, or {0} if n == 1.
+
+    FreeU scales a 2x2 window of the fftshift-ed spectrum around DC, i.e. frequencies 0 and -1 per axis.
+    """
+    freqs = torch.tensor([0.0] if n == 1 else [0.0, -1.0], device=device)
+    pos = torch.arange(n, device=device, dtype=torch.float32)
+    return torch.exp(2j * math.pi * pos[:, None] * freqs[None, :] / n).to(dtype)
+
+
 def _low_pass_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scale the lowest spatial frequencies of x by ``scale`` (2x2 window around DC, like the paper)."""
+    """x with its lowest spatial frequencies (FreeU's window) scaled by ``scale``.
+
+    Same result as FFT -> mask -> inverse FFT, computed as a projection on the window's few Fourier
+    modes: x + (scale - 1) * Re(Bh (Bh^H x Bw) Bw^H) / (H W), much cheaper than two full FFTs.
+    """
     if scale == 1.0:
         return x
+    h, w = x.shape[-2:]
+    bh, bw = _low_modes(h, x.device), _low_modes(w, x.device)
+    xf = x.float().to(torch.complex64)
+    coef = bh.conj().T @ xf @ bw.conj()  # [..., kh, kw]: the DFT coefficients inside the window
+    low = (bh @ coef @ bw.T).real / (h * w)
+    return (x.float() + (scale - 1) * low).to(x.dtype)
+
+
+def _low_pass_scale_fft(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference implementation (the FreeU paper's): FFT, scale the 2x2 window around DC, inverse FFT."""
     f = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
     h, w = f.shape[-2:]
     ch, cw = h // 2, w // 2
-    t = 1
     mask = torch.ones(f.shape[-2:], device=x.device)
-    mask[max(ch - t, 0) : ch + t, max(cw - t, 0) : cw + t] = scale
+    mask[max(ch - 1, 0) : ch + 1, max(cw - 1, 0) : cw + 1] = scale
     f = torch.fft.ifftshift(f * mask, dim=(-2, -1))
     return torch.fft.ifftn(f, dim=(-2, -1)).real.to(x.dtype)
 
@@ -119,20 +143,21 @@ class FreeUPatch:
             ratio = self.freeu.schedule_ratio(self.step, self.steps)
             if ratio == 0.0:
                 return None
-            x = args[0]
-            h, skip = x[:, :hidden].clone(), x[:, hidden:]
-            half = hidden // 2
+            # x is the fresh cat([h, skip]) the up block just built: edit it in place unless autograd
+            # needs the original
+            x = args[0] if not args[0].requires_grad else args[0].clone()
+            h, half = x[:, :hidden], hidden // 2
             b_eff = 1 + (b - 1) * ratio
             if self.freeu.version == 2:
                 m = h.mean(1, keepdim=True)
                 lo = m.amin(dim=(2, 3), keepdim=True)
                 hi = m.amax(dim=(2, 3), keepdim=True)
                 m = (m - lo) / (hi - lo).clamp_min(1e-12)
-                h[:, :half] = h[:, :half] * ((b_eff - 1) * m + 1)
+                x[:, :half] = h[:, :half] * ((b_eff - 1) * m + 1)
             else:
-                h[:, :half] = h[:, :half] * b_eff
-            skip = _low_pass_scale(skip, 1 + (s - 1) * ratio)
-            return (torch.cat([h, skip], dim=1), *args[1:])
+                x[:, :half] = h[:, :half] * b_eff
+            x[:, hidden:] = _low_pass_scale(x[:, hidden:], 1 + (s - 1) * ratio)
+            return (x, *args[1:])
 
         return pre
 

@@ -37,18 +37,22 @@ def build_components(ckpt: Checkpoint, dtype=None) -> dict:
 
 def build_pipeline(ckpt: Checkpoint, dtype=None):
     """A StableDiffusionPipeline over the checkpoint (safety checker off, offline tokenizer)."""
+    return pipeline_from_modules(build_components(ckpt, dtype), ckpt.config.scheduler)
+
+
+def pipeline_from_modules(mods: dict, scheduler_config: dict):
+    """A StableDiffusionPipeline around existing modules (nothing is copied)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.schedulers import PNDMScheduler
 
     from baka.models.tokenizer import load_tokenizer
 
-    mods = build_components(ckpt, dtype)
     return StableDiffusionPipeline(
         vae=mods["vae"],
         text_encoder=mods["text_encoder"],
         tokenizer=load_tokenizer(),
         unet=mods["unet"],
-        scheduler=PNDMScheduler.from_config(ckpt.config.scheduler),
+        scheduler=PNDMScheduler.from_config(scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

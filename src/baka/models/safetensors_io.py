@@ -231,3 +231,16 @@ def save_file(
     keys = sorted(tensors)
     specs = {k: TensorSpec(tensors[k].dtype, tuple(tensors[k].shape)) for k in keys}
     return write_stream(path, specs, ((k, tensors[k]) for k in keys), metadata, protect=protect)
+
+
+def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the data section :func:`save_file` writes for ``tensors`` (the addnet/sshs hash),
+    computed before writing so it can go into the file's own metadata."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()

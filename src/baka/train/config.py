@@ -1,0 +1,159 @@
+"""Training configuration from TOML. The dataset part accepts kohya's dataset TOML layout
+(``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]`` with ``image_dir``, ``num_repeats``,
+``keep_tokens``, ``shuffle_caption``, ``caption_extension``, ``caption_dropout_rate``,
+``caption_tag_dropout_rate``, ``resolution``, ``enable_bucket``, ``min_bucket_reso``,
+``max_bucket_reso``, ``bucket_reso_steps``), either inline or in a separate file."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from baka.errors import BakaError
+
+
+@dataclass
+class Subset:
+    image_dir: str
+    num_repeats: int = 1
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_extension: str = ".txt"
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    caption_separator: str = ","
+
+
+@dataclass
+class DatasetConfig:
+    subsets: list[Subset]
+    resolution: int = 512
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    batch_size: int = 1
+    cache_latents: bool = True
+    validation_split: float = 0.0
+
+
+@dataclass
+class NetworkConfig:
+    dim: int = 8
+    alpha: float = 8.0
+    conv_dim: int = 0  # > 0: LoCon, also train the resnet/sampler convs
+    conv_alpha: float = 1.0
+    dropout: float = 0.0  # kohya network_dropout: on the down projection's output
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    block_dims: list[int] | None = None  # 25 values IN00..IN11, M00, OUT00..OUT11
+    block_alphas: list[float] | None = None
+    down_lr_weight: str | list[float] | None = None  # 12 values or a preset (cosine, sine, linear, ...)
+    mid_lr_weight: float | None = None
+    up_lr_weight: str | list[float] | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    output_dir: str = "train-output"
+    output_name: str = "baka"
+    mode: str = "lora"  # lora | full
+    max_steps: int = 100
+    learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None
+    train_text_encoder: bool = False
+    unfreeze_last_n_layers: int | None = None  # EveryDream2: only the last N CLIP layers train
+    freeze_embeddings: bool = True
+    freeze_final_layer_norm: bool = True
+    optimizer: str = "AdamW"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"
+    v_prediction: bool = False
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    ema_decay: float | None = None
+    save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    validate_every: int = 0
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    block_dropout: dict[str, str] = field(default_factory=dict)  # block -> "step:p, step:p, ..."
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    dataset: DatasetConfig | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], names, n=1)
+        raise BakaError(
+            f"{where}: unknown setting {unknown[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+    return cls(**data)
+
+
+def parse_dataset_toml(data: dict, where: str) -> DatasetConfig:
+    """kohya dataset TOML: general settings, then datasets with subsets (first dataset's settings win)."""
+    general = dict(data.get("general", {}))
+    datasets = data.get("datasets") or []
+    if not datasets:
+        raise BakaError(f"{where}: no [[datasets]] in the dataset config")
+    subset_fields = {f.name for f in dataclasses.fields(Subset)}
+    ds_fields = {f.name for f in dataclasses.fields(DatasetConfig)} - {"subsets"}
+    settings = {k: v for k, v in general.items() if k in ds_fields}
+    subsets = []
+    for ds in datasets:
+        settings.update({k: v for k, v in ds.items() if k in ds_fields})
+        for sub in ds.get("subsets", []):
+            merged = {k: v for k, v in {**general, **ds, **sub}.items() if k in subset_fields}
+            if "image_dir" not in merged:
+                raise BakaError(f"{where}: a subset has no image_dir")
+            subsets.append(Subset(**merged))
+    if isinstance(settings.get("resolution"), list):
+        settings["resolution"] = int(settings["resolution"][0])
+    return DatasetConfig(subsets=subsets, **settings)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise BakaError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BakaError(f"{path}: invalid TOML ({e})") from None
+    data.update(overrides or {})
+    net = data.pop("network", {})
+    dataset = data.pop("dataset", None)
+    if "datasets" in data:  # kohya dataset tables inline in the training config
+        dataset = {"datasets": data.pop("datasets"), "general": data.pop("general", {})}
+    dataset_config = data.pop("dataset_config", None)
+    if dataset_config:
+        dpath = (path.parent / dataset_config).resolve()
+        try:
+            dataset = tomllib.loads(dpath.read_text())
+        except OSError as e:
+            raise BakaError(f"{dpath}: cannot read dataset config ({e.strerror})") from None
+    if "model" not in data:
+        raise BakaError(f"{path}: 'model' (the base checkpoint) is required")
+    cfg = _build(TrainConfig, data, str(path))
+    cfg.network = _build(NetworkConfig, net, f"{path} [network]")
+    if dataset is None:
+        raise BakaError(f"{path}: no dataset (a [[datasets]] table, or dataset_config = 'file.toml')")
+    cfg.dataset = parse_dataset_toml(dataset, str(path))
+    if cfg.mode not in ("lora", "full"):
+        raise BakaError(f"{path}: mode must be 'lora' or 'full', not {cfg.mode!r}")
+    return cfg

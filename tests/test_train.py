@@ -1,0 +1,401 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from baka.errors import BakaError
+from baka.models.io import read_raw
+from baka.train.block_dropout import parse_schedules, probability, resting_blocks
+from baka.train.captions import process_caption
+from baka.train.config import load_config
+from baka.train.data import Dataset, make_buckets
+from baka.train.network import LoRANetwork, lr_weight_preset
+from baka.train.trainer import train
+
+COLORS = ["red", "blue", "green", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for i, c in enumerate(COLORS):
+        im = Image.new("RGB", (64 + 32 * (i % 2), 64), "white")  # two aspect ratios -> two buckets
+        ImageDraw.Draw(im).ellipse([8, 8, 56, 56], fill=c)
+        im.save(d / f"img{i}.png")
+        (d / f"img{i}.txt").write_text(f"1girl, {c} circle, simple background, solo")
+    return d
+
+
+def write_config(tmp_path, model, images, **over):
+    net = over.pop("network", {})
+    ds = {
+        "resolution": 64,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 32,
+        "batch_size": 2,
+        **over.pop("dataset", {}),
+    }
+    cfg = {
+        "model": str(model),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "mode": "lora",
+        **over,
+    }
+
+    def toml_value(v):
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(toml_value(x) for x in v) + "]"
+        return str(v)
+
+    lines = [f"{k} = {toml_value(v)}" for k, v in cfg.items()]
+    lines += ["[network]"] + [f"{k} = {toml_value(v)}" for k, v in {"dim": 4, "alpha": 4, **net}.items()]
+    lines += ["[[datasets]]"] + [f"{k} = {toml_value(v)}" for k, v in ds.items()]
+    lines += ["[[datasets.subsets]]", f"image_dir = {json.dumps(str(images))}"]
+    path = tmp_path / "train.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def lora_tensors(path):
+    return read_raw(path)[0]
+
+
+def test_buckets_and_captions(images):
+    b = make_buckets(512, 256, 1024, 64)
+    assert (512, 512) in b and (640, 384) in b and (384, 640) in b and (256, 1024) in b
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in b)
+    import random
+
+    rng = random.Random(0)
+    cap = "1girl, red hair, smile, outdoors, day"
+    out = process_caption(cap, rng, keep_tokens=1, shuffle=True)
+    assert out.startswith("1girl, ") and sorted(out.split(", ")) == sorted(cap.split(", "))
+    assert process_caption(cap, rng, caption_dropout=1.0) == ""
+    assert process_caption(cap, rng, keep_tokens=2, tag_dropout=1.0) == "1girl, red hair"
+
+
+def test_kohya_dataset_toml_and_errors(tmp_path, tiny_files, images):
+    (tmp_path / "ds.toml").write_text(
+        f"[general]\nshuffle_caption = true\nkeep_tokens = 1\n[[datasets]]\nresolution = 96\nbatch_size = 2\n"
+        f"min_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n"
+        f"[[datasets.subsets]]\nimage_dir = {json.dumps(str(images))}\nnum_repeats = 3\n"
+    )
+    (tmp_path / "t.toml").write_text(f'model = "{tiny_files[0]}"\ndataset_config = "ds.toml"\n')
+    cfg = load_config(tmp_path / "t.toml")
+    sub = cfg.dataset.subsets[0]
+    assert (
+        sub.num_repeats == 3 and sub.shuffle_caption and sub.keep_tokens == 1 and cfg.dataset.batch_size == 2
+    )
+    ds = Dataset(cfg.dataset)
+    # kohya buckets for 96 px (area <= 96^2, sides multiples of 32): 64x64 -> 96x96, 96x64 (1.5) -> 128x64
+    assert {it.bucket for it in ds.train} == {(96, 96), (128, 64)}
+    batches = ds.epoch_batches(0, 0)
+    assert sum(len(b) for b in batches) == 12 and all(len({it.bucket for it in b}) == 1 for b in batches)
+    assert batches == ds.epoch_batches(0, 0) and batches != ds.epoch_batches(1, 0)
+    (tmp_path / "bad.toml").write_text(f'model = "{tiny_files[0]}"\nlearning_rat = 1\n')
+    with pytest.raises(BakaError, match="unknown setting 'learning_rat'; did you mean 'learning_rate'"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_lora_module_dropout_semantics(tiny_files):
+    from baka.models.config import tiny_config
+    from baka.models.io import load_checkpoint
+    from baka.models.pipeline import build_module
+    from baka.train.config import NetworkConfig
+
+    ck = load_checkpoint(tiny_files[0])
+    unet = build_module("unet", tiny_config(), ck.components()["unet"])
+    x = torch.randn(2, 4, 8, 8)
+    ctx = torch.randn(2, 77, 32)
+    base = unet(x, 10, ctx).sample
+    net = LoRANetwork(unet, None, NetworkConfig(dim=4, alpha=2, module_dropout=1.0))
+    assert torch.equal(unet(x, 10, ctx).sample, base)  # up is zero-initialised: no change at start
+    for m in net.lora.values():
+        torch.nn.init.normal_(m.up.weight)
+    net.train()
+    assert torch.equal(unet(x, 10, ctx).sample, base)  # module dropout 1.0: every branch skipped
+    net.eval()
+    on = unet(x, 10, ctx).sample
+    assert not torch.allclose(on, base)  # dropouts only act in train mode
+    m = next(m for m in net.lora.values() if isinstance(m.down, torch.nn.Linear))
+    m.module_dropout, m.rank_dropout = 0.0, 0.5
+    m.train()
+    lin = torch.randn(3, m.down.in_features)
+    torch.manual_seed(0)
+    got = m._hook(None, (lin,), torch.zeros(3, m.up.out_features))
+    torch.manual_seed(0)
+    mask = (torch.rand(3, m.dim) > 0.5).float()
+    want = m.up(m.down(lin) * mask) * (m.scale / 0.5)  # kept ranks rescaled by 1 / (1 - p)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, m.up(m.down(lin)) * m.scale)
+    net.remove()
+    assert torch.equal(unet(x, 10, ctx).sample, base)  # hooks removed: the base model is untouched
+
+
+def test_lora_training_loss_falls_and_output_loads(tmp_path, tiny_files, images):
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            tiny_files[0],
+            images,
+            max_steps=40,
+            min_snr_gamma=5.0,
+            sample_prompts=["red circle"],
+            sample_steps=2,
+            validate_every=20,
+            dataset={"validation_split": 0.3},
+        )
+    )
+    res = train(cfg, progress=False)
+    first, last = sum(res.losses[:10]) / 10, sum(res.losses[-10:]) / 10
+    assert last < 0.75 * first, (first, last)
+    assert (
+        len(res.val_losses) == 2
+        and (cfg.out / "loss.png").exists()
+        and list((cfg.out / "samples").glob("*.png"))
+    )
+    from baka.models.hashes import addnet_hash
+    from baka.models.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(res.output) as f:
+        meta = f.metadata
+    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["sshs_model_hash"] == addnet_hash(res.output)
+    assert json.loads(meta["ss_tag_frequency"])[images.name]["1girl"] >= 1
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    # the trained LoRA loads in the generator and every module finds its layer
+    from baka.generate.engine import Generator, GenParams
+
+    gen = Generator(tiny_files[0], lora_dirs=[res.output.parent], progress=False)
+    r = gen(GenParams("red circle <lora:baka:1>", steps=2, width=64, height=64, seed=1))[0]
+    assert gen.lora_unmatched == [] and "Lora hashes" in r.infotext
+
+
+def test_full_finetune_freezing_is_bit_identical(tmp_path, tiny_files, images):
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            tiny_files[0],
+            images,
+            mode="full",
+            max_steps=3,
+            learning_rate=1e-3,
+            train_text_encoder=True,
+            unfreeze_last_n_layers=2,
+        )
+    )
+    res = train(cfg, progress=False)
+    before, after = read_raw(tiny_files[0])[0], read_raw(res.output)[0]
+    te = "cond_stage_model.transformer.text_model."
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        if k.startswith(te + "encoder.layers.1") and k[len(te + "encoder.layers.") :].split(".")[0] in (
+            "10",
+            "11",
+        ):
+            continue  # trainable: checked below
+        if k.startswith(("first_stage_model.", te)):
+            assert same, k  # VAE, embeddings, layers 0-9, final layer norm: frozen
+    assert not torch.equal(
+        before[te + "encoder.layers.11.mlp.fc1.weight"], after[te + "encoder.layers.11.mlp.fc1.weight"]
+    )
+    assert not torch.equal(
+        before["model.diffusion_model.out.2.weight"], after["model.diffusion_model.out.2.weight"]
+    )
+
+
+def test_block_dropout_schedule_and_rest(tmp_path, tiny_files, images):
+    s = parse_schedules({"OUT05": "0:0, 10:1", "in00": "0.25"})
+    assert (
+        probability(s["OUT05"], 5) == 0.5
+        and probability(s["OUT05"], 99) == 1.0
+        and probability(s["IN00"], 7) == 0.25
+    )
+    draws = [resting_blocks(s, step, 0) for step in range(200)]
+    assert draws == [resting_blocks(s, step, 0) for step in range(200)]  # a function of (seed, step)
+    assert 0.15 < sum("IN00" in d for d in draws) / 200 < 0.35
+    with pytest.raises(BakaError, match="probabilities must be in"):
+        parse_schedules({"OUT05": "0:2"})
+    # OUT05 rests every step of a LoRA run (its up weights stay zero); IN01 rests in a full fine-tune
+    res = train(
+        load_config(write_config(tmp_path, tiny_files[0], images, max_steps=3, block_dropout={"OUT05": "1"})),
+        progress=False,
+    )
+    t = lora_tensors(res.output)
+    out05 = [k for k in t if k.startswith("lora_unet_up_blocks_1_attentions_2_") and "lora_up" in k]
+    other = [k for k in t if k.startswith("lora_unet_up_blocks_1_attentions_1_") and "lora_up" in k]
+    assert out05 and all(torch.count_nonzero(t[k]) == 0 for k in out05)
+    assert all(torch.count_nonzero(t[k]) > 0 for k in other)
+    (tmp_path / "full").mkdir()
+    res = train(
+        load_config(
+            write_config(
+                tmp_path / "full",
+                tiny_files[0],
+                images,
+                mode="full",
+                max_steps=2,
+                learning_rate=1e-3,
+                block_dropout={"IN01": "1"},
+            )
+        ),
+        progress=False,
+    )
+    before, after = read_raw(tiny_files[0])[0], read_raw(res.output)[0]
+    in01 = [k for k in before if k.startswith("model.diffusion_model.input_blocks.1.")]
+    assert all(torch.equal(before[k], after[k]) for k in in01)
+    assert not torch.equal(
+        before["model.diffusion_model.input_blocks.2.0.in_layers.2.weight"],
+        after["model.diffusion_model.input_blocks.2.0.in_layers.2.weight"],
+    )
+
+
+def test_block_lr_and_dims(tmp_path, tiny_files, images):
+    assert lr_weight_preset("linear") == [i / 11 for i in range(12)]
+    assert lr_weight_preset("cosine")[0] == 1.0 and lr_weight_preset("sine+0.5")[0] == 0.5
+    dims = [0] * 12 + [2] + [4] * 12  # no IN modules, rank 2 in M00, rank 4 in OUT
+    res = train(
+        load_config(
+            write_config(
+                tmp_path,
+                tiny_files[0],
+                images,
+                max_steps=2,
+                network={"block_dims": dims, "up_lr_weight": "zeros"},
+            )
+        ),
+        progress=False,
+    )
+    t = lora_tensors(res.output)
+    assert not any(k.startswith("lora_unet_down_blocks_") for k in t)
+    assert t["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape[0] == 2
+    ups = [k for k in t if k.startswith("lora_unet_up_blocks_") and "lora_up" in k]
+    assert ups and all(torch.count_nonzero(t[k]) == 0 for k in ups)  # LR weight 0: never trained
+    assert torch.count_nonzero(t["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"]) > 0
+
+
+def test_v_pred_zero_snr_min_snr_and_ema(tmp_path, tiny_files, images):
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            tiny_files[0],
+            images,
+            max_steps=1,
+            v_prediction=True,
+            zero_terminal_snr=True,
+            min_snr_gamma=5.0,
+            noise_offset=0.1,
+            ema_decay=0.75,
+            save_every=1,
+        )
+    )
+    res = train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    out = lora_tensors(res.output)
+    ck = read_raw(cfg.out / "checkpoints" / "step-00000001" / "trainable.safetensors")[0]
+    k = next(k for k in out if k.endswith("lora_up.weight"))
+    name = k.removesuffix(".lora_up.weight")
+    raw = ck[f"{name.replace('.', '_')}.up.weight"]
+    # EMA after one step from a zero-initialised up: 0.75 * 0 + 0.25 * w1
+    assert torch.allclose(out[k], 0.25 * raw, atol=1e-7) and torch.count_nonzero(raw) > 0
+
+
+def _same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_files, images):
+    net = {"dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.1}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = train(
+        load_config(
+            write_config(
+                tmp_path / "a",
+                tiny_files[0],
+                images,
+                max_steps=6,
+                network=net,
+                block_dropout={"OUT05": "0.5"},
+            )
+        ),
+        progress=False,
+    )
+    cfg_b = load_config(
+        write_config(
+            tmp_path / "b",
+            tiny_files[0],
+            images,
+            max_steps=6,
+            save_every=3,
+            network=net,
+            block_dropout={"OUT05": "0.5"},
+        )
+    )
+    part = train(cfg_b, stop_after=3, progress=False)
+    assert part.output is None and (cfg_b.out / "checkpoints" / "latest").read_text() == "step-00000003"
+    resumed = train(cfg_b, resume=True, progress=False)
+    assert resumed.step == 6 and resumed.losses == full.losses
+    _same(lora_tensors(full.output), lora_tensors(resumed.output))
+
+
+def test_kill_9_then_resume(tmp_path, tiny_files, images):
+    (tmp_path / "ref").mkdir()
+    ref = train(
+        load_config(write_config(tmp_path / "ref", tiny_files[0], images, max_steps=10)), progress=False
+    )
+    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=10, save_every=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "baka", "train", str(cfg_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = tmp_path / "out" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-00000004"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "no checkpoint was written before the kill"
+    assert not (tmp_path / "out" / "baka.safetensors").exists()
+    code = subprocess.run(
+        [sys.executable, "-m", "baka", "train", str(cfg_path), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).returncode
+    assert code == 0
+    _same(lora_tensors(ref.output), lora_tensors(tmp_path / "out" / "baka.safetensors"))
+
+
+def test_two_processes_gloo(tmp_path, tiny_files, images):
+    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=2)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "baka", "train", str(cfg_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("wrote ") == 1  # only the main process writes
+    assert (tmp_path / "out" / "baka.safetensors").exists()
