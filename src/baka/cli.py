@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_commands() -> None:
     # Subcommands defined in other modules register themselves on import.
     import baka.demo  # noqa: F401
+    import baka.erase.cli  # noqa: F401
     import baka.generate.cli  # noqa: F401
     import baka.merge.cli  # noqa: F401
     import baka.train.cli  # noqa: F401
