@@ -144,6 +144,7 @@ def _load_commands() -> None:
     import baka.erase.cli  # noqa: F401
     import baka.generate.cli  # noqa: F401
     import baka.merge.cli  # noqa: F401
+    import baka.serve.cli  # noqa: F401
     import baka.train.cli  # noqa: F401
 
 

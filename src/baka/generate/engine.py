@@ -109,6 +109,7 @@ class Generator:
     progress: bool = True
     pipe: object | None = None  # given by from_modules; otherwise built from ``model``
     sd_config: object | None = None
+    on_step: object | None = None  # callable(step, total), e.g. for a progress endpoint
 
     def __post_init__(self) -> None:
         self.ckpt = None
@@ -174,15 +175,16 @@ class Generator:
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(p.batch)]
             shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
             latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
-            kwargs = {}
             if p.freeu is not None:
                 freeu_patch = p.freeu.apply(self.pipe.unet, p.steps)
 
-                def on_step(pipe, i, t, cb_kwargs):
+            def on_step(pipe, i, t, cb_kwargs):
+                if freeu_patch is not None:
                     freeu_patch.set_step(i + 1)
-                    return cb_kwargs
+                if self.on_step is not None:
+                    self.on_step(i + 1, p.steps)
+                return cb_kwargs
 
-                kwargs["callback_on_step_end"] = on_step
             out = self.pipe(
                 prompt_embeds=cond.repeat(p.batch, 1, 1).to(self.device, self.dtype),
                 negative_prompt_embeds=uncond.repeat(p.batch, 1, 1).to(self.device, self.dtype),
@@ -192,7 +194,7 @@ class Generator:
                 latents=latents.to(self.device, self.dtype),
                 generator=gens if p.batch > 1 else gens[0],
                 output_type="latent",
-                **kwargs,
+                callback_on_step_end=on_step,
             ).images
             images = self.decode(out)
             info = self._infotext(p, enc, patch)

@@ -1,0 +1,46 @@
+"""``baka serve``."""
+
+from __future__ import annotations
+
+import argparse
+
+from baka.cli import args, command, print_config
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", action="append", default=[], help="A1111 or ComfyUI install folder (repeatable)")
+    p.add_argument("--extra-model-paths", action="append", default=[], help="ComfyUI extra_model_paths.yaml")
+    p.add_argument("--checkpoints", action="append", default=[], help="a checkpoint folder (repeatable)")
+    p.add_argument("--loras", action="append", default=[], help="a LoRA folder (repeatable)")
+    p.add_argument("--embeddings", action="append", default=[], help="an embeddings folder (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on API calls")
+    p.add_argument("--queue", type=int, default=8, help="at most this many jobs waiting")
+
+
+@command("serve", "local web UI and A1111-compatible API (/sdapi/v1)")
+@args(_serve_args)
+def cmd_serve(a: argparse.Namespace) -> int:
+    from baka.serve.app import Settings, serve
+    from baka.serve.folders import ModelFolders
+
+    folders = ModelFolders()
+    for r in a.root:
+        folders.add_root(r)
+    for y in a.extra_model_paths:
+        folders.add_extra_model_paths(y)
+    for kind in ("checkpoints", "loras", "embeddings"):
+        for f in getattr(a, kind):
+            folders.add(kind, f)
+    print_config(
+        "serve",
+        {
+            "url": f"http://{a.host}:{a.port}/",
+            "token": "set" if a.token else "none",
+            "queue": a.queue,
+            **{k: [str(p) for p in v] for k, v in folders.folders.items()},
+        },
+    )
+    serve(Settings(folders, a.token, a.queue), a.host, a.port)
+    return 0

@@ -1,0 +1,251 @@
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from baka.errors import BakaError
+from baka.models.safetensors_io import save_file
+from baka.serve.app import Settings, create_app
+from baka.serve.folders import ModelFolders
+
+
+@pytest.fixture(scope="module")
+def a1111_root(tiny_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui")
+    ck = root / "models" / "Stable-diffusion"
+    ck.mkdir(parents=True)
+    shutil.copy(tiny_files[0], ck / "alpha.safetensors")
+    (ck / "sub").mkdir()
+    shutil.copy(tiny_files[1], ck / "sub" / "beta.safetensors")
+    (root / "models" / "Lora").mkdir(parents=True)
+    (root / "embeddings").mkdir()
+    save_file({"emb_params": torch.randn(2, 32)}, root / "embeddings" / "badhands.safetensors")
+    (root / "secret.safetensors").write_bytes(b"not for clients")
+    os.symlink(root / "secret.safetensors", ck / "escape.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(a1111_root):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    return TestClient(create_app(Settings(folders)))
+
+
+def test_folders_layouts_and_traversal(a1111_root, tmp_path):
+    f = ModelFolders()
+    f.add_root(a1111_root)
+    # the escaping symlink is hidden
+    assert f.list("checkpoints") == ["alpha.safetensors", "sub/beta.safetensors"]
+    assert f.resolve("checkpoints", "sub/beta.safetensors").name == "beta.safetensors"
+    assert f.resolve("checkpoints", "alpha [c101fe61d1]").name == "alpha.safetensors"  # A1111 title
+    for bad in ("../secret.safetensors", "/etc/passwd", "sub/../../secret.safetensors", "escape.safetensors"):
+        with pytest.raises(BakaError):
+            f.resolve("checkpoints", bad)
+    # ComfyUI layout and extra_model_paths.yaml
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models" / "checkpoints").mkdir(parents=True)
+    (comfy / "models" / "loras").mkdir()
+    other = tmp_path / "shared"
+    (other / "sd").mkdir(parents=True)
+    (other / "sd" / "x.ckpt").write_bytes(b"")
+    (tmp_path / "extra_model_paths.yaml").write_text(
+        f"a111:\n  base_path: {other}\n  checkpoints: |\n    sd\n"
+    )
+    g = ModelFolders()
+    g.add_root(comfy)
+    g.add_extra_model_paths(tmp_path / "extra_model_paths.yaml")
+    assert g.folders["loras"] == [(comfy / "models" / "loras").resolve()]
+    assert g.list("checkpoints") == ["x.ckpt"]
+
+
+def test_a1111_routes(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["title"] for m in models] == ["alpha.safetensors", "sub/beta.safetensors"]
+    assert any(s["name"] == "DPM++ 2M Karras" for s in client.get("/sdapi/v1/samplers").json())
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"]["badhands"]["vectors"] == 2
+    assert client.get("/sdapi/v1/loras").json() == []
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "alpha.safetensors"
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "../secret.safetensors"})
+    assert r.status_code == 400
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_txt2img_and_png_info(client):
+    body = {
+        "prompt": "a (cat:1.2), badhands",
+        "negative_prompt": "lowres",
+        "steps": 3,
+        "seed": 42,
+        "width": 64,
+        "height": 64,
+        "sampler_name": "DPM++ 2M",
+        "scheduler": "Karras",
+        "batch_size": 2,
+        "override_settings": {"CLIP_stop_at_last_layers": 2},
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    info = json.loads(out["info"])
+    assert len(out["images"]) == 2 and info["all_seeds"] == [42, 43]
+    im = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
+    assert im.size == (64, 64) and "Sampler: DPM++ 2M Karras" in im.info["parameters"]
+    assert "Clip skip: 2" in info["infotexts"][0] and "TI hashes" in info["infotexts"][0]
+    pi = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + out["images"][1]}).json()
+    assert pi["parameters"]["Seed"] == "43" and pi["parameters"]["Prompt"] == body["prompt"]
+    bad = client.post(
+        "/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "/etc/passwd"}}
+    )
+    assert bad.status_code == 400
+
+
+def test_token_auth(a1111_root):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    c = TestClient(create_app(Settings(folders, token="s3cret")))
+    assert c.get("/sdapi/v1/sd-models").status_code == 401
+    assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/").status_code == 200  # the page itself holds no data; it sends ?token= on its calls
+
+
+def test_bounded_queue(a1111_root):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    app = create_app(Settings(folders, queue_size=1))
+    q = app.state.baka.queue
+    gate = threading.Event()
+    q.submit("block", lambda job: gate.wait(10))  # occupies the worker
+    deadline = time.time() + 5
+    while q.current is None and time.time() < deadline:
+        time.sleep(0.01)
+    q.submit("wait", lambda job: None)  # fills the one queue slot
+    r = TestClient(app).post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64})
+    assert r.status_code == 503 and "queue is full" in r.json()["detail"]
+    gate.set()
+
+
+def test_merge_job_and_preview(client, a1111_root):
+    r = client.post(
+        "/baka/v1/merge",
+        json={
+            "model_a": "alpha.safetensors",
+            "model_b": "sub/beta.safetensors",
+            "alpha": "GRAD_V",
+            "output_name": "mixed",
+        },
+    )
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    for _ in range(200):
+        s = client.get(f"/baka/v1/jobs/{job}").json()
+        if s["state"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert s["state"] == "done", s
+    out = a1111_root / "models" / "Stable-diffusion" / "mixed.safetensors"
+    assert out.exists() and "mixed.safetensors" in [
+        m["title"] for m in client.get("/sdapi/v1/sd-models").json()
+    ]
+    assert (
+        client.post(
+            "/baka/v1/merge", json={"model_a": "alpha", "model_b": "alpha", "output_name": "mixed"}
+        ).status_code
+        == 409
+    )
+    assert (
+        client.post(
+            "/baka/v1/merge", json={"model_a": "alpha", "model_b": "alpha", "output_name": "../x"}
+        ).status_code
+        == 400
+    )
+    p = {
+        "model_a": "alpha.safetensors",
+        "model_b": "sub/beta.safetensors",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+    }
+    first = client.post("/baka/v1/preview", json={**p, "weights": "ALL_A"}).json()
+    assert len(first["changed_blocks"]) == 26
+    second = client.post("/baka/v1/preview", json={**p, "weights": "ALL_A;OUT05=1"}).json()
+    assert second["changed_blocks"] == ["OUT05"] and second["image"] != first["image"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and os.environ.get("CI"):
+        pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+    if path is None:
+        pytest.skip("chromium not installed here (apt-get install chromium); CI always runs this test")
+    return path
+
+
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=8000",
+]
+
+
+def test_web_ui_in_headless_chromium(a1111_root, tmp_path):
+    import uvicorn
+
+    chromium = _chromium()
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(Settings(folders, token="t0k")), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/?tab=merge&token=t0k"
+        base = [chromium, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+        dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        import re
+
+        sliders = re.findall(r'<input type="range"[^>]* id="w-(BASE|IN\d\d|M00|OUT\d\d)"', dom)
+        assert len(sliders) == 26 and sliders[0] == "BASE" and sliders[-1] == "OUT11"  # the 26 block sliders
+        assert ">GRAD_V<" in dom and ">alpha.safetensors<" in dom  # presets and models came from the API
+        assert 'class="tab active" id="merge"' in dom or 'id="merge" class="tab active"' in dom
+        shot = tmp_path / "merge.png"
+        subprocess.run(
+            [*base, "--window-size=1400,900", f"--screenshot={shot}", url], capture_output=True, timeout=120
+        )
+        img = Image.open(shot).convert("RGB")
+        assert img.size == (1400, 900)
+        colors = img.getcolors(1_000_000)
+        assert colors is not None and len(colors) > 50  # a rendered page, not a blank one
+        assert img.getpixel((10, 10)) == (0x2B, 0x2D, 0x42)  # the header bar
+    finally:
+        server.should_exit = True
+        th.join(10)
