@@ -14,6 +14,7 @@ applied as lerp(1, f, ratio). A ratio of 0 leaves the step untouched (bit-identi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -80,7 +81,8 @@ def parse_freeu(spec: str | None) -> FreeU | None:
     return FreeU(**kw)
 
 
-def _low_modes(n: int, device, dtype=torch.complex64) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _low_modes(n: int, device: torch.device, dtype=torch.complex64) -> torch.Tensor:
     """[n, k] complex exponentials of the frequencies inside FreeU's window: {0, -1}, or {0} if n == 1.
 
     FreeU scales a 2x2 window of the fftshift-ed spectrum around DC, i.e. frequencies 0 and -1 per axis.
