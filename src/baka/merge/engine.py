@@ -40,7 +40,7 @@ class MergeResult:
     dropped: list[str] = field(default_factory=list)  # keys outside the model (EMA, buffers)
 
 
-def _key_weights(method: MergeMethod, recipe: Recipe, rules: list[Rule], key: str) -> tuple[float, float]:
+def _key_weights(recipe: Recipe, rules: list[Rule], key: str) -> tuple[float, float]:
     block = block_of(key)
     i = BLOCK_INDEX[block] if block else 0
     alpha = override(rules, block, key, recipe.alpha[i])
@@ -103,7 +103,7 @@ def merge_models(
         def produce() -> Iterator[tuple[str, object]]:
             nonlocal copied
             for k in out_specs:
-                alpha, beta = _key_weights(method, recipe, rules, k)
+                alpha, beta = _key_weights(recipe, rules, k)
                 a = sources[0].get(k)
                 others = [
                     s.get(k) if k in sp else None for s, sp in zip(sources[1:], all_specs[1:], strict=True)

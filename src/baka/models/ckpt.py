@@ -62,7 +62,7 @@ def safe_torch_load(path: str | Path) -> object:
     stand_ins = [(Inert, name) for name in _STAND_INS]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         first = str(e).split("\n")[0]
         if "GLOBAL" in str(e):
@@ -74,10 +74,6 @@ def safe_torch_load(path: str | Path) -> object:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise ModelFileError(path, f"not a loadable checkpoint ({str(e).splitlines()[0][:200]})") from None
     return obj
-
-
-def _is_zip(path: Path) -> bool:
-    return zipfile.is_zipfile(path)
 
 
 def _unsupported_global(msg: str) -> str:

@@ -344,9 +344,7 @@ def describe(path: str | Path, *, hashes: bool = True) -> dict:
         "components": kind.components,
         "keys": len(specs),
         "dtypes": dict(Counter(str(s.dtype).replace("torch.", "") for s in specs.values())),
-        "parameters": sum(
-            s.nbytes // max(1, torch.empty((), dtype=s.dtype).element_size()) for s in specs.values()
-        ),
+        "parameters": sum(s.numel for s in specs.values()),
         "blocks": {b: per_block.get(b, 0) for b in BLOCK_IDS},
         "outside_blocks": per_block.get(None, 0),
         "metadata_keys": sorted(meta),

@@ -46,11 +46,15 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 class SafetensorsFile:

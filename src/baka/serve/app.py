@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -37,7 +36,6 @@ class _State:
     generator: object | None = None
     generator_key: tuple | None = None
     preview: object | None = None  # (key, Generator, RuntimeBlockMerge)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Txt2Img(BaseModel):

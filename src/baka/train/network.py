@@ -59,8 +59,10 @@ class LoRAModule(nn.Module):
         scale = self.scale
         if self.training and self.rank_dropout:
             mask = (torch.rand((lx.size(0), self.dim), device=lx.device) > self.rank_dropout).to(lx.dtype)
-            shape = (lx.size(0), self.dim) + (1,) * (lx.ndim - 2) if lx.ndim == 4 else None
-            mask = mask.view(shape) if shape else mask[:, None, :] if lx.ndim == 3 else mask
+            if lx.ndim == 4:  # conv: [B, rank, H, W]
+                mask = mask[:, :, None, None]
+            elif lx.ndim == 3:  # tokens: [B, L, rank]
+                mask = mask[:, None, :]
             lx = lx * mask
             scale = scale / (1.0 - self.rank_dropout)
         return output + (self.up(lx) * (self.multiplier * scale)).to(output.dtype)
