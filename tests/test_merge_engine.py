@@ -197,3 +197,22 @@ def test_every_method_runs_on_real_topology(tiny_files, tiny_sds, tmp_path, meth
     want = m.fn(tiny_sds[0][k], tiny_sds[1][k], c, Ctx(k, 0.5, 0.3, 0))
     assert torch.allclose(merged[k], want, atol=1e-6)
     assert not torch.equal(merged[k], tiny_sds[0][k])
+
+
+def test_diffusers_folder_input_and_hash_alignment(tiny_files, tiny_sds, tmp_path, run_cli):
+    import hashlib
+
+    folder = tmp_path / "b-diffusers"
+    assert run_cli("convert", tiny_files[1], "-o", folder, "--diffusers")[0] == 0
+    out = tmp_path / "m.safetensors"
+    merge_models(_recipe([tiny_files[0], folder], alpha=0.25), out, progress=False)
+    merged, _ = read_raw(out)
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert torch.allclose(merged[k], torch.lerp(tiny_sds[0][k], tiny_sds[1][k], 0.25), atol=1e-6)
+    with SafetensorsFile(out) as f:
+        meta = f.metadata
+    sha_a = hashlib.sha256(tiny_files[0].read_bytes()).hexdigest()
+    assert json.loads(meta["baka_recipe"])["model_sha256"] == [sha_a, ""]  # one entry per model, in order
+    a1111 = json.loads(meta["sd_merge_recipe"])
+    assert a1111["primary_model_hash"] == sha_a and a1111["secondary_model_hash"] is None
+    assert list(json.loads(meta["sd_merge_models"])) == [sha_a]

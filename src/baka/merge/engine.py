@@ -97,7 +97,11 @@ def merge_models(
         hasher = cf.ThreadPoolExecutor(max_workers=1)
         stack.callback(hasher.shutdown)
         # hashing runs beside the merge (hashlib releases the GIL); the header is written last
-        futures = [hasher.submit(sha256_file, p) for p in recipe.models if hash_inputs and Path(p).is_file()]
+        # one entry per model, aligned with recipe.models ("" for folders or when hashing is off)
+        futures = [
+            hasher.submit(sha256_file, p) if hash_inputs and Path(p).is_file() else None
+            for p in recipe.models
+        ]
         copied = 0
 
         def produce() -> Iterator[tuple[str, object]]:
@@ -134,7 +138,7 @@ def merge_models(
                     n = _write(f, t, out_specs[k], k)
                     bar.update(n)
                 bar.close()
-                recipe.model_sha256 = [fu.result() for fu in futures]
+                recipe.model_sha256 = [fu.result() if fu else "" for fu in futures]
                 header = build_header(out_specs, _metadata(recipe, sources, recipe.model_sha256))
                 header = _pad_header(header, reserve)
                 f.seek(0)

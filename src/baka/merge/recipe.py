@@ -66,8 +66,8 @@ def metadata_for(recipe: Recipe, input_metadata: list[dict[str, str]], title: st
     a1111 = {
         "type": "baka",
         "primary_model_hash": shas[0] or None,
-        "secondary_model_hash": shas[1] if len(shas) > 1 else None,
-        "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
+        "secondary_model_hash": (shas[1] or None) if len(shas) > 1 else None,
+        "tertiary_model_hash": (shas[2] or None) if len(shas) > 2 else None,
         "interp_method": recipe.method,
         "multiplier": list(recipe.alpha),
         "beta": list(recipe.beta),
