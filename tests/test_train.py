@@ -387,15 +387,32 @@ def test_kill_9_then_resume(tmp_path, tiny_files, images):
     _same(lora_tensors(ref.output), lora_tensors(tmp_path / "out" / "baka.safetensors"))
 
 
-def test_two_processes_gloo(tmp_path, tiny_files, images):
+LAUNCHERS = {
+    "accelerate": [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+    "torchrun": ["torchrun", "--nproc_per_node", "2"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_gloo(tmp_path, tiny_files, images, launcher):
     cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=2)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    res = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "baka", "train", str(cfg_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    tool, *rest = LAUNCHERS[launcher]
+    cmd = [str(Path(sys.executable).parent / tool), *rest, "-m", "baka", "train", str(cfg_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.count("wrote ") == 1  # only the main process writes
+    assert res.stdout.count("wrote ") == 1  # two ranks ran; only the main process writes
     assert (tmp_path / "out" / "baka.safetensors").exists()
+    losses = json.loads((tmp_path / "out" / "losses.json").read_text())["train"]
+    assert len(losses) == 2  # one gathered loss per step, not per process
