@@ -254,3 +254,16 @@ def test_freeu_skip_filter_equals_fft_reference(shape):
     for s in (0.2, 0.9, 1.7):
         assert torch.allclose(_low_pass_scale(x, s), _low_pass_scale_fft(x, s), atol=1e-5)
     assert torch.equal(_low_pass_scale(x, 1.0), x)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM2 Karras"])
+def test_step_count_follows_the_sampler_loop(gen, sampler):
+    seen = []
+    gen.on_step = lambda i, n: seen.append((i, n))
+    try:
+        gen(GenParams("a cat", sampler=sampler, **P))
+    finally:
+        gen.on_step = None
+    total = seen[-1][1]
+    assert seen == [(i, total) for i in range(1, total + 1)]
+    assert total == (P["steps"] if sampler == "Euler" else 2 * P["steps"] - 1)

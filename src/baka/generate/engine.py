@@ -175,14 +175,18 @@ class Generator:
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(p.batch)]
             shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
             latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
+            # second-order samplers (Heun, DPM2) evaluate the UNet ~2N-1 times for N steps: FreeU's
+            # schedule and progress count the denoising loop's real iterations
+            self.pipe.scheduler.set_timesteps(p.steps)
+            total = len(self.pipe.scheduler.timesteps)
             if p.freeu is not None:
-                freeu_patch = p.freeu.apply(self.pipe.unet, p.steps)
+                freeu_patch = p.freeu.apply(self.pipe.unet, total)
 
             def on_step(pipe, i, t, cb_kwargs):
                 if freeu_patch is not None:
                     freeu_patch.set_step(i + 1)
                 if self.on_step is not None:
-                    self.on_step(i + 1, p.steps)
+                    self.on_step(i + 1, total)
                 return cb_kwargs
 
             out = self.pipe(
