@@ -4,6 +4,7 @@ runtime-preview routes, and the web UI page. Bound to 127.0.0.1 unless told othe
 from __future__ import annotations
 
 import base64
+import hmac
 import io
 import json
 from dataclasses import dataclass, field
@@ -103,7 +104,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.baka = st
 
     def auth(request: Request) -> None:
-        if settings.token and request.headers.get("authorization", "") != f"Bearer {settings.token}":
+        given = request.headers.get("authorization", "").encode()
+        if settings.token and not hmac.compare_digest(given, f"Bearer {settings.token}".encode()):
             raise HTTPException(401, "missing or wrong bearer token")
 
     def resolve(kind: str, name: str) -> Path:
