@@ -221,3 +221,14 @@ def test_outputs_have_ordinary_permissions(tiny_sds, tmp_path):
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
+
+
+def test_unlisted_containers_are_refused_not_dropped(tmp_path):
+    import collections
+
+    path = tmp_path / "dd.ckpt"
+    torch.save(
+        {"state_dict": collections.defaultdict(list, {"model.diffusion_model.x": torch.ones(1)})}, path
+    )
+    with pytest.raises(ModelFileError, match="refused: the pickle references collections.defaultdict"):
+        load_ckpt(path)

@@ -42,8 +42,7 @@ _STAND_INS = [
     "numpy.dtype",
     "numpy.dtypes.Float64DType",
     "numpy.dtypes.Int64DType",
-    "_codecs.encode",
-    "collections.defaultdict",
+    "_codecs.encode",  # how numpy scalars pickle their bytes
 ]
 
 
