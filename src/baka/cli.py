@@ -57,7 +57,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 def cmd_info(a: argparse.Namespace) -> int:
     from baka.models.io import describe
 
-    info = describe(a.file, hashes=not a.no_hash)
+    info = describe(a.file, hashes=not a.no_hash, progress=True)
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -116,7 +116,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.diffusers:
         save_diffusers(ckpt, a.output, protect=protect)
     else:
-        save_checkpoint(ckpt.tensors, a.output, metadata=ckpt.metadata or None, protect=protect)
+        save_checkpoint(
+            ckpt.tensors, a.output, metadata=ckpt.metadata or None, protect=protect, progress=True
+        )
     print(f"wrote {a.output}")
     return 0
 

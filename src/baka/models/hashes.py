@@ -40,8 +40,18 @@ def addnet_hash(path: str | Path) -> str:
     return sha256_file(path, start=8 + n)
 
 
-def all_hashes(path: str | Path) -> dict[str, str]:
+def all_hashes(path: str | Path, *, progress: bool = False) -> dict[str, str]:
     """sha256, AutoV2, legacy and (for safetensors) addnet hashes in one pass over the file."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=Path(path).stat().st_size,
+        unit="B",
+        unit_scale=True,
+        desc="hash",
+        disable=not progress,
+        leave=False,
+    )
     whole = hashlib.sha256()
     payload = hashlib.sha256() if str(path).endswith(".safetensors") else None
     with open(path, "rb") as f:
@@ -54,6 +64,8 @@ def all_hashes(path: str | Path) -> dict[str, str]:
             if payload is not None and pos + len(chunk) > skip:
                 payload.update(chunk[max(0, skip - pos) :])
             pos += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
     out = {"sha256": whole.hexdigest(), "autov2": whole.hexdigest()[:10], "legacy": legacy_hash(path)}
     if payload is not None:
         out["addnet"] = payload.hexdigest()

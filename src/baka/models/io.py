@@ -197,6 +197,7 @@ def save_checkpoint(
     *,
     metadata: dict[str, str] | None = None,
     protect: Iterable[str | Path] = (),
+    progress: bool = False,
 ) -> Path:
     """Write an LDM single file atomically: ``.safetensors`` (default) or ``.ckpt``."""
     path = Path(path)
@@ -204,7 +205,9 @@ def save_checkpoint(
         with atomic_output(path, protect=protect) as tmp:
             torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, tmp)
         return path
-    return save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata, protect=protect)
+    return save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, path, metadata, protect=protect, progress=progress
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,7 +327,7 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[st
 # info
 
 
-def describe(path: str | Path, *, hashes: bool = True) -> dict:
+def describe(path: str | Path, *, hashes: bool = True, progress: bool = False) -> dict:
     """Kind, dtypes, key counts per block and hashes of a model file (`baka info`)."""
     from baka.models.blocks import BLOCK_IDS, block_of
     from baka.models.hashes import all_hashes
@@ -352,5 +355,5 @@ def describe(path: str | Path, *, hashes: bool = True) -> dict:
     if kind.name == "sd1" and "unet" in kind.components:
         info["size"] = "real-size SD1.x" if infer_config(shapes).is_real_size else "tiny SD1.x topology"
     if hashes and path.is_file():
-        info["hashes"] = all_hashes(path)
+        info["hashes"] = all_hashes(path, progress=progress)
     return info

@@ -201,6 +201,7 @@ def write_stream(
     metadata: dict[str, str] | None = None,
     *,
     protect: Iterable[str | Path] = (),
+    progress: bool = False,
 ) -> Path:
     """Write tensors one at a time as they are produced, in the order of ``specs``.
 
@@ -209,13 +210,26 @@ def write_stream(
     """
     with atomic_output(path, protect=protect) as tmp:
         with open(tmp, "wb") as f:
+            from tqdm import tqdm
+
             f.write(build_header(specs, metadata))
             order = iter(specs)
+            total = sum(s.nbytes for s in specs.values())
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=Path(path).name,
+                disable=not progress,
+                leave=False,
+            )
             for key, t in tensors:
                 want = next(order, None)
                 if key != want:
                     raise ValueError(f"tensor {key!r} produced out of order (expected {want!r})")
                 _write_tensor(f, t, specs[key], key)
+                bar.update(specs[key].nbytes)
+            bar.close()
             missing = next(order, None)
             if missing is not None:
                 raise ValueError(f"tensor {missing!r} was never produced")
@@ -230,11 +244,14 @@ def save_file(
     metadata: dict[str, str] | None = None,
     *,
     protect: Iterable[str | Path] = (),
+    progress: bool = False,
 ) -> Path:
     """Atomic, deterministic save of an in-memory state dict (keys sorted)."""
     keys = sorted(tensors)
     specs = {k: TensorSpec(tensors[k].dtype, tuple(tensors[k].shape)) for k in keys}
-    return write_stream(path, specs, ((k, tensors[k]) for k in keys), metadata, protect=protect)
+    return write_stream(
+        path, specs, ((k, tensors[k]) for k in keys), metadata, protect=protect, progress=progress
+    )
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
