@@ -144,3 +144,21 @@ def test_generate_with_lora_tag_and_restore(tiny_files, net_file):
 def test_checkpoint_is_not_a_lora(tiny_files):
     with pytest.raises(ModelFileError, match="not a kohya/A1111 LoRA"):
         load_network(tiny_files[0])
+
+
+def test_unsupported_module_keys_are_reported_not_applied(gen, tmp_path):
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file(
+        {
+            f"{name}.lora_down.weight": torch.ones(R, 32),
+            f"{name}.lora_up.weight": torch.ones(32, R),
+            f"{name}.dora_scale": torch.ones(32, 1),
+        },
+        tmp_path / "dora.safetensors",
+    )
+    targets = target_names(gen.pipe.unet, gen.pipe.text_encoder)
+    before = targets[name][1].weight.clone()
+    patch = LoraPatch()
+    patch.add(load_network(tmp_path / "dora.safetensors"), targets)
+    assert patch.unmatched == [f"dora: {name} (unsupported dora_scale)"]
+    assert torch.equal(targets[name][1].weight, before)

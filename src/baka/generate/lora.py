@@ -83,6 +83,25 @@ class Module:
     name: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    KNOWN = {
+        "lora": {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"},
+        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
+        "lokr": {
+            "lokr_w1",
+            "lokr_w1_a",
+            "lokr_w1_b",
+            "lokr_w2",
+            "lokr_w2_a",
+            "lokr_w2_b",
+            "lokr_t2",
+            "alpha",
+        },
+    }
+
+    def unsupported(self) -> list[str]:
+        """Tensors this module carries that baka does not apply (e.g. DoRA's dora_scale, bias diffs)."""
+        return sorted(set(self.tensors) - self.KNOWN.get(self.kind, set()))
+
     @property
     def kind(self) -> str:
         t = self.tensors
@@ -215,6 +234,10 @@ class LoraPatch:
             hit = targets.get(name)
             if hit is None:
                 self.unmatched.append(f"{net.name}: {name}")
+                continue
+            extra = m.unsupported()
+            if extra:  # applying it without these would be silently wrong: report and skip instead
+                self.unmatched.append(f"{net.name}: {name} (unsupported {', '.join(extra)})")
                 continue
             comp, mod, block = hit
             mult = (te if comp == "text_encoder" else unet) * blocks[BLOCK_INDEX[block or "BASE"]]
