@@ -153,6 +153,11 @@ def _load_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # diffusers' pipeline module names CLIPImageProcessor, and transformers then warns that torchvision
+    # (deliberately absent) is missing; nothing is imported, so this one logger is quieted
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
