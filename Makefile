@@ -34,6 +34,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/merge_bench.py
+	$(BIN)/python bench/generate_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output
