@@ -25,7 +25,7 @@ from baka.models import detect
 from baka.models.blocks import BLOCK_INDEX, block_of
 from baka.models.hashes import sha256_file
 from baka.models.io import DTYPE_BY_NAME, open_source, shapes_of_source
-from baka.models.safetensors_io import TensorSpec, atomic_output, build_header
+from baka.models.safetensors_io import TensorSpec, atomic_output, build_header, tensor_bytes
 
 CHUNK_ELEMENTS = 1 << 22  # rows are merged in ~4M-element slices (16 MB of fp32 per operand)
 _HEADER_SLACK = 16384  # room reserved for the header's model hashes, computed while merging
@@ -185,9 +185,8 @@ def _write(f, t, spec: TensorSpec, key: str) -> int:
     pieces = [t] if isinstance(t, torch.Tensor) else t
     n = 0
     for p in pieces:
-        p = p.contiguous()
         if p.numel():
-            f.write(memoryview(p.reshape(-1).view(torch.uint8).numpy()))
+            f.write(tensor_bytes(p))
         n += p.numel() * p.element_size()
     if n != spec.nbytes:
         raise RuntimeError(f"{key}: wrote {n} bytes, expected {spec.nbytes}")

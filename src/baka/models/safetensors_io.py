@@ -186,12 +186,16 @@ def atomic_output(path: str | Path, *, protect: Iterable[str | Path] = ()) -> It
         raise
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``t`` as safetensors stores them (any dtype, bf16 included)."""
+    return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
 def _write_tensor(f, t: torch.Tensor, spec: TensorSpec, key: str) -> None:
     if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
         raise ValueError(f"{key}: produced {t.dtype}{tuple(t.shape)}, header says {spec.dtype}{spec.shape}")
-    t = t.detach().contiguous().cpu()
     if t.numel():
-        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.write(tensor_bytes(t))
 
 
 def write_stream(
@@ -261,7 +265,6 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
     h = hashlib.sha256()
     for k in sorted(tensors):
-        t = tensors[k].detach().contiguous().cpu()
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if tensors[k].numel():
+            h.update(tensor_bytes(tensors[k]))
     return h.hexdigest()
