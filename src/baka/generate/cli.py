@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from baka.cli import args, command, print_config
-from baka.errors import BakaError
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +85,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.xy:
         from baka.generate.grid import GridContext, run_grid
 
-        ctx = GridContext(gen, _runtime_merger(gen, a.merge_with) if a.merge_with else None)
+        ctx = GridContext(gen, gen.block_merger(a.merge_with) if a.merge_with else None)
         grid, rows = run_grid(ctx, params, a.xy, a.xy_y)
         path = out / f"{start:05d}-grid.png"
         from baka.models.safetensors_io import atomic_output
@@ -108,19 +107,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
             f"warning: {len(gen.lora_unmatched)} LoRA modules matched no layer, e.g. {gen.lora_unmatched[0]}"
         )
     return 0
-
-
-def _runtime_merger(gen, model_b: str):
-    from baka.merge.runtime import RuntimeBlockMerge
-    from baka.models.io import load_checkpoint
-
-    b = load_checkpoint(model_b).components()
-    a = gen.ckpt.components()
-    # BASE covers the text encoder and the VAE, as in merged files
-    mods = {"unet": gen.pipe.unet, "text_encoder": gen.pipe.text_encoder, "vae": gen.pipe.vae}
-    if not set(mods) <= set(a) or not set(mods) <= set(b):
-        raise BakaError("runtime block merge needs UNet, text encoder and VAE in both models")
-    return RuntimeBlockMerge(mods, {c: a[c] for c in mods}, {c: b[c] for c in mods})
 
 
 @command("samplers", "list A1111 sampler names")

@@ -141,6 +141,20 @@ class Generator:
         )
         return cls(name, pipe=pipe, sd_config=sd_config, progress=False, dtype=unet.dtype, **kw)
 
+    def block_merger(self, model_b: str | Path):
+        """A runtime block merge between this generator's model (A) and ``model_b``, applied in place to
+        its UNet, text encoder and VAE (BASE covers the latter two, as in merged files)."""
+        from baka.merge.runtime import RuntimeBlockMerge
+        from baka.models.io import load_checkpoint
+
+        if self.ckpt is None:
+            raise BakaError("runtime block merge needs a generator loaded from a model file")
+        a, b = self.ckpt.components(), load_checkpoint(model_b).components()
+        mods = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder, "vae": self.pipe.vae}
+        if not set(mods) <= set(a) or not set(mods) <= set(b):
+            raise BakaError("runtime block merge needs UNet, text encoder and VAE in both models")
+        return RuntimeBlockMerge(mods, {c: a[c] for c in mods}, {c: b[c] for c in mods})
+
     @property
     def model_hash(self) -> str | None:
         from baka.models.hashes import autov2

@@ -388,9 +388,7 @@ def create_app(settings: Settings) -> FastAPI:
     def preview(req: Preview) -> dict:
         """Live preview of a block merge: A and B stay loaded; only changed blocks are re-merged."""
         from baka.generate.engine import Generator, GenParams
-        from baka.merge.runtime import RuntimeBlockMerge
         from baka.merge.weights import parse_weights
-        from baka.models.io import load_checkpoint
 
         pa, pb = resolve("checkpoints", req.model_a), resolve("checkpoints", req.model_b)
         try:
@@ -402,9 +400,7 @@ def create_app(settings: Settings) -> FastAPI:
             if st.preview is None or st.preview[0] != (pa, pb):
                 st.preview = None
                 gen = Generator(pa, progress=False)
-                a, b = gen.ckpt.components(), load_checkpoint(pb).components()
-                mods = {"unet": gen.pipe.unet, "text_encoder": gen.pipe.text_encoder, "vae": gen.pipe.vae}
-                st.preview = ((pa, pb), gen, RuntimeBlockMerge(mods, a, b))
+                st.preview = ((pa, pb), gen, gen.block_merger(pb))
             _, gen, rt = st.preview
             changed = rt.set_weights(weights)
             gen.on_step = lambda i, n: (setattr(job, "step", i), setattr(job, "total", n))
