@@ -16,7 +16,7 @@ import torch
 
 from baka.errors import BakaError, ModelFileError
 from baka.models.blocks import BLOCK_IDS, BLOCK_INDEX, block_of_diffusers
-from baka.models.keymap import unet_key_to_ldm
+from baka.models.keymap import te_key_to_ldm, unet_key_to_ldm
 from baka.registry import Registry
 
 BLOCKS17 = (
@@ -207,8 +207,7 @@ def target_names(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | N
     if text_encoder is not None:
         for name, mod in text_encoder.named_modules():
             if isinstance(mod, torch.nn.Linear):
-                full = name if name.startswith("text_model.") else "text_model." + name
-                out["lora_te_" + full.replace(".", "_")] = ("text_encoder", mod, "BASE")
+                out["lora_te_" + te_key_to_ldm(name).replace(".", "_")] = ("text_encoder", mod, "BASE")
     return out
 
 

@@ -29,7 +29,7 @@ from baka.models.convert import (
     ldm_to_diffusers,
     normalize_ldm_keys,
 )
-from baka.models.keymap import VAE_PREFIX, vae_key_to_ldm
+from baka.models.keymap import VAE_PREFIX, te_key_to_ldm, vae_key_to_ldm
 from baka.models.safetensors_io import SafetensorsFile, TensorSpec, atomic_output, save_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -276,7 +276,7 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[st
         for comp, sd in comps.items():
             (tmp / comp).mkdir(parents=True)
             if comp == "text_encoder":
-                sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+                sd = {te_key_to_ldm(k): v for k, v in sd.items()}  # HF's on-disk names carry text_model.
                 name, cfg = "model.safetensors", dict(ckpt.config.text_encoder)
             else:
                 name = "diffusion_pytorch_model.safetensors"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from baka.models.blocks import BLOCK_IDS, block_of_diffusers
+from baka.models.keymap import te_key_to_ldm
 from baka.train.config import NetworkConfig
 
 UNET_ATTN = ("Transformer2DModel",)
@@ -110,8 +111,7 @@ class LoRANetwork(nn.Module):
                     continue
                 for child_name, child in parent.named_modules():
                     if isinstance(child, nn.Linear):
-                        full = f"{parent_name}.{child_name}"
-                        full = full if full.startswith("text_model.") else "text_model." + full
+                        full = te_key_to_ldm(f"{parent_name}.{child_name}")
                         name = "lora_te_" + full.replace(".", "_")
                         mods[name] = LoRAModule(name, child, cfg.dim, cfg.alpha, cfg, "BASE")
         self.lora = nn.ModuleDict({k.replace(".", "_"): v for k, v in mods.items()})
