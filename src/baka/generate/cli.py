@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from baka.cli import args, command, print_config
+from baka._cli import args, command, print_config
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from baka.cli import args, command, print_config
+from baka._cli import args, command, print_config
 from baka.errors import BakaError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from baka.cli import args, command, print_config
+from baka._cli import args, command, print_config
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from baka.cli import args, command, print_config
+from baka._cli import args, command, print_config
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
