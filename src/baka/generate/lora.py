@@ -1,11 +1,6 @@
-"""LoRA and LyCORIS (LoCon, LoHa, LoKr) networks in kohya / A1111 format, applied as a reversible
-patch (weights += delta, originals kept and restored), with lora-block-weight per-block multipliers.
-
-Deltas (scale = alpha / rank, alpha defaulting to rank):
-- LoRA / LoCon: up @ down (conv kernels flattened; Tucker ``lora_mid`` supported)
-- LoHa: (w1a @ w1b) * (w2a @ w2b)  (Hadamard product; Tucker ``hada_t1/t2`` supported)
-- LoKr: kron(w1, w2), each factor full or a low-rank product (scale 1 unless a factor is decomposed)
-"""
+"""LoRA and LyCORIS networks applied to a live model as a reversible patch (weights += delta,
+originals kept and restored), with lora-block-weight per-block multipliers. The file formats and their
+delta maths live in ``baka.models.networks``."""
 
 from __future__ import annotations
 
@@ -14,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from baka.errors import BakaError, ModelFileError
+from baka.errors import BakaError
 from baka.models.blocks import BLOCK_IDS, BLOCK_INDEX, block_of_diffusers
-from baka.models.keymap import te_key_to_ldm, unet_key_to_ldm
+from baka.models.keymap import kohya_module_name, unet_key_to_ldm
+from baka.models.networks import Network, load_network
 from baka.registry import Registry
 
 BLOCKS17 = (
@@ -76,119 +72,6 @@ def parse_lbw(spec: str | None) -> tuple[float, ...]:
     raise BakaError(f"lbw {spec!r}: need 17 or 26 values or a preset ({', '.join(LBW_PRESETS.names())})")
 
 
-@dataclass
-class Module:
-    """One network module: its tensors by short suffix (``lora_up.weight`` ...)."""
-
-    name: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    KNOWN = {
-        "lora": {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"},
-        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
-        "lokr": {
-            "lokr_w1",
-            "lokr_w1_a",
-            "lokr_w1_b",
-            "lokr_w2",
-            "lokr_w2_a",
-            "lokr_w2_b",
-            "lokr_t2",
-            "alpha",
-        },
-    }
-
-    def unsupported(self) -> list[str]:
-        """Tensors this module carries that baka does not apply (e.g. DoRA's dora_scale, bias diffs)."""
-        return sorted(set(self.tensors) - self.KNOWN.get(self.kind, set()))
-
-    @property
-    def kind(self) -> str:
-        t = self.tensors
-        if "lora_up.weight" in t:
-            return "lora"
-        if "hada_w1_a" in t:
-            return "loha"
-        if any(k.startswith("lokr_") for k in t):
-            return "lokr"
-        return "unknown"
-
-
-@dataclass
-class Network:
-    name: str
-    path: Path
-    modules: dict[str, Module]
-    hash: str = ""
-
-
-def load_network(path: str | Path) -> Network:
-    from baka.models.hashes import sha256_file
-    from baka.models.io import read_raw
-
-    path = Path(path)
-    raw, _ = read_raw(path)
-    modules: dict[str, Module] = {}
-    for key, t in raw.items():
-        name, _, suffix = key.partition(".")
-        if not name.startswith(("lora_unet_", "lora_te_", "lora_te1_")):
-            raise ModelFileError(path, f"not a kohya/A1111 LoRA (unexpected key {key!r})")
-        modules.setdefault(name, Module(name)).tensors[suffix] = t
-    if not modules:
-        raise ModelFileError(path, "empty LoRA file")
-    return Network(path.stem, path, modules, sha256_file(path)[:12])
-
-
-def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # core [r, r, k, k], b (down) [r, in], a (up) [out, r] -> [out, in, k, k]
-    return torch.einsum("ijkl,jr,ip->prkl", core, b.flatten(1), a.flatten(1))
-
-
-def module_delta(m: Module, shape: torch.Size) -> torch.Tensor:
-    """The weight delta of one module (scale included, multiplier not)."""
-    t = {k: v.float() for k, v in m.tensors.items()}
-    kind = m.kind
-    if kind == "lora":
-        up, down = t["lora_up.weight"], t["lora_down.weight"]
-        rank = down.shape[0]
-        if "lora_mid.weight" in t:
-            delta = _tucker(t["lora_mid.weight"], up, down)
-        else:
-            delta = up.flatten(1) @ down.flatten(1)
-    elif kind == "loha":
-        rank = t["hada_w1_b"].shape[0]
-        if "hada_t1" in t:
-            w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
-            w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
-        else:
-            w1 = t["hada_w1_a"] @ t["hada_w1_b"]
-            w2 = t["hada_w2_a"] @ t["hada_w2_b"]
-        delta = w1 * w2
-    elif kind == "lokr":
-        rank = None
-        w1 = t.get("lokr_w1")
-        if w1 is None:
-            w1, rank = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
-        w2 = t.get("lokr_w2")
-        if w2 is None:
-            rank = t["lokr_w2_b"].shape[0]
-            w2 = (
-                _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-                if "lokr_t2" in t
-                else t["lokr_w2_a"] @ t["lokr_w2_b"]
-            )
-        if w2.ndim == 4 and w1.ndim == 2:
-            w1 = w1[:, :, None, None]
-        delta = torch.kron(w1, w2)
-    else:
-        raise BakaError(f"{m.name}: unsupported network module (keys {sorted(m.tensors)})")
-    alpha = t.get("alpha")
-    scale = 1.0 if rank is None or alpha is None else float(alpha) / rank
-    if delta.numel() != shape.numel():
-        raise BakaError(f"{m.name}: network delta {tuple(delta.shape)} does not fit layer {tuple(shape)}")
-    return delta.reshape(shape) * scale
-
-
 def target_names(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None) -> dict[str, tuple]:
     """kohya module name -> (component, module, block). UNet modules answer to both the diffusers-path
     names (kohya) and the LDM-path names some A1111-era LoRAs use."""
@@ -198,16 +81,16 @@ def target_names(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | N
             if not isinstance(mod, torch.nn.Linear | torch.nn.Conv2d):
                 continue
             block = block_of_diffusers("unet", name + ".weight")
-            out["lora_unet_" + name.replace(".", "_")] = ("unet", mod, block)
+            out[kohya_module_name("unet", name)] = ("unet", mod, block)
             try:
                 ldm = unet_key_to_ldm(name + ".weight").removesuffix(".weight")
-                out.setdefault("lora_unet_" + ldm.replace(".", "_"), ("unet", mod, block))
+                out.setdefault(kohya_module_name("unet", ldm), ("unet", mod, block))
             except KeyError:
                 pass
     if text_encoder is not None:
         for name, mod in text_encoder.named_modules():
             if isinstance(mod, torch.nn.Linear):
-                out["lora_te_" + te_key_to_ldm(name).replace(".", "_")] = ("text_encoder", mod, "BASE")
+                out[kohya_module_name("text_encoder", name)] = ("text_encoder", mod, "BASE")
     return out
 
 
@@ -245,7 +128,7 @@ class LoraPatch:
             w = mod.weight
             if id(mod) not in self.backups:
                 self.backups[id(mod)] = (mod, w.detach().clone())
-            w.copy_((w.float() + mult * module_delta(m, w.shape)).to(w.dtype))
+            w.copy_((w.float() + mult * m.delta_weight(w.shape)).to(w.dtype))
         self.applied.append((net, te, unet, lbw))
 
     @torch.no_grad()

@@ -123,3 +123,14 @@ def component_maps(
     if len(table) != len(unet_keys) + len(vae_keys) + len(te_keys):
         raise AssertionError("key map is not injective")
     return table
+
+
+# kohya / A1111 LoRA module names: a prefix per component, then the module path with '.' -> '_'
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def kohya_module_name(component: str, module_path: str) -> str:
+    """The kohya / A1111 network module name of a diffusers-layout module path (``unet`` or
+    ``text_encoder``); text-encoder paths first take the ``text_model.`` prefix the files carry."""
+    path = te_key_to_ldm(module_path) if component == "text_encoder" else module_path
+    return KOHYA_PREFIX[component] + path.replace(".", "_")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from baka.models.blocks import BLOCK_IDS, block_of_diffusers
-from baka.models.keymap import te_key_to_ldm
+from baka.models.keymap import kohya_module_name
 from baka.train.config import NetworkConfig
 
 UNET_ATTN = ("Transformer2DModel",)
@@ -100,7 +100,7 @@ class LoRANetwork(nn.Module):
                 alpha = cfg.conv_alpha if is_3x3 else block_alphas[block]
                 if dim <= 0:
                     continue
-                name = "lora_unet_" + full.replace(".", "_")
+                name = kohya_module_name("unet", full)
                 mods[name] = LoRAModule(name, child, dim, alpha, cfg, block)
         if text_encoder is not None:
             for parent_name, parent in text_encoder.named_modules():
@@ -111,8 +111,7 @@ class LoRANetwork(nn.Module):
                     continue
                 for child_name, child in parent.named_modules():
                     if isinstance(child, nn.Linear):
-                        full = te_key_to_ldm(f"{parent_name}.{child_name}")
-                        name = "lora_te_" + full.replace(".", "_")
+                        name = kohya_module_name("text_encoder", f"{parent_name}.{child_name}")
                         mods[name] = LoRAModule(name, child, cfg.dim, cfg.alpha, cfg, "BASE")
         self.lora = nn.ModuleDict({k.replace(".", "_"): v for k, v in mods.items()})
 
