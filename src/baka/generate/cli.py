@@ -85,7 +85,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.xy:
         from baka.generate.grid import GridContext, run_grid
 
-        ctx = GridContext(gen, gen.block_merger(a.merge_with) if a.merge_with else None)
+        ctx = GridContext.with_merge(gen, a.merge_with)
         grid, rows = run_grid(ctx, params, a.xy, a.xy_y)
         path = out / f"{start:05d}-grid.png"
         from baka.models.safetensors_io import atomic_output

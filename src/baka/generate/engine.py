@@ -21,10 +21,11 @@ from baka.errors import BakaError
 from baka.generate import infotext
 from baka.generate.conditioning import PromptEncoder
 from baka.generate.embeddings import EmbeddingDB
-from baka.generate.freeu import FreeU, parse_freeu
-from baka.generate.lora import LoraPatch, find_network, load_network, target_names
+from baka.generate.freeu import FreeU, FreeUPatch, parse_freeu
+from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network, target_names
 from baka.generate.prompt import extract_networks
 from baka.generate.samplers import SAMPLERS, build_scheduler
+from baka.models.patch import ModelPatcher
 
 
 @dataclass
@@ -125,6 +126,10 @@ class Generator:
         self.embeddings = EmbeddingDB(width)
         for d in self.embedding_dirs:
             self.embeddings.load_dir(d)
+        # every live change to the model (LoRA, FreeU, a runtime merge) goes through this handle
+        self.patcher = ModelPatcher(
+            {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder, "vae": self.pipe.vae}
+        )
         self._targets = target_names(self.pipe.unet, self.pipe.text_encoder)
         self._networks: dict[str, object] = {}
         self._hash: str | None = None
@@ -140,20 +145,6 @@ class Generator:
             {"unet": unet, "text_encoder": text_encoder, "vae": vae}, sd_config.scheduler
         )
         return cls(name, pipe=pipe, sd_config=sd_config, progress=False, dtype=unet.dtype, **kw)
-
-    def block_merger(self, model_b: str | Path):
-        """A runtime block merge between this generator's model (A) and ``model_b``, applied in place to
-        its UNet, text encoder and VAE (BASE covers the latter two, as in merged files)."""
-        from baka.merge.runtime import RuntimeBlockMerge
-        from baka.models.io import load_checkpoint
-
-        if self.ckpt is None:
-            raise BakaError("runtime block merge needs a generator loaded from a model file")
-        a, b = self.ckpt.components(), load_checkpoint(model_b).components()
-        mods = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder, "vae": self.pipe.vae}
-        if not set(mods) <= set(a) or not set(mods) <= set(b):
-            raise BakaError("runtime block merge needs UNet, text encoder and VAE in both models")
-        return RuntimeBlockMerge(mods, {c: a[c] for c in mods}, {c: b[c] for c in mods})
 
     @property
     def model_hash(self) -> str | None:
@@ -175,30 +166,26 @@ class Generator:
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
         prompt, tags = extract_networks(p.prompt)
         negative, neg_tags = extract_networks(p.negative)
-        patch = LoraPatch()
-        freeu_patch = None
-        try:
-            for tag in tags + neg_tags:
-                patch.add(self._network(tag.name), self._targets, tag.te, tag.unet, tag.lbw)
-            self.lora_unmatched = list(patch.unmatched)
+        uses = [NetworkUse(self._network(t.name), t.te, t.unet, t.lbw) for t in tags + neg_tags]
+        lora = LoraPatch(uses, self._targets)
+        # second-order samplers (Heun, DPM2) evaluate the UNet ~2N-1 times for N steps: FreeU's
+        # schedule and progress count the denoising loop's real iterations
+        scheduler = build_scheduler(p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred)
+        scheduler.set_timesteps(p.steps)
+        total = len(scheduler.timesteps)
+        freeu = FreeUPatch(p.freeu, total) if p.freeu is not None else None
+        with self.patcher.patched(lora, freeu):
+            self.lora_unmatched = list(lora.unmatched)
             enc = PromptEncoder(self.pipe.text_encoder, self.embeddings, p.clip_skip, p.emphasis)
             cond, uncond = enc.encode_pair(prompt, negative)
-            self.pipe.scheduler = build_scheduler(
-                p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred
-            )
+            self.pipe.scheduler = scheduler
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(p.batch)]
             shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
             latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
-            # second-order samplers (Heun, DPM2) evaluate the UNet ~2N-1 times for N steps: FreeU's
-            # schedule and progress count the denoising loop's real iterations
-            self.pipe.scheduler.set_timesteps(p.steps)
-            total = len(self.pipe.scheduler.timesteps)
-            if p.freeu is not None:
-                freeu_patch = p.freeu.apply(self.pipe.unet, total)
 
             def on_step(pipe, i, t, cb_kwargs):
-                if freeu_patch is not None:
-                    freeu_patch.set_step(i + 1)
+                if freeu is not None:
+                    freeu.set_step(i + 1)
                 if self.on_step is not None:
                     self.on_step(i + 1, total)
                 return cb_kwargs
@@ -215,11 +202,7 @@ class Generator:
                 callback_on_step_end=on_step,
             ).images
             images = self.decode(out)
-            info = self._infotext(p, enc, patch)
-        finally:
-            if freeu_patch is not None:
-                freeu_patch.remove()
-            patch.remove()
+            info = self._infotext(p, enc, lora)
         return [
             Result(img, seed + i, infotext.build(p.prompt, p.negative, {**info, "Seed": seed + i}))
             for i, img in enumerate(images)
@@ -246,7 +229,7 @@ class Generator:
 
     def _infotext(self, p: GenParams, enc: PromptEncoder, patch: LoraPatch) -> dict[str, object]:
         ti = {name: e.hash for name, e in enc.used.items()}
-        loras = {net.name: net.hash for net, *_ in patch.applied}
+        loras = {u.net.name: u.net.hash for u in patch.applied}
         return {
             "Steps": p.steps,
             "Sampler": SAMPLERS.canonical(p.sampler),

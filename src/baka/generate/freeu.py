@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from baka.models.patch import Modules, Patch
 from baka.registry import Registry
 
 
@@ -52,7 +53,10 @@ class FreeU:
         return (1 - self.smoothness) * flat + self.smoothness * smooth
 
     def apply(self, unet: torch.nn.Module, steps: int) -> FreeUPatch:
-        return FreeUPatch(self, unet, steps)
+        """FreeU hooked onto ``unet`` now, for a loop of ``steps`` iterations."""
+        patch = FreeUPatch(self, steps)
+        patch.apply({"unet": unet})
+        return patch
 
 
 PRESETS: Registry[FreeU] = Registry("FreeU preset")
@@ -119,21 +123,22 @@ def _low_pass_scale_fft(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.fft.ifftn(f, dim=(-2, -1)).real.to(x.dtype)
 
 
-@dataclass
-class FreeUPatch:
-    """Live FreeU hooks on a diffusers UNet; ``set_step`` moves the schedule, ``remove`` undoes it."""
+class FreeUPatch(Patch):
+    """FreeU as forward pre-hooks on a diffusers UNet's decoder resnets; ``set_step`` moves the
+    schedule, ``remove`` detaches the hooks (the weights are never touched)."""
 
-    freeu: FreeU
-    unet: torch.nn.Module
-    steps: int
-    step: int = 0
-    handles: list = field(default_factory=list)
+    def __init__(self, freeu: FreeU, steps: int):
+        self.freeu = freeu
+        self.steps = steps
+        self.step = 0
+        self.handles: list = []
 
-    def __post_init__(self) -> None:
-        chans = list(self.unet.config.block_out_channels)
+    def apply(self, modules: Modules) -> None:
+        unet = modules["unet"]
+        chans = list(unet.config.block_out_channels)
         stage = {4 * chans[0]: (self.freeu.b1, self.freeu.s1), 2 * chans[0]: (self.freeu.b2, self.freeu.s2)}
         rev = chans[::-1]
-        for i, block in enumerate(self.unet.up_blocks):
+        for i, block in enumerate(unet.up_blocks):
             for j, resnet in enumerate(block.resnets):
                 hidden = (rev[i - 1] if i > 0 else rev[0]) if j == 0 else rev[i]
                 if hidden in stage:
@@ -170,12 +175,6 @@ class FreeUPatch:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-    def __enter__(self) -> FreeUPatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 __all__ = ["FreeU", "FreeUPatch", "PRESETS", "parse_freeu"]

@@ -21,7 +21,19 @@ AXES: Registry[Apply] = Registry("grid axis")
 @dataclass
 class GridContext:
     generator: Generator
-    merger: object | None = None  # RuntimeBlockMerge for the blocks axis
+    merger: object | None = None  # RuntimeBlockMerge for the blocks axis, applied to the generator
+
+    @classmethod
+    def with_merge(cls, generator: Generator, model_b: str | None) -> GridContext:
+        """A grid context whose blocks axis runtime-merges ``generator``'s model with ``model_b``
+        (the merge is applied through the generator's patcher and stays for the grid's life)."""
+        if not model_b:
+            return cls(generator)
+        from baka.merge.runtime import RuntimeBlockMerge
+
+        if generator.ckpt is None:
+            raise BakaError("runtime block merge needs a generator loaded from a model file")
+        return cls(generator, generator.patcher.apply(RuntimeBlockMerge.against(generator.ckpt, model_b)))
 
 
 def _field(name: str, conv) -> Apply:

@@ -4,7 +4,7 @@ delta maths live in ``baka.models.networks``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from baka.errors import BakaError
 from baka.models.blocks import BLOCK_IDS, BLOCK_INDEX, block_of_diffusers
 from baka.models.keymap import kohya_module_name, unet_key_to_ldm
 from baka.models.networks import Network, load_network
+from baka.models.patch import Modules, Patch, WeightBackup
 from baka.registry import Registry
 
 BLOCKS17 = (
@@ -94,15 +95,33 @@ def target_names(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | N
     return out
 
 
-@dataclass
-class LoraPatch:
-    """Applied networks; ``remove()`` restores the exact original weights."""
+@dataclass(frozen=True)
+class NetworkUse:
+    """One ``<lora:name:te:unet:lbw=...>`` use: a network and its multipliers."""
 
-    backups: dict[int, tuple[torch.nn.Module, torch.Tensor]] = field(default_factory=dict)
-    unmatched: list[str] = field(default_factory=list)
-    applied: list[tuple[Network, float, float, str | None]] = field(default_factory=list)
+    net: Network
+    te: float = 1.0
+    unet: float = 1.0
+    lbw: str | None = None
 
-    @torch.no_grad()
+
+class LoraPatch(Patch):
+    """Networks added to live weights (``w += mult * delta``); ``remove()`` restores the exact
+    originals. ``apply(modules)`` adds every use given at construction; ``add`` adds one more now."""
+
+    def __init__(self, uses: list[NetworkUse] | None = None, targets: dict[str, tuple] | None = None):
+        self.uses = list(uses or [])
+        self.targets = targets
+        self.unmatched: list[str] = []
+        self.applied: list[NetworkUse] = []
+        self._backup = WeightBackup()
+
+    def apply(self, modules: Modules) -> None:
+        targets = self.targets or target_names(modules.get("unet"), modules.get("text_encoder"))
+        self.unmatched = []
+        for use in self.uses:
+            self._add(use, targets)
+
     def add(
         self,
         net: Network,
@@ -111,7 +130,11 @@ class LoraPatch:
         unet: float = 1.0,
         lbw: str | None = None,
     ) -> None:
-        blocks = parse_lbw(lbw)
+        self._add(NetworkUse(net, te, unet, lbw), targets)
+
+    @torch.no_grad()
+    def _add(self, use: NetworkUse, targets: dict[str, tuple]) -> None:
+        net, blocks = use.net, parse_lbw(use.lbw)
         for name, m in net.modules.items():
             hit = targets.get(name)
             if hit is None:
@@ -122,20 +145,16 @@ class LoraPatch:
                 self.unmatched.append(f"{net.name}: {name} (unsupported {', '.join(extra)})")
                 continue
             comp, mod, block = hit
-            mult = (te if comp == "text_encoder" else unet) * blocks[BLOCK_INDEX[block or "BASE"]]
+            mult = (use.te if comp == "text_encoder" else use.unet) * blocks[BLOCK_INDEX[block or "BASE"]]
             if mult == 0:
                 continue
             w = mod.weight
-            if id(mod) not in self.backups:
-                self.backups[id(mod)] = (mod, w.detach().clone())
+            self._backup.keep(w)
             w.copy_((w.float() + mult * m.delta_weight(w.shape)).to(w.dtype))
-        self.applied.append((net, te, unet, lbw))
+        self.applied.append(use)
 
-    @torch.no_grad()
     def remove(self) -> None:
-        for mod, original in self.backups.values():
-            mod.weight.copy_(original)
-        self.backups.clear()
+        self._backup.restore()
         self.applied.clear()
 
 
@@ -152,4 +171,4 @@ def find_network(name: str, folders: list[Path]) -> Path:
     raise BakaError(f"LoRA {name!r} not found in {where}")
 
 
-__all__ = ["LoraPatch", "Network", "load_network", "parse_lbw", "target_names", "find_network"]
+__all__ = ["LoraPatch", "NetworkUse", "Network", "load_network", "parse_lbw", "target_names", "find_network"]

@@ -388,6 +388,7 @@ def create_app(settings: Settings) -> FastAPI:
     def preview(req: Preview) -> dict:
         """Live preview of a block merge: A and B stay loaded; only changed blocks are re-merged."""
         from baka.generate.engine import Generator, GenParams
+        from baka.generate.grid import GridContext
         from baka.merge.weights import parse_weights
 
         pa, pb = resolve("checkpoints", req.model_a), resolve("checkpoints", req.model_b)
@@ -400,7 +401,7 @@ def create_app(settings: Settings) -> FastAPI:
             if st.preview is None or st.preview[0] != (pa, pb):
                 st.preview = None
                 gen = Generator(pa, progress=False)
-                st.preview = ((pa, pb), gen, gen.block_merger(pb))
+                st.preview = ((pa, pb), gen, GridContext.with_merge(gen, pb).merger)
             _, gen, rt = st.preview
             changed = rt.set_weights(weights)
             gen.on_step = lambda i, n: (setattr(job, "step", i), setattr(job, "total", n))
