@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from baka import __version__
-from baka.errors import BakaError
+from baka.errors import BakaError, NotFound
 from baka.serve.folders import ModelFolders
 from baka.serve.jobs import Job, JobQueue, QueueFull
 
@@ -112,7 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             return settings.folders.resolve(kind, name)
         except BakaError as e:
-            raise HTTPException(404 if "not found" in str(e) else 400, str(e)) from None
+            raise HTTPException(404 if isinstance(e, NotFound) else 400, str(e)) from None
 
     def run(kind: str, fn):
         try:
