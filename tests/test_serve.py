@@ -110,6 +110,41 @@ def test_txt2img_and_png_info(client):
     assert bad.status_code == 400
 
 
+def test_error_mapping_by_type(client):
+    from baka.errors import ModelFileError, NotFound
+    from baka.serve.jobs import QueueFull
+    from baka.serve.state import status_for
+
+    assert [status_for(e) for e in (NotFound("x"), BakaError("x"), ModelFileError("f", "x"))] == [
+        404,
+        400,
+        400,
+    ]
+    assert status_for(QueueFull("x")) == 503 and status_for(ValueError("x")) == 500
+    # a missing model is a 404 with one message, wherever it is looked up (a route or a queued job)
+    missing = "checkpoints 'nope.safetensors' not found in the configured model folders"
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope.safetensors"})
+    assert (r.status_code, r.json()) == (404, {"detail": missing})
+    small = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    r = client.post("/sdapi/v1/txt2img", json={**small, "override_settings": {"sd_model_checkpoint": "nope"}})
+    assert (r.status_code, r.json()) == (404, {"detail": missing.replace(".safetensors", "")})
+    r = client.post("/baka/v1/preview", json={"model_a": "alpha", "model_b": "nope.safetensors"})
+    assert (r.status_code, r.json()) == (404, {"detail": missing})
+    assert client.get("/baka/v1/jobs/merge-999").json() == {"detail": "no such job"}
+    # a bad parameter is a 400, also when the queued job finds it
+    r = client.post(
+        "/baka/v1/merge", json={"model_a": "alpha", "model_b": "alpha", "output_name": "m", "method": "nah"}
+    )
+    assert r.status_code == 400 and r.json()["detail"].startswith("unknown merge method 'nah'")
+    r = client.post("/sdapi/v1/txt2img", json={**small, "width": 68})
+    assert (r.status_code, r.json()) == (
+        400,
+        {"detail": "size 68x64: width and height must be multiples of 8"},
+    )
+    r = client.post("/sdapi/v1/png-info", json={"image": "bm90IGEgcG5n"})
+    assert r.status_code == 400 and r.json()["detail"].startswith("not an image: ")
+
+
 def test_token_auth(a1111_root):
     folders = ModelFolders()
     folders.add_root(a1111_root)

@@ -16,3 +16,7 @@ class ModelFileError(BakaError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class NotFound(BakaError):
+    """A name that matches nothing (a model in the configured folders, a job id); HTTP 404."""

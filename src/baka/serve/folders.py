@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baka.errors import BakaError
+from baka.errors import BakaError, NotFound
 
 KINDS = ("checkpoints", "loras", "embeddings", "vae")
 SUFFIXES = {
@@ -92,4 +92,4 @@ class ModelFolders:
                     continue
                 if real.is_file() and real.is_relative_to(folder):
                     return real
-        raise BakaError(f"{kind} {name!r} not found in the configured model folders")
+        raise NotFound(f"{kind} {name!r} not found in the configured model folders")

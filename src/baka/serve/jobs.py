@@ -23,6 +23,10 @@ class Job:
     step: int = 0
     total: int = 0
 
+    def set_progress(self, step: int, total: int) -> None:
+        """A generator's ``on_step`` callback: what /sdapi/v1/progress reports."""
+        self.step, self.total = step, total
+
 
 class JobQueue:
     def __init__(self, maxsize: int = 8):

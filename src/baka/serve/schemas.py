@@ -1,0 +1,48 @@
+"""Request bodies of the server's routes (pydantic validates them; a bad field is a 422)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Txt2Img(BaseModel):
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1, le=150)
+    sampler_name: str = "Euler a"
+    scheduler: str | None = None
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int = Field(512, ge=64, le=2048)
+    height: int = Field(512, ge=64, le=2048)
+    batch_size: int = Field(1, ge=1, le=8)
+    n_iter: int = Field(1, ge=1, le=8)
+    override_settings: dict = Field(default_factory=dict)
+
+
+class PngInfo(BaseModel):
+    image: str
+
+
+class MergeJob(BaseModel):
+    model_a: str
+    model_b: str
+    model_c: str | None = None
+    method: str = "weight_sum"
+    alpha: str | list[float] = "0.5"
+    beta: str | list[float] | None = None
+    elemental: str = ""
+    output_name: str
+    dtype: str | None = "fp16"
+
+
+class Preview(BaseModel):
+    model_a: str
+    model_b: str
+    weights: str | list[float] = "0.5"
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(12, ge=1, le=50)
+    seed: int = 1
+    width: int = Field(512, ge=64, le=1024)
+    height: int = Field(512, ge=64, le=1024)

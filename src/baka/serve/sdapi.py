@@ -1,0 +1,211 @@
+"""A1111's /sdapi/v1 routes, with A1111's JSON shapes, so that existing clients work."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from baka.errors import BakaError
+from baka.serve.jobs import Job
+from baka.serve.schemas import PngInfo, Txt2Img
+from baka.serve.state import NO_VAE, State, get_state, require_token
+
+router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(require_token)])
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def png_b64(result) -> str:
+    """A generated image as A1111 sends it: base64 PNG with the infotext in its "parameters" chunk."""
+    from PIL.PngImagePlugin import PngInfo as Info
+
+    info = Info()
+    info.add_text("parameters", result.infotext)
+    buf = io.BytesIO()
+    result.image.save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@router.get("/sd-models")
+def sd_models(st: StateDep) -> list[dict]:
+    return [
+        {
+            "title": name,
+            "model_name": Path(name).stem,
+            "hash": None,
+            "sha256": None,
+            "filename": str(st.resolve("checkpoints", name)),
+            "config": None,
+        }
+        for name in st.folders.list("checkpoints")
+    ]
+
+
+@router.get("/samplers")
+def samplers() -> list[dict]:
+    from baka.generate.samplers import SAMPLERS
+
+    return [{"name": n, "aliases": [], "options": dict(SAMPLERS.get(n).options)} for n in SAMPLERS.names()]
+
+
+@router.get("/loras")
+def loras(st: StateDep) -> list[dict]:
+    return [
+        {
+            "name": Path(n).stem,
+            "alias": Path(n).stem,
+            "path": str(st.resolve("loras", n)),
+            "metadata": {},
+        }
+        for n in st.folders.list("loras")
+    ]
+
+
+@router.get("/embeddings")
+def embeddings(st: StateDep) -> dict:
+    from baka.generate.embeddings import load_embedding
+
+    loaded, skipped = {}, {}
+    for n in st.folders.list("embeddings"):
+        try:
+            e = load_embedding(st.resolve("embeddings", n))
+        except BakaError as err:
+            skipped[Path(n).stem] = {"error": str(err)}
+            continue
+        loaded[e.name] = {
+            "step": None,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+            "shape": e.vectors.shape[-1],
+            "vectors": e.vectors.shape[0],
+        }
+    return {"loaded": loaded, "skipped": skipped}
+
+
+@router.get("/options")
+def get_options(st: StateDep) -> dict:
+    return st.options
+
+
+@router.post("/options")
+def set_options(body: dict, st: StateDep) -> dict:
+    if "sd_model_checkpoint" in body:
+        st.resolve("checkpoints", body["sd_model_checkpoint"])
+    if body.get("sd_vae") not in (None, *NO_VAE):
+        st.resolve("vae", body["sd_vae"])
+    st.options.update({k: v for k, v in body.items() if k in st.options})
+    return st.options
+
+
+@router.get("/progress")
+def progress(st: StateDep) -> dict:
+    job = st.queue.current
+    if job is None:
+        frac, job_id, job_count, step, total = 0.0, "", st.queue.pending(), 0, 0
+    else:
+        frac = job.step / job.total if job.total else 0.0
+        job_id, job_count, step, total = job.id, st.queue.pending() + 1, job.step, job.total
+    return {
+        "progress": frac,
+        "eta_relative": 0.0,
+        "current_image": None,
+        "textinfo": None,
+        "state": {
+            "job": job_id,
+            "job_count": job_count,
+            "sampling_step": step,
+            "sampling_steps": total,
+            "interrupted": False,
+            "skipped": False,
+        },
+    }
+
+
+def _decode_image_text(image: str) -> str:
+    """The "parameters" text of a base64 (or data: URL) image; BakaError if it is not an image."""
+    from PIL import Image
+
+    data = image.split(",", 1)[1] if image.startswith("data:") else image
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            return im.info.get("parameters", "")
+    except (ValueError, OSError) as e:
+        raise BakaError(f"not an image: {e}") from None
+
+
+@router.post("/png-info")
+def png_info(body: PngInfo) -> dict:
+    from baka.generate import infotext
+
+    text = _decode_image_text(body.image)
+    prompt, neg, params = infotext.parse(text) if text else ("", "", {})
+    return {
+        "info": text,
+        "items": {"parameters": text} if text else {},
+        "parameters": {"Prompt": prompt, "Negative prompt": neg, **params},
+    }
+
+
+def _gen_params(req: Txt2Img, opts: dict):
+    from baka.generate.engine import GenParams
+
+    sampler = req.sampler_name
+    if req.scheduler and req.scheduler.lower() not in ("automatic", ""):
+        sampler = f"{sampler} {req.scheduler}"
+    return GenParams(
+        req.prompt,
+        req.negative_prompt,
+        req.steps,
+        sampler,
+        req.cfg_scale,
+        req.seed,
+        req.width,
+        req.height,
+        req.batch_size,
+        int(opts.get("CLIP_stop_at_last_layers", 1)),
+    )
+
+
+def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
+    return {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "seed": results[0].seed,
+        "all_seeds": [r.seed for r in results],
+        "infotexts": [r.infotext for r in results],
+        "sd_model_name": Path(opts["sd_model_checkpoint"]).stem,
+        "sampler_name": req.sampler_name,
+        "steps": req.steps,
+        "cfg_scale": req.cfg_scale,
+        "width": req.width,
+        "height": req.height,
+    }
+
+
+@router.post("/txt2img")
+def txt2img(req: Txt2Img, st: StateDep) -> dict:
+    opts = {**st.options, **req.override_settings}
+    if not opts.get("sd_model_checkpoint"):
+        raise BakaError("no checkpoint configured")
+    params = _gen_params(req, opts)
+
+    def work(job: Job) -> list:
+        gen = st.generator_for(opts["sd_model_checkpoint"], opts.get("sd_vae"))
+        gen.on_step = job.set_progress
+        results, p = [], params
+        for _ in range(req.n_iter):  # A1111's batch count: each batch goes on from the last seed
+            batch = gen(p)
+            results += batch
+            p = p.replace(seed=batch[-1].seed + 1)
+        return results
+
+    results = st.run("txt2img", work)
+    return {
+        "images": [png_b64(r) for r in results],
+        "parameters": req.model_dump(),
+        "info": json.dumps(_txt2img_info(req, opts, results)),
+    }

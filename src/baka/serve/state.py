@@ -1,0 +1,124 @@
+"""What one server holds between requests: its settings, the job queue, the A1111 options, the
+loaded generators. Also the two cross-cutting rules of every route: the bearer-token check and the
+mapping of exception types to HTTP status codes."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from baka.errors import BakaError, NotFound
+from baka.serve.folders import ModelFolders
+from baka.serve.jobs import Job, JobQueue, QueueFull
+
+# The one place where errors become status codes; the most specific class in an error's MRO wins.
+ERROR_STATUS: dict[type[Exception], int] = {NotFound: 404, BakaError: 400, QueueFull: 503}
+NO_VAE = ("Automatic", "None")  # sd_vae values that mean "the checkpoint's own VAE"
+
+
+@dataclass
+class Settings:
+    folders: ModelFolders
+    token: str | None = None
+    queue_size: int = 8
+    model: str | None = None  # default checkpoint name
+
+
+@dataclass
+class State:
+    settings: Settings
+    queue: JobQueue
+    options: dict = field(default_factory=dict)
+    generator: object | None = None
+    generator_key: tuple | None = None
+    preview: object | None = None  # (key, Generator, RuntimeBlockMerge)
+
+    @classmethod
+    def create(cls, settings: Settings) -> State:
+        st = cls(settings, JobQueue(settings.queue_size))
+        st.options = {
+            "sd_model_checkpoint": settings.model or next(iter(settings.folders.list("checkpoints")), None),
+            "CLIP_stop_at_last_layers": 1,
+            "sd_vae": "Automatic",
+        }
+        return st
+
+    @property
+    def folders(self) -> ModelFolders:
+        return self.settings.folders
+
+    def resolve(self, kind: str, name: str) -> Path:
+        """``name`` inside the configured ``kind`` folders; raises NotFound or BakaError otherwise."""
+        return self.folders.resolve(kind, name)
+
+    def submit(self, kind: str, fn: Callable[[Job], object]) -> Job:
+        """Queue ``fn`` (raises QueueFull, a 503, when the queue is full)."""
+        return self.queue.submit(kind, fn)
+
+    def run(self, kind: str, fn: Callable[[Job], object]):
+        """Queue ``fn`` and wait for its result; its errors are raised here."""
+        return self.submit(kind, fn).future.result()
+
+    def generator_for(self, name: str, vae: str | None):
+        """The generator for checkpoint ``name`` (and ``vae``); one is kept loaded at a time."""
+        from baka.generate.engine import Generator
+
+        path = self.resolve("checkpoints", name)
+        vae_path = self.resolve("vae", vae) if vae and vae not in NO_VAE else None
+        key = (path, vae_path)
+        if self.generator_key != key:
+            self.generator = None  # free the old model first
+            self.generator = Generator(
+                path,
+                vae=vae_path,
+                embedding_dirs=self.folders.folders["embeddings"],
+                lora_dirs=self.folders.folders["loras"],
+                progress=False,
+            )
+            self.generator_key = key
+        return self.generator
+
+    def preview_for(self, pa: Path, pb: Path):
+        """(Generator on A, RuntimeBlockMerge with B) for the pair; one pair is kept loaded at a time."""
+        from baka.generate.engine import Generator
+        from baka.generate.grid import GridContext
+
+        if self.preview is None or self.preview[0] != (pa, pb):
+            self.preview = None  # free the old pair first
+            gen = Generator(pa, progress=False)
+            self.preview = ((pa, pb), gen, GridContext.with_merge(gen, str(pb)).merger)
+        _, gen, rt = self.preview
+        return gen, rt
+
+
+def get_state(request: Request) -> State:
+    """Route dependency: the State of the app serving this request."""
+    return request.app.state.baka
+
+
+def require_token(request: Request) -> None:
+    """Route dependency: with a token configured, 'Authorization: Bearer TOKEN' is required."""
+    token = get_state(request).settings.token
+    given = request.headers.get("authorization", "").encode()
+    if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        raise HTTPException(401, "missing or wrong bearer token")
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status for ``exc`` by its type (500 for anything not in ERROR_STATUS)."""
+    return next((ERROR_STATUS[c] for c in type(exc).__mro__ if c in ERROR_STATUS), 500)
+
+
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer the errors of ERROR_STATUS as FastAPI answers an HTTPException: ``{"detail": message}``."""
+    for exc_type in ERROR_STATUS:
+        app.add_exception_handler(exc_type, _error_response)
