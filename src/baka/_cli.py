@@ -55,15 +55,26 @@ def args(add: AddArgs) -> Callable[[Handler], Handler]:
     return deco
 
 
+def _has_default(action: argparse.Action) -> bool:
+    d = action.default
+    return not (d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, str | list) and not d))
+
+
 class DefaultsFormatter(argparse.HelpFormatter):
-    """``--help`` shows each option's default, except empty ones (None, False, [])."""
+    """``--help`` shows each option's default, except empty ones (None, False, [], "")."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        empty = action.default in (None, False, [], "") or action.default is argparse.SUPPRESS
-        if "%(default)" in text or empty or not action.option_strings:
+        if "%(default)" in text or not _has_default(action) or not action.option_strings:
             return text
-        return f"{text} (default: %(default)s)"
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def show_defaults(p: argparse.ArgumentParser) -> None:
+    """Options added without a help line still show their default in ``--help``."""
+    for action in p._actions:
+        if action.help is None and action.option_strings and _has_default(action):
+            action.help = "(default: %(default)s)"
 
 
 def print_config(title: str, cfg: dict) -> None:
@@ -74,4 +85,4 @@ def print_config(title: str, cfg: dict) -> None:
         print(f"  {k:<{width}} = {v}")
 
 
-__all__ = ["COMMANDS", "Command", "DefaultsFormatter", "args", "command", "print_config"]
+__all__ = ["COMMANDS", "Command", "DefaultsFormatter", "show_defaults", "args", "command", "print_config"]

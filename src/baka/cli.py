@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from baka._cli import COMMANDS, DefaultsFormatter
+from baka._cli import COMMANDS, DefaultsFormatter, show_defaults
 from baka.errors import BakaError
 
 # modules whose import registers subcommands, in the order ``baka --help`` lists them
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=DefaultsFormatter,
         )
         cmd.add_args(p)
+        show_defaults(p)
         p.set_defaults(func=cmd.handler)
     return parser
 

@@ -9,34 +9,16 @@ from baka._cli import args, command, print_config
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
+    from baka.generate.params import add_cli_args
+
     p.add_argument("model", help="SD1.x checkpoint (.safetensors/.ckpt) or diffusers folder")
-    p.add_argument(
-        "-p", "--prompt", default="", help="A1111 prompt syntax, <lora:name:w> tags, embeddings by name"
-    )
-    p.add_argument("-n", "--negative", default="", help="negative prompt")
+    add_cli_args(p)  # the generation parameters, from the one parameter table
     p.add_argument("-o", "--out", default="outputs", help="output folder")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="Euler a", help="A1111 sampler name (see `baka samplers`)")
-    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
-    p.add_argument("--cfg-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
-    p.add_argument("--seed", type=int, default=-1, help="-1 for random; image i of a batch uses seed + i")
-    p.add_argument("-W", "--width", type=int, default=512)
-    p.add_argument("-H", "--height", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument(
-        "--zero-snr", action="store_true", help="zero terminal SNR: rescaled betas, trailing spacing"
-    )
-    p.add_argument("--v-pred", action="store_true", help="the model predicts v")
-    p.add_argument(
-        "--freeu", help="off, a preset (sd1, sd1-v2) or b1,b2,s1,s2[,version[,start,stop[,smooth]]]"
-    )
-    p.add_argument("--emphasis", default="Original", help="Original | No norm | None")
     p.add_argument("--vae", help="separate VAE file to use")
     p.add_argument("--embeddings", action="append", default=[], help="textual-inversion folder (repeatable)")
     p.add_argument("--lora-dir", action="append", default=[], help="LoRA folder (repeatable)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--from-png", help="take every parameter from this PNG's infotext")
     p.add_argument("--xy", help="grid X axis, e.g. cfg=5,7,9 or blocks=ALL_A,GRAD_V,ALL_B")
     p.add_argument("--xy-y", help="grid Y axis")
@@ -50,29 +32,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     from baka.generate import infotext
     from baka.generate.engine import Generator, GenParams
-    from baka.generate.freeu import parse_freeu
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     if a.from_png:
         params = GenParams.from_infotext(infotext.read_png(a.from_png))
     else:
-        params = GenParams(
-            a.prompt,
-            a.negative,
-            a.steps,
-            a.sampler,
-            a.cfg,
-            a.seed,
-            a.width,
-            a.height,
-            a.batch,
-            a.clip_skip,
-            a.cfg_rescale,
-            a.zero_snr,
-            a.v_pred,
-            parse_freeu(a.freeu),
-            a.emphasis,
-        )
+        params = GenParams.from_cli(a)
     cfg = {k: v for k, v in vars(params).items() if k != "freeu"}
     cfg["freeu"] = params.freeu.describe() if params.freeu else "off"
     print_config("generate", {"model": a.model, "vae": a.vae, "out": a.out, "dtype": a.dtype, **cfg})

@@ -8,7 +8,6 @@ automatic fp32 retry on NaNs, and every image carries A1111 infotext.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -21,62 +20,12 @@ from baka.errors import BakaError
 from baka.generate import infotext
 from baka.generate.conditioning import PromptEncoder
 from baka.generate.embeddings import EmbeddingDB
-from baka.generate.freeu import FreeU, FreeUPatch, parse_freeu
+from baka.generate.freeu import FreeUPatch
 from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network, target_names
+from baka.generate.params import GenParams, ordered_infotext
 from baka.generate.prompt import extract_networks
-from baka.generate.samplers import SAMPLERS, build_scheduler
+from baka.generate.samplers import build_scheduler
 from baka.models.patch import ModelPatcher
-
-
-@dataclass
-class GenParams:
-    prompt: str
-    negative: str = ""
-    steps: int = 20
-    sampler: str = "Euler a"
-    cfg: float = 7.0
-    seed: int = -1
-    width: int = 512
-    height: int = 512
-    batch: int = 1
-    clip_skip: int = 1
-    guidance_rescale: float = 0.0
-    zero_snr: bool = False
-    v_pred: bool = False
-    freeu: FreeU | None = None
-    emphasis: str = "Original"
-
-    def replace(self, **kw) -> GenParams:
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def from_infotext(cls, text: str) -> GenParams:
-        """The parameters of an A1111 infotext (as written by baka or A1111)."""
-        prompt, negative, p = infotext.parse(text)
-        try:
-            w, h = (int(v) for v in p.get("Size", "512x512").split("x"))
-            sampler = p.get("Sampler", "Euler a")
-            sched = p.get("Schedule type", "Automatic")
-            if sched and sched != "Automatic" and f"{sampler} {sched}" in SAMPLERS:
-                sampler = f"{sampler} {sched}"
-            return cls(
-                prompt=prompt,
-                negative=negative,
-                steps=int(p.get("Steps", 20)),
-                sampler=sampler,
-                cfg=float(p.get("CFG scale", 7)),
-                seed=int(p.get("Seed", -1)),
-                width=w,
-                height=h,
-                clip_skip=int(p.get("Clip skip", 1)),
-                guidance_rescale=float(p.get("CFG Rescale phi", 0)),
-                zero_snr=p.get("Noise Schedule") == "Zero Terminal SNR",
-                v_pred=p.get("Prediction") == "v_prediction",
-                freeu=parse_freeu(p.get("FreeU")),
-                emphasis=p.get("Emphasis", "Original"),
-            )
-        except (ValueError, KeyError) as e:
-            raise BakaError(f"infotext could not be read: {e}") from None
 
 
 @dataclass
@@ -230,27 +179,18 @@ class Generator:
     def _infotext(self, p: GenParams, enc: PromptEncoder, patch: LoraPatch) -> dict[str, object]:
         ti = {name: e.hash for name, e in enc.used.items()}
         loras = {u.net.name: u.net.hash for u in patch.applied}
-        return {
-            "Steps": p.steps,
-            "Sampler": SAMPLERS.canonical(p.sampler),
-            "CFG scale": f"{p.cfg:g}",
-            "Seed": None,  # filled per image
-            "Size": f"{p.width}x{p.height}",
-            "Model hash": self.model_hash,
-            "Model": Path(self.model).stem,
-            "VAE": Path(self.vae).name if self.vae else None,
-            "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-            "CFG Rescale phi": f"{p.guidance_rescale:g}" if p.guidance_rescale else None,
-            "Noise Schedule": "Zero Terminal SNR" if p.zero_snr else None,
-            "Prediction": "v_prediction" if p.v_pred else None,
-            "FreeU": ",".join(
-                f"{getattr(p.freeu, k):g}"
-                for k in ("b1", "b2", "s1", "s2", "version", "start", "stop", "smoothness")
-            )
-            if p.freeu
-            else None,
-            "Emphasis": p.emphasis if p.emphasis != "Original" else None,
-            "Lora hashes": ", ".join(f"{k}: {v}" for k, v in loras.items()) or None,
-            "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti.items()) or None,
-            "Version": f"baka {__version__}",
-        }
+        return ordered_infotext(
+            {
+                **p.infotext_fields(),
+                "Seed": None,  # filled per image
+                "Model hash": self.model_hash,
+                "Model": Path(self.model).stem,
+                "VAE": Path(self.vae).name if self.vae else None,
+                "Lora hashes": ", ".join(f"{k}: {v}" for k, v in loras.items()) or None,
+                "TI hashes": ", ".join(f"{k}: {v}" for k, v in ti.items()) or None,
+                "Version": f"baka {__version__}",
+            }
+        )
+
+
+__all__ = ["GenParams", "Generator", "Result"]

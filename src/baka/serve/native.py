@@ -105,7 +105,7 @@ def preview(req: Preview, st: StateDep) -> dict:
     pa, pb = st.resolve("checkpoints", req.model_a), st.resolve("checkpoints", req.model_b)
     weights = parse_weights(req.weights)
     params = GenParams(
-        req.prompt, req.negative_prompt, req.steps, seed=req.seed, width=req.width, height=req.height
+        req.prompt, req.negative_prompt, steps=req.steps, seed=req.seed, width=req.width, height=req.height
     )
 
     def work(job: Job):

@@ -151,23 +151,9 @@ def png_info(body: PngInfo) -> dict:
 
 
 def _gen_params(req: Txt2Img, opts: dict):
-    from baka.generate.engine import GenParams
+    from baka.generate.params import GenParams
 
-    sampler = req.sampler_name
-    if req.scheduler and req.scheduler.lower() not in ("automatic", ""):
-        sampler = f"{sampler} {req.scheduler}"
-    return GenParams(
-        req.prompt,
-        req.negative_prompt,
-        req.steps,
-        sampler,
-        req.cfg_scale,
-        req.seed,
-        req.width,
-        req.height,
-        req.batch_size,
-        int(opts.get("CLIP_stop_at_last_layers", 1)),
-    )
+    return GenParams.from_api(req.model_dump(), opts)
 
 
 def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:

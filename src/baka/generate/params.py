@@ -1,0 +1,296 @@
+"""One table of generation parameters: each row ties a :class:`GenParams` field to its CLI flag, its
+A1111 ``/sdapi/v1`` field and its A1111 infotext key, with how it is parsed and written. The CLI, the
+server, the infotext writer and ``--from-png`` all read this table, so a parameter is added once.
+
+Composite infotext fields (``Size: WxH``; ``Sampler`` with ``Schedule type``) are rows too: they read
+and write several fields at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+from baka.errors import BakaError
+from baka.generate.freeu import FreeU, parse_freeu
+
+
+@dataclass
+class GenParams:
+    """Everything that decides an image (besides the model). Build it by keyword after the prompts."""
+
+    prompt: str
+    negative: str = ""
+    _: KW_ONLY
+    steps: int = 20
+    sampler: str = "Euler a"
+    cfg: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch: int = 1
+    clip_skip: int = 1
+    guidance_rescale: float = 0.0
+    zero_snr: bool = False
+    v_pred: bool = False
+    freeu: FreeU | None = None
+    emphasis: str = "Original"
+
+    def replace(self, **kw: Any) -> GenParams:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_infotext(cls, text: str) -> GenParams:
+        """The parameters of an A1111 infotext (as written by baka or A1111)."""
+        from baka.generate import infotext
+
+        prompt, negative, fields = infotext.parse(text)
+        kw: dict[str, Any] = {}
+        try:
+            for row in PARAMS:
+                row.read_info(fields, kw)
+        except (ValueError, KeyError) as e:
+            raise BakaError(f"infotext could not be read: {e}") from None
+        return cls(prompt, negative, **kw)
+
+    def infotext_fields(self) -> dict[str, object]:
+        """The infotext ``Key: value`` pairs of these parameters (None: not written)."""
+        out: dict[str, object] = {}
+        for row in PARAMS:
+            out.update(row.write_info(self))
+        return out
+
+    @classmethod
+    def from_cli(cls, a: argparse.Namespace) -> GenParams:
+        return cls(**{r.name: r.from_cli(getattr(a, r.dest)) for r in PARAMS if r.cli})
+
+    @classmethod
+    def from_api(cls, body: Mapping[str, Any], options: Mapping[str, Any]) -> GenParams:
+        """From an A1111 txt2img body and the effective options (``override_settings`` applied)."""
+        kw: dict[str, Any] = {}
+        for row in PARAMS:
+            row.read_api(body, options, kw)
+        return cls(**kw)
+
+
+def _show_num(v: float) -> str:
+    return f"{v:g}"
+
+
+def _show_freeu(f: FreeU | None) -> str | None:
+    if f is None:
+        return None
+    keys = ("b1", "b2", "s1", "s2", "version", "start", "stop", "smoothness")
+    return ",".join(f"{getattr(f, k):g}" for k in keys)
+
+
+def _flag(text: str) -> Callable[[Any], str | None]:
+    return lambda v: text if v else None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One generation parameter across the CLI, the A1111 API and the A1111 infotext."""
+
+    name: str  # GenParams field
+    cli: tuple[str, ...] = ()  # flags; () = not a CLI option
+    help: str = ""
+    api: str | None = None  # A1111 txt2img body field
+    option: str | None = None  # A1111 option (``override_settings`` / ``/options``) it comes from
+    info: str | None = None  # infotext key
+    parse: Callable[[str], Any] = str  # text (CLI / infotext) -> value
+    show: Callable[[Any], object] = str  # value -> infotext text (None: omitted)
+    cli_kw: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.cli[-1].lstrip("-").replace("-", "_")
+
+    def default(self) -> Any:
+        d = GenParams.__dataclass_fields__[self.name].default
+        return "" if d is dataclasses.MISSING else d  # the prompt: empty unless given
+
+    def add_cli(self, p: argparse.ArgumentParser) -> None:
+        if self.cli_kw.get("action") == "store_true":
+            p.add_argument(*self.cli, help=self.help, **self.cli_kw)
+        else:
+            kind = self.parse if self.parse in (int, float, str) else str
+            default = self.cli_kw.get("default", self.default())
+            p.add_argument(*self.cli, help=self.help, type=kind, default=default)
+
+    def from_cli(self, v: Any) -> Any:
+        # argparse already converted flags and plain int / float / str options
+        if self.cli_kw.get("action") == "store_true" or self.parse in (int, float, str):
+            return v
+        return self.parse(v)
+
+    def read_info(self, fields: Mapping[str, str], kw: dict[str, Any]) -> None:
+        if self.info and self.info in fields:
+            kw[self.name] = self.parse(fields[self.info])
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return {self.info: self.show(getattr(p, self.name))} if self.info else {}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        if self.api and self.api in body:
+            kw[self.name] = body[self.api]
+        elif self.option and self.option in options:
+            try:
+                kw[self.name] = type(self.default())(options[self.option])
+            except (TypeError, ValueError):
+                raise BakaError(f"option {self.option}: bad value {options[self.option]!r}") from None
+
+
+@dataclass(frozen=True)
+class SizeParam(Param):
+    """``Size: WxH`` in infotext; width and height everywhere else."""
+
+    def read_info(self, fields: Mapping[str, str], kw: dict[str, Any]) -> None:
+        if "Size" in fields:
+            kw["width"], kw["height"] = (int(v) for v in fields["Size"].split("x"))
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return {"Size": f"{p.width}x{p.height}"} if self.name == "width" else {}
+
+
+@dataclass(frozen=True)
+class SamplerParam(Param):
+    """A sampler name; A1111 1.9+ writes the schedule separately (``Schedule type``) and its API takes
+    ``scheduler`` beside ``sampler_name``: both are folded into one combined name when it exists."""
+
+    def read_info(self, fields: Mapping[str, str], kw: dict[str, Any]) -> None:
+        from baka.generate.samplers import SAMPLERS
+
+        sampler = fields.get("Sampler", self.default())
+        sched = fields.get("Schedule type", "Automatic")
+        if sched and sched != "Automatic" and f"{sampler} {sched}" in SAMPLERS:
+            sampler = f"{sampler} {sched}"
+        kw[self.name] = sampler
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        from baka.generate.samplers import SAMPLERS
+
+        return {"Sampler": SAMPLERS.canonical(p.sampler)}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        sampler = body.get("sampler_name", self.default())
+        sched = body.get("scheduler")
+        if sched and str(sched).lower() not in ("automatic", ""):
+            sampler = f"{sampler} {sched}"
+        kw[self.name] = sampler
+
+
+PARAMS: tuple[Param, ...] = (
+    Param(
+        "prompt",
+        ("-p", "--prompt"),
+        "A1111 prompt syntax, <lora:name:w> tags, embeddings by name",
+        api="prompt",
+    ),
+    Param("negative", ("-n", "--negative"), "negative prompt", api="negative_prompt"),
+    Param("steps", ("--steps",), "sampling steps", api="steps", info="Steps", parse=int),
+    SamplerParam("sampler", ("--sampler",), "A1111 sampler name (see `baka samplers`)", api="sampler_name"),
+    Param("cfg", ("--cfg",), "CFG scale", api="cfg_scale", info="CFG scale", parse=float, show=_show_num),
+    Param(
+        "seed",
+        ("--seed",),
+        "-1 for random; image i of a batch uses seed + i",
+        api="seed",
+        info="Seed",
+        parse=int,
+    ),
+    SizeParam("width", ("-W", "--width"), "image width", api="width", parse=int),
+    SizeParam("height", ("-H", "--height"), "image height", api="height", parse=int),
+    Param("batch", ("--batch",), "images per batch", api="batch_size", parse=int),
+    Param(
+        "clip_skip",
+        ("--clip-skip",),
+        "CLIP layers to skip from the end (A1111 'Clip skip')",
+        option="CLIP_stop_at_last_layers",
+        info="Clip skip",
+        parse=int,
+        show=lambda v: v if v > 1 else None,
+    ),
+    Param(
+        "guidance_rescale",
+        ("--cfg-rescale",),
+        "guidance rescale phi (Lin et al. 2023)",
+        info="CFG Rescale phi",
+        parse=float,
+        show=lambda v: f"{v:g}" if v else None,
+    ),
+    Param(
+        "zero_snr",
+        ("--zero-snr",),
+        "zero terminal SNR: rescaled betas, trailing spacing",
+        info="Noise Schedule",
+        parse=lambda s: s == "Zero Terminal SNR",
+        show=_flag("Zero Terminal SNR"),
+        cli_kw={"action": "store_true"},
+    ),
+    Param(
+        "v_pred",
+        ("--v-pred",),
+        "the model predicts v",
+        info="Prediction",
+        parse=lambda s: s == "v_prediction",
+        show=_flag("v_prediction"),
+        cli_kw={"action": "store_true"},
+    ),
+    Param(
+        "freeu",
+        ("--freeu",),
+        "off, a preset (sd1, sd1-v2) or b1,b2,s1,s2[,version[,start,stop[,smooth]]]",
+        info="FreeU",
+        parse=parse_freeu,
+        show=_show_freeu,
+        cli_kw={"default": None},
+    ),
+    Param(
+        "emphasis",
+        ("--emphasis",),
+        "Original | No norm | None",
+        info="Emphasis",
+        show=lambda v: v if v != "Original" else None,
+    ),
+)
+
+# where infotext keys go, A1111's order; keys the generator adds (model, hashes) are placed too
+INFOTEXT_ORDER = (
+    "Steps",
+    "Sampler",
+    "CFG scale",
+    "Seed",
+    "Size",
+    "Model hash",
+    "Model",
+    "VAE",
+    "Clip skip",
+    "CFG Rescale phi",
+    "Noise Schedule",
+    "Prediction",
+    "FreeU",
+    "Emphasis",
+    "Lora hashes",
+    "TI hashes",
+    "Version",
+)
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    """Add every CLI parameter of the table to ``p``."""
+    for row in PARAMS:
+        if row.cli:
+            row.add_cli(p)
+
+
+def ordered_infotext(fields: Mapping[str, object]) -> dict[str, object]:
+    """``fields`` in A1111's order (unknown keys after the known ones, in their own order)."""
+    rank = {k: i for i, k in enumerate(INFOTEXT_ORDER)}
+    return dict(sorted(fields.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+__all__ = ["GenParams", "PARAMS", "Param", "add_cli_args", "ordered_infotext"]
