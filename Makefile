@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DIFFUSERS_OFFLINE := 1
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-all test-realsize typecheck lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# the real-size (2 GB checkpoint) I/O and memory tests, deselected from `make test`
+test-realsize: $(STAMP)
+	$(BIN)/python -m pytest -q -m realsize
+
+test-all: test test-realsize
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

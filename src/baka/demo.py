@@ -26,7 +26,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from baka.merge.recipe import Recipe
     from baka.merge.weights import parse_weights
     from baka.models.hashes import addnet_hash
-    from baka.models.io import describe, save_checkpoint
+    from baka.models.info import describe
+    from baka.models.io import save_checkpoint
     from baka.models.tiny import tiny_checkpoint
 
     out = Path(a.out)

@@ -70,17 +70,15 @@ def erase(
     from diffusers import DDIMScheduler
 
     from baka.generate.conditioning import PromptEncoder
-    from baka.models.convert import diffusers_to_ldm
     from baka.models.io import load_checkpoint, save_checkpoint
     from baka.models.keymap import UNET_PREFIX, unet_key_to_ldm
-    from baka.models.pipeline import build_module
+    from baka.models.pipeline import load_modules, save_modules
 
     keep = ERASE_METHODS.get(cfg.method)
     ckpt = load_checkpoint(model)
-    comps = ckpt.components()
-    unet = build_module("unet", ckpt.config, comps["unet"])
+    mods = load_modules(ckpt, ("unet", "text_encoder"))
+    unet, te = mods["unet"], mods["text_encoder"].requires_grad_(False)
     frozen = copy.deepcopy(unet).requires_grad_(False)
-    te = build_module("text_encoder", ckpt.config, comps["text_encoder"]).requires_grad_(False)
     unet.requires_grad_(False)
     params = {n: p for n, p in unet.named_parameters() if keep(n)}
     if not params:
@@ -120,5 +118,4 @@ def erase(
     if delta_only:
         changed = {UNET_PREFIX + unet_key_to_ldm(n): p.detach().clone() for n, p in params.items()}
         return save_checkpoint(changed, output, metadata=meta, protect=[model])
-    comps["unet"] = {k: v.detach() for k, v in unet.state_dict().items()}
-    return save_checkpoint(diffusers_to_ldm(comps, ckpt.config), output, metadata=meta, protect=[model])
+    return save_modules(ckpt, {"unet": unet}, output, metadata=meta, protect=[model])

@@ -112,17 +112,6 @@ def _low_pass_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x.float() + (scale - 1) * low).to(x.dtype)
 
 
-def _low_pass_scale_fft(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference implementation (the FreeU paper's): FFT, scale the 2x2 window around DC, inverse FFT."""
-    f = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
-    h, w = f.shape[-2:]
-    ch, cw = h // 2, w // 2
-    mask = torch.ones(f.shape[-2:], device=x.device)
-    mask[max(ch - 1, 0) : ch + 1, max(cw - 1, 0) : cw + 1] = scale
-    f = torch.fft.ifftshift(f * mask, dim=(-2, -1))
-    return torch.fft.ifftn(f, dim=(-2, -1)).real.to(x.dtype)
-
-
 class FreeUPatch(Patch):
     """FreeU as forward pre-hooks on a diffusers UNet's decoder resnets; ``set_step`` moves the
     schedule, ``remove`` detaches the hooks (the weights are never touched)."""

@@ -70,7 +70,12 @@ def cmd_merge(a: argparse.Namespace) -> int:
             method.name, list(a.models), alpha, beta, _read_arg(a.elemental) or "", a.seed, a.dtype
         )
     method = METHODS.get(recipe.method)
-    cfg = {"method": method.name, "formula": method.doc, "A": recipe.models[0], "B": recipe.models[1]}
+    cfg: dict[str, object] = {
+        "method": method.name,
+        "formula": method.doc,
+        "A": recipe.models[0],
+        "B": recipe.models[1],
+    }
     if len(recipe.models) > 2:
         cfg["C"] = recipe.models[2]
     cfg["alpha"] = describe_weights(recipe.alpha)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from baka.models.blocks import BLOCK_IDS, block_of
-from baka.models.io import open_source
+from baka.models.sources import open_source
 
 
 @dataclass

@@ -24,8 +24,9 @@ from baka.merge.recipe import Recipe, metadata_for
 from baka.models import detect
 from baka.models.blocks import BLOCK_INDEX, block_of
 from baka.models.hashes import sha256_file
-from baka.models.io import DTYPE_BY_NAME, open_source, shapes_of_source
+from baka.models.io import DTYPE_BY_NAME
 from baka.models.safetensors_io import TensorSpec, atomic_output, build_header, tensor_bytes
+from baka.models.sources import open_source, shapes_of_source
 
 CHUNK_ELEMENTS = 1 << 22  # rows are merged in ~4M-element slices (16 MB of fp32 per operand)
 _HEADER_SLACK = 16384  # room reserved for the header's model hashes, computed while merging
@@ -120,7 +121,9 @@ def merge_models(
                 pick = method.shortcut(alpha, beta)
                 if pick is not None:
                     copied += pick == "A"
-                    yield k, (a if pick == "A" else others[0]).to(want)
+                    b = others[0]
+                    assert b is not None  # checked above: every model the method needs has the key
+                    yield k, (a if pick == "A" else b).to(want)
                     continue
                 ctx = Ctx(k, alpha, beta, recipe.seed)
                 yield k, _compute(method, a, others, ctx, want)

@@ -55,6 +55,12 @@ def method(name: str, *, aliases: tuple[str, ...] = (), **kw) -> Callable[[Metho
     return deco
 
 
+def _need_c(c: Tensor | None) -> Tensor:
+    # the engine passes C to every method registered with needs_c=True
+    assert c is not None, "this merge method needs model C"
+    return c
+
+
 def _zero_alpha(a: float, b: float) -> str | None:
     return "A" if a == 0 else None
 
@@ -72,6 +78,7 @@ def weight_sum(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
 @method("add_difference", aliases=("Add difference", "ad", "add_diff"), needs_c=True, shortcut=_zero_alpha)
 def add_difference(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """A + alpha * (B - C)"""
+    c = _need_c(c)
     return a + x.alpha * (b - c)
 
 
@@ -84,6 +91,7 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
 )
 def triple_sum(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """(1 - alpha - beta) * A + alpha * B + beta * C"""
+    c = _need_c(c)
     return (1 - x.alpha - x.beta) * a + x.alpha * b + x.beta * c
 
 
@@ -96,12 +104,14 @@ def triple_sum(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
 )
 def sum_twice(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """(1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C"""
+    c = _need_c(c)
     return torch.lerp(torch.lerp(a, b, x.alpha), c, x.beta)
 
 
 @method("train_difference", aliases=("trainDifference", "train_diff"), needs_c=True, shortcut=_zero_alpha)
 def train_difference(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """A + 1.8 * alpha * (B - C) * |B - A| / (|B - C| + |B - A|), the delta 0 where the denominator is 0"""
+    c = _need_c(c)
     d_bc = b - c
     d_ba = (b - a).abs()
     den = d_bc.abs() + d_ba
@@ -193,6 +203,7 @@ def dare(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
 )
 def smooth_add_difference(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """A + alpha * Gauss_sigma1(Median_3(B - C)) (scipy.ndimage filters over all dims, mode reflect)"""
+    c = _need_c(c)
     from scipy.ndimage import gaussian_filter, median_filter
 
     d = (b - c).numpy()

@@ -58,7 +58,7 @@ def load_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
 def safe_torch_load(path: str | Path) -> object:
     """``torch.load(weights_only=True)`` with the inert stand-ins; one-line errors naming the file."""
     path = Path(path)
-    stand_ins = [(Inert, name) for name in _STAND_INS]
+    stand_ins: list = [(Inert, name) for name in _STAND_INS]
     try:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

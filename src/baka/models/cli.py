@@ -17,7 +17,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", "kind, dtypes, keys per block and hashes of a model file")
 @args(_info_args)
 def cmd_info(a: argparse.Namespace) -> int:
-    from baka.models.io import describe
+    from baka.models.info import describe
 
     info = describe(a.file, hashes=not a.no_hash, progress=True)
     if a.json:
@@ -59,7 +59,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 @command("convert", "ckpt -> safetensors, single file <-> diffusers folder, fp16, VAE bake-in")
 @args(_convert_args)
 def cmd_convert(a: argparse.Namespace) -> int:
-    from baka.models.io import DTYPE_BY_NAME, cast, load_checkpoint, save_checkpoint, save_diffusers
+    from baka.models.diffusers_writer import save_diffusers
+    from baka.models.io import DTYPE_BY_NAME, cast, load_checkpoint, save_checkpoint
 
     print_config(
         "convert",

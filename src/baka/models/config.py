@@ -30,11 +30,6 @@ def shipped_config(name: str) -> dict:
     return copy.deepcopy(_shipped(name))
 
 
-def configs_dir() -> str:
-    """Local folder with the SD1.5 diffusers configs (for ``from_single_file(config=...)``)."""
-    return str(resources.files("baka.models").joinpath("configs/sd15"))
-
-
 def text_heads(hidden: int) -> int:
     # CLIP ViT-L/14 uses 64-wide heads; tiny test encoders narrower than 64 use 4 heads.
     return hidden // 64 if hidden % 64 == 0 else 4

@@ -169,7 +169,7 @@ _MODULE_PREFIXES = (*KOHYA_PREFIX.values(), "lora_te1_")
 def load_network(path: str | Path) -> Network:
     """A kohya / A1111 network file (.safetensors, or a pickle read by the safe loader)."""
     from baka.models.hashes import sha256_file
-    from baka.models.io import read_raw
+    from baka.models.sources import read_raw
 
     path = Path(path)
     raw, _ = read_raw(path)

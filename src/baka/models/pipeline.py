@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import torch
 
 from baka.models.config import MAKERS, SDConfig
-from baka.models.io import Checkpoint
+from baka.models.convert import diffusers_to_ldm
+from baka.models.io import Checkpoint, save_checkpoint
 
 
 def build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tensor], dtype=None):
@@ -16,9 +20,9 @@ def build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tens
         module = MAKERS[component](getattr(cfg, component))
     sd = state_dict
     if component == "text_encoder":
-        own = set(module.state_dict())
+        names = set(module.state_dict())
         sd = {
-            (k[len("text_model.") :] if k not in own and k.startswith("text_model.") else k): v
+            (k[len("text_model.") :] if k not in names and k.startswith("text_model.") else k): v
             for k, v in sd.items()
         }
 
@@ -31,13 +35,36 @@ def build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tens
     return module.eval()
 
 
-def build_components(ckpt: Checkpoint, dtype=None) -> dict:
-    return {c: build_module(c, ckpt.config, sd, dtype) for c, sd in ckpt.components().items()}
+def load_modules(ckpt: Checkpoint, components: Iterable[str] | None = None, dtype=None) -> dict:
+    """Live modules (``unet``, ``text_encoder``, ``vae``) of a checkpoint; all present ones by default."""
+    comps = ckpt.components()
+    return {c: build_module(c, ckpt.config, comps[c], dtype) for c in (components or comps)}
+
+
+def modules_to_ldm(ckpt: Checkpoint, modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The checkpoint as an LDM state dict, with the weights of ``modules`` (e.g. trained or edited)
+    in place of those components."""
+    comps = ckpt.components()
+    for comp, module in modules.items():
+        comps[comp] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return diffusers_to_ldm(comps, ckpt.config)
+
+
+def save_modules(
+    ckpt: Checkpoint,
+    modules: dict[str, torch.nn.Module],
+    path: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    protect: Iterable[str | Path] = (),
+) -> Path:
+    """Write the checkpoint with ``modules``' weights in place (atomic; never over ``protect``)."""
+    return save_checkpoint(modules_to_ldm(ckpt, modules), path, metadata=metadata, protect=protect)
 
 
 def build_pipeline(ckpt: Checkpoint, dtype=None):
     """A StableDiffusionPipeline over the checkpoint (safety checker off, offline tokenizer)."""
-    return pipeline_from_modules(build_components(ckpt, dtype), ckpt.config.scheduler)
+    return pipeline_from_modules(load_modules(ckpt, dtype=dtype), ckpt.config.scheduler)
 
 
 def pipeline_from_modules(mods: dict, scheduler_config: dict):

@@ -122,6 +122,7 @@ class SafetensorsFile:
         b, e = self.header[key]["data_offsets"]
         if e == b:
             return torch.empty(spec.shape, dtype=spec.dtype)
+        assert self._mm is not None  # a non-empty tensor means a non-empty file, which is mapped
         buf = memoryview(self._mm)[self._data_start + b : self._data_start + e]
         t = torch.frombuffer(buf, dtype=spec.dtype)
         return t.reshape(spec.shape)
@@ -188,7 +189,7 @@ def atomic_output(path: str | Path, *, protect: Iterable[str | Path] = ()) -> It
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of ``t`` as safetensors stores them (any dtype, bf16 included)."""
-    return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _write_tensor(f, t: torch.Tensor, spec: TensorSpec, key: str) -> None:

@@ -66,7 +66,8 @@ def load_tokenizer() -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     vocab, merges = vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+    # transformers 5 takes the merges as (left, right) pairs; its annotation still says strings
+    tok = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)  # type: ignore[arg-type]
     # from_pretrained on a missing folder silently yields a 2-token tokenizer; never accept that.
     if len(tok) != VOCAB_SIZE or tok.bos_token_id != BOS_ID or tok.eos_token_id != EOS_ID:
         raise RuntimeError(f"CLIP tokenizer build is broken: {len(tok)} tokens")

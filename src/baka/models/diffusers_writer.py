@@ -1,0 +1,81 @@
+"""Writing a complete, offline-loadable diffusers folder (``StableDiffusionPipeline.from_pretrained``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from baka.errors import ModelFileError
+from baka.models.io import Checkpoint
+from baka.models.keymap import te_key_to_ldm
+from baka.models.safetensors_io import save_file
+
+
+def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[str | Path] = ()) -> Path:
+    """Write a complete offline-loadable diffusers folder (StableDiffusionPipeline.from_pretrained)."""
+    from baka.models.tokenizer import vocab_and_merges
+
+    folder = Path(folder)
+    for p in protect:
+        if Path(p).resolve() == folder.resolve():
+            raise ModelFileError(folder, "refusing to overwrite an input; choose another output folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise ModelFileError(folder, "output folder exists and is not empty")
+    tmp = folder.with_name(f".{folder.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        comps = ckpt.components()
+        for comp, sd in comps.items():
+            (tmp / comp).mkdir(parents=True)
+            if comp == "text_encoder":
+                sd = {te_key_to_ldm(k): v for k, v in sd.items()}  # HF's on-disk names carry text_model.
+                name, cfg = "model.safetensors", dict(ckpt.config.text_encoder)
+            else:
+                name = "diffusion_pytorch_model.safetensors"
+                cfg = dict(getattr(ckpt.config, comp))
+            save_file({k: v.contiguous() for k, v in sd.items()}, tmp / comp / name, {"format": "pt"})
+            (tmp / comp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.config.scheduler, indent=2))
+        (tmp / "tokenizer").mkdir()
+        vocab, merges = vocab_and_merges()
+        (tmp / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (tmp / "tokenizer" / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges)
+        )
+        tok_cfg = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": 77,
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "do_lower_case": True,
+        }
+        (tmp / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", ckpt.config.scheduler["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+__all__ = ["save_diffusers"]
