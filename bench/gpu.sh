@@ -18,6 +18,9 @@ if [ -n "${PYTHON:-}" ]; then
   PY_BIN=$PYTHON
 elif [ -x .venv/bin/python ]; then
   PY_BIN=.venv/bin/python
+elif python3 -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
+  # a machine whose python3 already holds CUDA torch (and cannot reach an index to build .venv)
+  PY_BIN=python3
 else
   # the same steps as the Makefile's .venv target (torch pinned first, then the project with dev extras)
   echo "gpu.sh: no .venv; creating it as the Makefile does"
@@ -29,6 +32,28 @@ else
   .venv/bin/pip install -q -e ".[bench]" || echo "gpu.sh: sd-mecha not installed; its column will say n/a"
   PY_BIN=.venv/bin/python
 fi
+
+# offline machines: wheels carried in .whl/ (see bench/gpu-wheels.sh), installed only when needed
+case " $* " in *" --smoke "*) SMOKE=1 ;; *) SMOKE=0 ;; esac
+if ls .whl/*.whl >/dev/null 2>&1; then
+  need=0
+  "$PY_BIN" -c "import diffusers, ftfy" >/dev/null 2>&1 || need=1
+  if [ "$SMOKE" = 0 ] && ls .whl/sd_mecha-*.whl >/dev/null 2>&1; then
+    "$PY_BIN" -c "import sd_mecha" >/dev/null 2>&1 || need=1
+  fi
+  if [ "$need" = 1 ]; then
+    SITE=${BENCH_SITE:-/tmp/baka-bench-site}
+    echo "gpu.sh: installing .whl/*.whl into $SITE"
+    if "$PY_BIN" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl; then
+      export PYTHONPATH="$PYTHONPATH:$SITE"
+    else
+      echo "gpu.sh: installing the carried wheels failed; going on without them"
+    fi
+  fi
+fi
+"$PY_BIN" -c "import torch, diffusers, transformers, accelerate" \
+  || { echo "gpu.sh: $PY_BIN lacks torch / diffusers / transformers / accelerate"; exit 1; }
 
 echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), python: $PY_BIN"
 if command -v nvidia-smi >/dev/null 2>&1; then

@@ -340,7 +340,7 @@ class Bench:
         )
         return "\n".join(
             [
-                f"### {'Smoke run (CPU, tiny models)' if self.smoke else 'GPU run'}: {dev}",
+                f"### {'Smoke run (tiny models)' if self.smoke else 'Real-size run'}: {dev}",
                 "",
                 f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}; baka {baka.__version__}, "
                 f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
@@ -844,11 +844,15 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.device is None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if a.device == "cpu" and not a.smoke:
+            print(
+                "gpu_bench: torch sees no CUDA device; the full run is meant for one "
+                "(--smoke for the CPU check, --device cpu to run real size on CPU anyway)",
+                file=sys.stderr,
+            )
+            return 2
     if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    if a.device == "cpu" and not a.smoke:
-        print("gpu_bench: no CUDA device; the full run needs one (use --smoke on CPU)", file=sys.stderr)
         return 2
     if a.smoke:
         # one thread: on a small shared CI machine OpenMP threads that wait on each other at every op
