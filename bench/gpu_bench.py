@@ -202,9 +202,10 @@ class StepClock:
         return n / dt
 
 
-def measure(call, clock: StepClock, repeat: int) -> tuple[float, float]:
+def measure(call, clock: StepClock, repeat: int, warmup: bool = True) -> tuple[float, float]:
     """(median seconds per call, median it/s) after one warm-up call."""
-    call()
+    if warmup:
+        call()
     secs, its = [], []
     for _ in range(repeat):
         clock.marks = []
@@ -258,6 +259,10 @@ class Bench:
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 
+    def left(self) -> float:
+        """Seconds left of ``--budget`` (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
     def row(self, key: str) -> Row:
         return self.by_key[key]
 
@@ -296,7 +301,7 @@ class Bench:
                 r.baka_text = r.baka_text or "not run (--only)"
                 r.ref_text = r.ref_text or "not run (--only)"
             return
-        if self.deadline is not None and time.monotonic() > self.deadline - 10:
+        if self.left() < 30:
             for k in keys:
                 r = self.row(k)
                 r.baka_text = r.baka_text or "skipped (time budget)"
@@ -304,7 +309,7 @@ class Bench:
             print(f"== {name}: skipped (time budget)", flush=True)
             return
         print(f"== {name} ...", flush=True)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         try:
             with self.guard(keys):
                 fn()
@@ -312,6 +317,8 @@ class Bench:
             free_memory()
             dt = time.perf_counter() - t
             self.log.append(f"{name}: {dt:.1f} s")
+            if self.smoke:
+                self.log[-1] += f" (CPU {time.process_time() - cpu:.1f} s in this process)"
             print(f"== {name}: done in {dt:.1f} s", flush=True)
             print(table([self.row(k) for k in keys]), flush=True)
             self.write()
@@ -348,7 +355,8 @@ class Bench:
                 f"python {platform.python_version()}.",
                 f"Command: `bench/gpu.sh{' --smoke' if self.smoke else ''}`. Models: {model}; "
                 f"{'fp16' if self.cuda else 'fp32'} on {self.device}. Generation: median of {self.repeat} "
-                "after one warm-up, same pipeline object for both sides, it/s of the denoising loop, "
+                f"{'(no warm-up)' if self.smoke else 'after one warm-up'}, same pipeline object for both "
+                "sides, it/s of the denoising loop, "
                 "s/image wall time including prompt encoding and VAE decode. Ratios are baka / reference "
                 "(it/s: higher is better; seconds: lower is better).",
             ]
@@ -475,7 +483,7 @@ class Bench:
             )
 
         def record(key: str, side: str, call) -> None:
-            s, its = measure(call, clock, self.repeat)
+            s, its = measure(call, clock, self.repeat, warmup=not self.smoke)  # smoke: CI time
             kw = {side: its}
             self.set(f"gen.{key}.its", **kw)
             self.set(f"gen.{key}.s", **{side: s})
@@ -751,6 +759,9 @@ class Bench:
         best: dict[str, float] = {}
         peak: dict[str, float] = {}
         for r in range(self.merge_rounds):
+            if r and self.left() < 90:
+                print("  (no time left for another round)", flush=True)
+                break
             for tool in tools:
                 with self.guard(["merge.s"], "baka" if tool == "baka" else "ref"):
                     out = self.work / f"merge-out-{tool}.safetensors"
