@@ -33,13 +33,18 @@ else
   PY_BIN=.venv/bin/python
 fi
 
+# has MODULE...: all findable by the interpreter (find_spec: nothing is imported, so it is quick)
+has() {
+  "$PY_BIN" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" "$@"
+}
+
 # offline machines: wheels carried in .whl/ (see bench/gpu-wheels.sh), installed only when needed
 case " $* " in *" --smoke "*) SMOKE=1 ;; *) SMOKE=0 ;; esac
 if ls .whl/*.whl >/dev/null 2>&1; then
   need=0
-  "$PY_BIN" -c "import diffusers, ftfy" >/dev/null 2>&1 || need=1
+  has diffusers ftfy || need=1
   if [ "$SMOKE" = 0 ] && ls .whl/sd_mecha-*.whl >/dev/null 2>&1; then
-    "$PY_BIN" -c "import sd_mecha" >/dev/null 2>&1 || need=1
+    has sd_mecha || need=1
   fi
   if [ "$need" = 1 ]; then
     SITE=${BENCH_SITE:-/tmp/baka-bench-site}
@@ -52,7 +57,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     fi
   fi
 fi
-"$PY_BIN" -c "import torch, diffusers, transformers, accelerate" \
+has torch diffusers transformers accelerate \
   || { echo "gpu.sh: $PY_BIN lacks torch / diffusers / transformers / accelerate"; exit 1; }
 
 echo "gpu.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), python: $PY_BIN"

@@ -407,6 +407,7 @@ class Bench:
                 m.up.weight.copy_(torch.randn(m.up.weight.shape, generator=gen) * 0.01)
         d.mkdir(parents=True, exist_ok=True)
         save_file(net.kohya_state_dict(torch.float16), p, {"ss_network_dim": str(LORA_DIM)})
+        self.lora_modules = len(net.lora)
         return p
 
     def dataset(self) -> Path:
@@ -513,8 +514,10 @@ class Bench:
         lora_params = params.replace(prompt=f"{PROMPT} <lora:{LORA_NAME}:1>")
         with self.guard(keys("lora") + keys("lora_fused"), "baka"):
             record("lora", "baka", lambda: gen(lora_params))
-            if gen.lora_unmatched:
-                self.set("gen.lora.its", note=f"baka: {len(gen.lora_unmatched)} LoRA modules unmatched")
+            self.set(
+                "gen.lora.s",
+                note=f"file: {self.lora_modules} modules, baka: {len(gen.lora_unmatched)} of them unmatched",
+            )
             for k in keys("lora"):
                 r = self.row(k)
                 self.set(k.replace("lora", "lora_fused"), baka=r.baka)
@@ -524,6 +527,10 @@ class Bench:
                 str(lora_dir), weight_name=f"{LORA_NAME}.safetensors", adapter_name="bench"
             )
             try:
+                wrapped = sum(
+                    hasattr(m, "lora_A") for c in (pipe.unet, pipe.text_encoder) for m in c.modules()
+                )
+                self.set("gen.lora.s", note=f"diffusers: {wrapped} layers with a LoRA adapter")
                 record("lora", "ref", plain)
                 with self.guard(keys("lora_fused"), "ref"):
                     pipe.fuse_lora()
