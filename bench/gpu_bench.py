@@ -543,12 +543,14 @@ class Bench:
 
     def runtime(self) -> None:
         from baka.generate.engine import Generator  # [baka API]
+        from baka.merge.runtime import RuntimeBlockMerge  # [baka API]
         from baka.models.blocks import BLOCK_IDS  # [baka API]
         from baka.models.io import load_checkpoint  # [baka API]
 
         path_a, path_b = self.checkpoint("a"), self.checkpoint("b")
         gen = Generator(path_a, dtype=self.dtype, device=self.device, progress=False)
-        rt = gen.block_merger(path_b)  # [baka API] Generator.block_merger -> RuntimeBlockMerge
+        # [baka API] the runtime merge is a patch applied through the generator's patcher
+        rt = gen.patcher.apply(RuntimeBlockMerge.against(gen.ckpt, path_b))
         n = len(BLOCK_IDS)
         one = BLOCK_IDS.index("IN05")
 
