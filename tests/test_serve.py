@@ -152,7 +152,12 @@ def test_token_auth(a1111_root):
     assert c.get("/sdapi/v1/sd-models").status_code == 401
     assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert c.get("/").status_code == 200  # the page itself holds no data; it sends ?token= on its calls
+    # every path needs it, the page and the API docs too; a browser may give it as ?token= on a GET
+    for path in ("/", "/docs", "/redoc", "/openapi.json", "/baka/v1/presets"):
+        assert c.get(path).status_code == 401, path
+        assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+    assert c.get("/?token=s3cret").status_code == 200 and c.get("/?token=nope").status_code == 401
+    assert c.post("/sdapi/v1/png-info?token=s3cret", json={"image": ""}).status_code == 401  # GET only
 
 
 def test_bounded_queue(a1111_root):
@@ -284,3 +289,78 @@ def test_web_ui_in_headless_chromium(a1111_root, tmp_path):
     finally:
         server.should_exit = True
         th.join(10)
+
+
+def _png_claiming(width: int, height: int) -> str:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression-bomb header, tiny file)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+def test_bad_requests_are_4xx_never_500(client):
+    cases = [
+        ("post", "/sdapi/v1/options", {"sd_model_checkpoint": "a\x00b.safetensors"}),
+        ("post", "/sdapi/v1/options", {"sd_model_checkpoint": 12}),
+        ("post", "/sdapi/v1/options", {"sd_model_checkpoint": None}),
+        ("post", "/sdapi/v1/options", {"CLIP_stop_at_last_layers": "abc"}),
+        ("post", "/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1000}),
+        ("post", "/sdapi/v1/txt2img", {"prompt": "x", "seed": 2**70}),
+        (
+            "post",
+            "/sdapi/v1/txt2img",
+            {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": "abc"}},
+        ),
+        ("post", "/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": 5}}),
+        ("post", "/sdapi/v1/txt2img", {"prompt": "x" * 20_001, "steps": 1, "width": 64, "height": 64}),
+        ("post", "/sdapi/v1/png-info", {"image": "data:image/png;base64"}),
+        ("post", "/sdapi/v1/png-info", {"image": _png_claiming(100_000, 100_000)}),
+        ("post", "/baka/v1/merge", {"model_a": "alpha", "model_b": "alpha", "output_name": "x" * 300}),
+        ("post", "/baka/v1/merge", {"model_a": "alpha", "model_b": "alpha", "output_name": "a\x00b"}),
+        ("post", "/baka/v1/merge", {"model_a": "a\x00", "model_b": "alpha", "output_name": "ok"}),
+    ]
+    for method, path, body in cases:
+        r = getattr(client, method)(path, json=body)
+        assert 400 <= r.status_code < 500, (
+            path,
+            body if len(str(body)) < 200 else "long",
+            r.status_code,
+            r.text,
+        )
+        assert isinstance(r.json()["detail"], str | list)
+    # a txt2img with clip skip past the encoder's layers is refused by the generator, as a 400
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "x",
+            "steps": 1,
+            "width": 64,
+            "height": 64,
+            "override_settings": {"CLIP_stop_at_last_layers": 40},
+        },
+    )
+    assert r.status_code == 400 and "clip skip 40" in r.json()["detail"]
+    # nothing above changed the options
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "alpha.safetensors"
+
+
+def test_request_body_limit(a1111_root):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    c = TestClient(create_app(Settings(folders, max_body=10_000)))
+    r = c.post("/sdapi/v1/png-info", json={"image": "A" * 20_000})
+    assert r.status_code == 413 and "10000 bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 2_000
+
+    r = c.post("/sdapi/v1/png-info", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert c.post("/sdapi/v1/png-info", json={"image": "bm90IGEgcG5n"}).status_code == 400  # small: passes

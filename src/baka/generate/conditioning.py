@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from baka.errors import BakaError
 from baka.generate.embeddings import Embedding, EmbeddingDB
 from baka.generate.prompt import Chunk, chunk_prompt, weights_tensor
 from baka.registry import Registry
@@ -51,6 +52,9 @@ class PromptEncoder:
     def encode_chunks(self, chunks: list[Chunk]) -> torch.Tensor:
         """[1, 77 * len(chunks), width] conditioning."""
         te = self.text_encoder
+        layers = te.config.num_hidden_layers
+        if not 1 <= self.clip_skip <= layers:
+            raise BakaError(f"clip skip {self.clip_skip}: must be from 1 to {layers} (the encoder's layers)")
         device = next(te.parameters()).device
         ids = torch.tensor([c.tokens for c in chunks], device=device)
         fixes = [(row, pos, emb) for row, c in enumerate(chunks) for pos, emb in c.fixes]

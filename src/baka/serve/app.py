@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse
 
 from baka import __version__
 from baka.serve import native, sdapi
+from baka.serve.guard import Guard
 from baka.serve.state import Settings, State, add_error_handlers
 
 __all__ = ["Settings", "create_app", "serve"]
@@ -32,6 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
     app.include_router(sdapi.router)
     app.include_router(native.router)
+    # auth on every path (the page, /docs and /openapi.json too) and the body limit
+    app.add_middleware(Guard, token=settings.token, max_body=settings.max_body)
     return app
 
 

@@ -17,6 +17,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on API calls")
     p.add_argument("--queue", type=int, default=8, help="at most this many jobs waiting")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (413 above)")
+    p.add_argument("--max-prompt", type=int, default=20_000, help="longest prompt in characters (400 above)")
 
 
 @command("serve", "local web UI and A1111-compatible API (/sdapi/v1)")
@@ -39,8 +41,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "url": f"http://{a.host}:{a.port}/",
             "token": "set" if a.token else "none",
             "queue": a.queue,
+            "max_body_mb": a.max_body_mb,
+            "max_prompt": a.max_prompt,
             **{k: [str(p) for p in v] for k, v in folders.folders.items()},
         },
     )
-    serve(Settings(folders, a.token, a.queue), a.host, a.port)
+    settings = Settings(
+        folders, a.token, a.queue, max_body=int(a.max_body_mb * 1024 * 1024), max_prompt=a.max_prompt
+    )
+    serve(settings, a.host, a.port)
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from baka.errors import BakaError, NotFound
 
 KINDS = ("checkpoints", "loras", "embeddings", "vae")
+MAX_NAME = 1024  # characters of a relative model name (each part at most 255, as file systems allow)
 SUFFIXES = {
     "checkpoints": (".safetensors", ".ckpt"),
     "loras": (".safetensors", ".pt", ".ckpt"),
@@ -80,10 +81,13 @@ class ModelFolders:
 
     def resolve(self, kind: str, name: str) -> Path:
         """The file called ``name`` inside one of the ``kind`` folders; anything else is refused."""
+        if not isinstance(name, str):
+            raise BakaError(f"{kind} name must be a string, not {type(name).__name__}")
         clean = name.split(" [")[0].strip()  # A1111 titles look like "model.safetensors [hash]"
         rel = Path(clean)
-        if not clean or rel.is_absolute() or ".." in rel.parts or "\\" in clean:
-            raise BakaError(f"invalid {kind} name {name!r}")
+        bad = "\x00" in clean or len(clean) > MAX_NAME or any(len(p) > 255 for p in rel.parts)
+        if not clean or bad or rel.is_absolute() or ".." in rel.parts or "\\" in clean:
+            raise BakaError(f"invalid {kind} name {name[:80]!r}")
         for folder in self.folders[kind]:
             for candidate in [folder / rel] + [folder / (clean + s) for s in SUFFIXES[kind]]:
                 try:

@@ -11,9 +11,9 @@ from baka.errors import BakaError, NotFound
 from baka.serve.jobs import Job
 from baka.serve.schemas import MergeJob, Preview
 from baka.serve.sdapi import png_b64
-from baka.serve.state import State, get_state, require_token
+from baka.serve.state import State, get_state
 
-router = APIRouter(prefix="/baka/v1", dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/baka/v1")
 StateDep = Annotated[State, Depends(get_state)]
 
 
@@ -37,8 +37,8 @@ def methods() -> list[dict]:
 def _output_path(st: State, output_name: str) -> Path:
     """Where a merge called ``output_name`` goes: a new file in the first checkpoint folder."""
     name = output_name if output_name.endswith(".safetensors") else output_name + ".safetensors"
-    if Path(name).name != name or name.startswith("."):
-        raise BakaError("output_name must be a plain file name")
+    if Path(name).name != name or name.startswith(".") or "\x00" in name or len(name.encode()) > 255:
+        raise BakaError("output_name must be a plain file name of at most 255 bytes")
     if not st.folders.folders["checkpoints"]:
         raise BakaError("no checkpoint folder configured")
     out = st.folders.folders["checkpoints"][0] / name
@@ -102,6 +102,7 @@ def preview(req: Preview, st: StateDep) -> dict:
     from baka.generate.engine import GenParams
     from baka.merge.weights import parse_weights
 
+    st.check_prompts(req.prompt, req.negative_prompt)
     pa, pb = st.resolve("checkpoints", req.model_a), st.resolve("checkpoints", req.model_b)
     weights = parse_weights(req.weights)
     params = GenParams(

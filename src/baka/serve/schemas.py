@@ -12,7 +12,7 @@ class Txt2Img(BaseModel):
     sampler_name: str = "Euler a"
     scheduler: str | None = None
     cfg_scale: float = 7.0
-    seed: int = -1
+    seed: int = Field(-1, ge=-1, le=2**32 - 1)
     width: int = Field(512, ge=64, le=2048)
     height: int = Field(512, ge=64, le=2048)
     batch_size: int = Field(1, ge=1, le=8)
@@ -43,6 +43,6 @@ class Preview(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = Field(12, ge=1, le=50)
-    seed: int = 1
+    seed: int = Field(1, ge=-1, le=2**32 - 1)
     width: int = Field(512, ge=64, le=1024)
     height: int = Field(512, ge=64, le=1024)

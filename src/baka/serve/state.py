@@ -1,15 +1,14 @@
 """What one server holds between requests: its settings, the job queue, the A1111 options, the
-loaded generators. Also the two cross-cutting rules of every route: the bearer-token check and the
-mapping of exception types to HTTP status codes."""
+loaded generators. Also the mapping of exception types to HTTP status codes (the token check and the
+body limit are the middleware in :mod:`baka.serve.guard`)."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from baka.errors import BakaError, NotFound
@@ -27,6 +26,11 @@ class Settings:
     token: str | None = None
     queue_size: int = 8
     model: str | None = None  # default checkpoint name
+    # a request body over this is a 413: room for an img2img upload, not for a flood
+    max_body: int = 8 * 1024 * 1024
+    # a prompt (or negative prompt) over this many characters is a 400: A1111 prompts are a few
+    # thousand characters at most, and parsing one is the single worker's time
+    max_prompt: int = 20_000
 
 
 @dataclass
@@ -55,6 +59,12 @@ class State:
     def resolve(self, kind: str, name: str) -> Path:
         """``name`` inside the configured ``kind`` folders; raises NotFound or BakaError otherwise."""
         return self.folders.resolve(kind, name)
+
+    def check_prompts(self, *texts: str) -> None:
+        """Refuse prompts longer than ``settings.max_prompt`` before they reach the worker."""
+        for text in texts:
+            if len(text) > self.settings.max_prompt:
+                raise BakaError(f"prompt of {len(text)} characters (at most {self.settings.max_prompt})")
 
     def submit(self, kind: str, fn: Callable[[Job], object]) -> Job:
         """Queue ``fn`` (raises QueueFull, a 503, when the queue is full)."""
@@ -99,14 +109,6 @@ class State:
 def get_state(request: Request) -> State:
     """Route dependency: the State of the app serving this request."""
     return request.app.state.baka
-
-
-def require_token(request: Request) -> None:
-    """Route dependency: with a token configured, 'Authorization: Bearer TOKEN' is required."""
-    token = get_state(request).settings.token
-    given = request.headers.get("authorization", "").encode()
-    if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):
-        raise HTTPException(401, "missing or wrong bearer token")
 
 
 def status_for(exc: BaseException) -> int:
