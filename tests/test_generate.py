@@ -46,10 +46,19 @@ def test_emphasis_original_keeps_mean(gen):
     weighted = enc.encode_chunks(enc.chunks("a (cat:1.5) on a mat"))
     assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-6)
     assert not torch.allclose(weighted, plain)
-    none = PromptEncoder(gen.pipe.text_encoder, emphasis="None").encode_chunks(
-        enc.chunks("a (cat:1.5) on a mat")
-    )
-    assert torch.equal(none, plain)
+    ignore = PromptEncoder(gen.pipe.text_encoder, emphasis="Ignore")
+    assert torch.equal(ignore.encode_chunks(ignore.chunks("a (cat:1.5) on a mat")), plain)
+
+
+def test_emphasis_none_passes_brackets_to_clip(gen):
+    from baka.models.tokenizer import tokenize
+
+    none = PromptEncoder(gen.pipe.text_encoder, emphasis="None")
+    (chunk,) = none.chunks("a (cat:1.5) BREAK mat")
+    n = len(tokenize("a (cat:1.5) BREAK mat"))
+    assert chunk.tokens[1 : n + 1] == tokenize("a (cat:1.5) BREAK mat") and set(chunk.weights) == {1.0}
+    ignored = PromptEncoder(gen.pipe.text_encoder, emphasis="Ignore")
+    assert len(ignored.chunks("a (cat:1.5) BREAK mat")) == 2  # Ignore still parses the syntax
 
 
 def test_cond_and_uncond_padded_to_same_length(gen):

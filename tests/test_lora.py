@@ -116,10 +116,12 @@ def test_block_weights(gen, net_file):
 def test_lbw_parsing():
     full = parse_lbw("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1")
     assert full == parse_lbw("OUTALL")
-    # 17 values: the 9 blocks they do not name stay at 1 (IN00, IN03, IN06, IN09-11, OUT00-02)
-    assert (
-        full[1] == 1 and full[2] == 0 and full[4] == 1 and full[13] == 0 and full[14] == 1 and full[17] == 1
-    )
+    # 17 values: the 9 blocks they do not name get 0 (IN00, IN03, IN06, IN09-11, OUT00-02), as the
+    # lora-block-weight extension's 17 -> 26 expansion does
+    unnamed = [1, 4, 7, 10, 11, 12, 14, 15, 16]
+    assert [full[i] for i in unnamed] == [0.0] * 9
+    assert full[0] == 1 and full[2] == 0 and full[13] == 0 and full[17] == 1 and full[25] == 1
+    assert [parse_lbw("ALL")[i] for i in unnamed] == [0.0] * 9
     assert parse_lbw(",".join(["0.5"] * 26)) == (0.5,) * 26
     with pytest.raises(BakaError, match="did you mean 'OUTALL'"):
         parse_lbw("OUTAL")
@@ -135,6 +137,11 @@ def test_generate_with_lora_tag_and_restore(tiny_files, net_file):
     r = gen(p.replace(prompt="a cat <lora:mystyle:1.5>"))[0]
     assert not np.array_equal(np.asarray(r.image), base)
     assert 'Lora hashes: "mystyle: ' in r.infotext and "<lora:mystyle:1.5>" in r.infotext
+    # A1111 / Civitai name a safetensors LoRA by its addnet hash (tensor payload), 12 hex digits
+    from baka.models.hashes import addnet_hash, sha256_file
+
+    assert f'Lora hashes: "mystyle: {addnet_hash(path)[:12]}"' in r.infotext
+    assert addnet_hash(path)[:12] != sha256_file(path)[:12]
     assert gen.lora_unmatched == ["mystyle: lora_unet_no_such_layer"]
     assert np.array_equal(np.asarray(gen(p)[0].image), base)  # weights restored after the call
     with pytest.raises(BakaError, match="LoRA 'nope' not found"):

@@ -1,5 +1,6 @@
 import pytest
 
+from baka.errors import BakaError
 from baka.generate.prompt import chunk_prompt, extract_networks, parse_prompt_attention
 from baka.models.tokenizer import BOS_ID, EOS_ID, tokenize
 
@@ -74,6 +75,21 @@ def test_break_starts_new_chunk():
     assert len(chunks) == 2
     assert chunks[0].tokens[1:3] == tokenize("red hair") and chunks[0].tokens[3] == EOS_ID
     assert chunks[1].tokens[1:3] == tokenize("blue sky")
+
+
+def test_lone_backslash_is_dropped_as_a1111():
+    # A1111's parse_prompt_attention: a backslash escaping nothing contributes no text
+    assert parse_prompt_attention("a \\ b") == [("a  b", 1.0)]
+    assert parse_prompt_attention("(a\\:1.2)") == [("a", 1.2)]
+    assert parse_prompt_attention("x\\\\y") == [("x\\y", 1.0)]  # an escaped backslash stays
+
+
+def test_other_extra_network_tags_leave_the_text():
+    text, tags = extract_networks("a <hypernet:anime:0.7> cat <lyco:st:0.5> <HyperNet:b>, <3 <x")
+    assert text == "a  cat  , <3 <x"
+    assert [(t.kind, t.name) for t in tags] == [("hypernet", "anime"), ("lora", "st"), ("hypernet", "b")]
+    with pytest.raises(BakaError, match="not a number"):
+        extract_networks("<lora:style:strong>")
 
 
 def test_lora_tags():

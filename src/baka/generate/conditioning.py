@@ -13,28 +13,40 @@ from baka.generate.embeddings import Embedding, EmbeddingDB
 from baka.generate.prompt import Chunk, chunk_prompt, weights_tensor
 from baka.registry import Registry
 
-Emphasis = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class Emphasis:
+    """An A1111 emphasis mode: whether the attention syntax is parsed, and how weights apply."""
+
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    parse: bool = True
+
+
 EMPHASIS: Registry[Emphasis] = Registry("emphasis mode")
 
 
-@EMPHASIS.register("Original")
-def emphasis_original(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _original(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Scale token vectors by their weights, then restore the chunk's mean (A1111 default)."""
     mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * w[..., None]
     return z * (mean / z.mean(dim=(1, 2), keepdim=True))
 
 
-@EMPHASIS.register("No norm")
-def emphasis_no_norm(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _no_norm(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Scale token vectors by their weights, no mean restoration."""
     return z * w[..., None]
 
 
-@EMPHASIS.register("None")
-def emphasis_none(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Ignore weights (the syntax is still parsed and removed)."""
+def _unweighted(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return z
+
+
+EMPHASIS.add("Original", Emphasis(_original))
+EMPHASIS.add("No norm", Emphasis(_no_norm))
+# "Ignore": the syntax is parsed and removed, every weight counts as 1
+EMPHASIS.add("Ignore", Emphasis(_unweighted))
+# "None": no emphasis mechanism at all; "(cat:1.2)" reaches CLIP as those characters
+EMPHASIS.add("None", Emphasis(_unweighted, parse=False))
 
 
 @dataclass
@@ -46,7 +58,7 @@ class PromptEncoder:
     used: dict[str, Embedding] = field(default_factory=dict)  # embeddings seen, for infotext
 
     def chunks(self, text: str) -> list[Chunk]:
-        return chunk_prompt(text, self.embeddings)[0]
+        return chunk_prompt(text, self.embeddings, parse=EMPHASIS.get(self.emphasis).parse)[0]
 
     @torch.no_grad()
     def encode_chunks(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -80,7 +92,7 @@ class PromptEncoder:
             z = getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-self.clip_skip])
         else:
             z = out.last_hidden_state
-        z = EMPHASIS.get(self.emphasis)(z.float(), weights_tensor(chunks).to(z.device))
+        z = EMPHASIS.get(self.emphasis).apply(z.float(), weights_tensor(chunks).to(z.device))
         return z.reshape(1, -1, z.shape[-1])
 
     def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:

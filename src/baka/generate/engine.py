@@ -115,7 +115,14 @@ class Generator:
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
         prompt, tags = extract_networks(p.prompt)
         negative, neg_tags = extract_networks(p.negative)
-        uses = [NetworkUse(self._network(t.name), t.te, t.unet, t.lbw) for t in tags + neg_tags]
+        loras = [t for t in tags + neg_tags if t.kind == "lora"]
+        # other extra-network types (hypernet, ...) leave the text as in A1111 and are reported
+        others = [
+            f"<{t.kind}:{t.name}> (extra-network type not applied)"
+            for t in tags + neg_tags
+            if t.kind != "lora"
+        ]
+        uses = [NetworkUse(self._network(t.name), t.te, t.unet, t.lbw) for t in loras]
         lora = LoraPatch(uses, self._targets)
         # second-order samplers (Heun, DPM2) evaluate the UNet ~2N-1 times for N steps: FreeU's
         # schedule and progress count the denoising loop's real iterations
@@ -124,7 +131,7 @@ class Generator:
         total = len(scheduler.timesteps)
         freeu = FreeUPatch(p.freeu, total) if p.freeu is not None else None
         with self.patcher.patched(lora, freeu):
-            self.lora_unmatched = list(lora.unmatched)
+            self.lora_unmatched = list(lora.unmatched) + others
             enc = PromptEncoder(self.pipe.text_encoder, self.embeddings, p.clip_skip, p.emphasis)
             cond, uncond = enc.encode_pair(prompt, negative)
             self.pipe.scheduler = scheduler

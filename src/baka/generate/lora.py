@@ -55,8 +55,9 @@ for _name, _vals in {
 def parse_lbw(spec: str | None) -> tuple[float, ...]:
     """26 block multipliers from a lora-block-weight preset or a 17/26-value list.
 
-    17 values (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11) leave the other 9 blocks at 1,
-    as the lora-block-weight extension does.
+    17 values (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11) set the other 9 blocks
+    (IN00, IN03, IN06, IN09-IN11, OUT00-OUT02, where only LoCon conv modules live) to 0, as the
+    lora-block-weight extension's 17 -> 26 expansion does.
     """
     if not spec:
         return (1.0,) * 26
@@ -65,7 +66,7 @@ def parse_lbw(spec: str | None) -> tuple[float, ...]:
     except ValueError:
         vals = list(LBW_PRESETS.get(spec))
     if len(vals) == 17:
-        full = dict.fromkeys(BLOCK_IDS, 1.0)
+        full = dict.fromkeys(BLOCK_IDS, 0.0)
         full.update(zip(BLOCKS17, vals, strict=True))
         return tuple(full[b] for b in BLOCK_IDS)
     if len(vals) == 26:

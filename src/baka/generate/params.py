@@ -252,7 +252,7 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "emphasis",
         ("--emphasis",),
-        "Original | No norm | None",
+        "Original | No norm | Ignore (weights 1) | None (brackets reach CLIP as text)",
         info="Emphasis",
         show=lambda v: v if v != "Original" else None,
     ),

@@ -1,8 +1,9 @@
 """A1111 prompt syntax: emphasis parsing, BREAK, and 75-token chunking with comma backtrack.
 
 Emphasis: ``(x)`` multiplies x's weight by 1.1, ``[x]`` divides it by 1.1, ``(x:1.3)`` multiplies it by
-1.3; brackets nest (weights multiply); ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are literals; an
-unclosed bracket applies to the rest of the prompt; a closing bracket with no opener is literal text.
+1.3; brackets nest (weights multiply); ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\\\`` are literals and any
+other backslash is dropped; an unclosed bracket applies to the rest of the prompt; a closing bracket
+with no opener is literal text.
 ``BREAK`` (upper case, a word of its own) ends the current 75-token chunk.
 """
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from baka.errors import BakaError
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
 COMMA_BACKTRACK = 20  # A1111 default: a chunk may end at a comma up to 20 tokens back
@@ -39,6 +42,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         tok, weight = m.group(0), m.group(1)
         if tok in _LITERAL:
             res.append([_LITERAL[tok], 1.0])
+        elif tok == "\\":  # a backslash that escapes nothing is dropped (A1111)
+            continue
         elif tok == "(":
             round_open.append(len(res))
         elif tok == "[":
@@ -83,8 +88,13 @@ class Chunk:
     fixes: list[tuple[int, object]] = field(default_factory=list)  # (position in the 77, embedding)
 
 
-def chunk_prompt(text: str, embeddings: EmbeddingLookup | None = None) -> tuple[list[Chunk], int]:
-    """Parse and tokenize ``text`` into 77-token chunks as A1111 does; returns (chunks, token count)."""
+def chunk_prompt(
+    text: str, embeddings: EmbeddingLookup | None = None, *, parse: bool = True
+) -> tuple[list[Chunk], int]:
+    """Parse and tokenize ``text`` into 77-token chunks as A1111 does; returns (chunks, token count).
+
+    ``parse=False`` (A1111's emphasis "None") passes the text to CLIP as it is: brackets, weights and
+    BREAK are plain characters."""
     from baka.models.tokenizer import BOS_ID, EOS_ID, tokenize
 
     comma = tokenize(",")[0]
@@ -104,7 +114,7 @@ def chunk_prompt(text: str, embeddings: EmbeddingLookup | None = None) -> tuple[
         cur = Chunk()
         last_comma = -1
 
-    for run_text, weight in parse_prompt_attention(text):
+    for run_text, weight in parse_prompt_attention(text) if parse else [(text, 1.0)]:
         if weight == -1.0 and run_text == "BREAK":
             close()
             continue
@@ -152,27 +162,40 @@ def weights_tensor(chunks: list[Chunk]) -> torch.Tensor:
 
 @dataclass
 class NetworkTag:
-    kind: str  # "lora" (also used for lyco / LyCORIS)
+    kind: str  # "lora" (lyco / LyCORIS tags are LoRA tags), or another extra-network type
     name: str
     te: float = 1.0
     unet: float = 1.0
     lbw: str | None = None
 
 
-_TAG_RE = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+# A1111's extra-network syntax: <type:name[:arg...]>; every such tag leaves the prompt text
+_TAG_RE = re.compile(r"<(\w+):([^>]+)>")
+LORA_KINDS = frozenset({"lora", "lyco"})
+
+
+def _number(tag: str, v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise BakaError(f"extra-network tag {tag}: {v!r} is not a number") from None
 
 
 def extract_networks(text: str) -> tuple[str, list[NetworkTag]]:
-    """Remove ``<lora:name:w>`` / ``<lora:name:te:unet:lbw=PRESET>`` tags; return (prompt, tags)."""
+    """Remove every extra-network tag (``<lora:name:w>``, ``<lora:name:te:unet:lbw=PRESET>``,
+    ``<hypernet:name:w>``, ...) from the text; return (prompt, tags). Only LoRA tags carry weights."""
     tags: list[NetworkTag] = []
 
     def take(m: re.Match) -> str:
-        args = [a for a in m.group(3).split(":")[1:]]
+        kind, (name, *args) = m.group(1).lower(), m.group(2).split(":")
+        if kind not in LORA_KINDS:
+            tags.append(NetworkTag(kind, name.strip()))
+            return ""
         named = {k.strip(): v.strip() for k, _, v in (a.partition("=") for a in args if "=" in a)}
         pos = [a.strip() for a in args if "=" not in a and a.strip()]
-        te = float(named.get("te", pos[0] if pos else 1.0))
-        unet = float(named.get("unet", pos[1] if len(pos) > 1 else te))
-        tags.append(NetworkTag("lora", m.group(2).strip(), te, unet, named.get("lbw")))
+        te = _number(m.group(0), named.get("te", pos[0] if pos else "1"))
+        unet = _number(m.group(0), named.get("unet", pos[1] if len(pos) > 1 else str(te)))
+        tags.append(NetworkTag("lora", name.strip(), te, unet, named.get("lbw")))
         return ""
 
     return _TAG_RE.sub(take, text), tags

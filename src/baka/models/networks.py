@@ -168,7 +168,7 @@ _MODULE_PREFIXES = (*KOHYA_PREFIX.values(), "lora_te1_")
 
 def load_network(path: str | Path) -> Network:
     """A kohya / A1111 network file (.safetensors, or a pickle read by the safe loader)."""
-    from baka.models.hashes import sha256_file
+    from baka.models.hashes import addnet_hash, sha256_file
     from baka.models.sources import read_raw
 
     path = Path(path)
@@ -181,7 +181,10 @@ def load_network(path: str | Path) -> Network:
         modules.setdefault(name, Module(name)).tensors[suffix] = t
     if not modules:
         raise ModelFileError(path, "empty LoRA file")
-    return Network(path.stem, path, modules, sha256_file(path)[:12])
+    # A1111 names a LoRA by its addnet hash (the tensor payload, stable under metadata edits) when it
+    # is a safetensors file, by the file's sha256 otherwise; Civitai matches the first 12 hex digits
+    digest = addnet_hash(path) if path.suffix.lower() == ".safetensors" else sha256_file(path)
+    return Network(path.stem, path, modules, digest[:12])
 
 
 __all__ = ["NETWORK_FORMATS", "NetworkFormat", "Module", "Network", "load_network", "LoRA", "LoHa", "LoKr"]
