@@ -31,13 +31,28 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F4": torch.float4_e2m1fn_x2,  # two 4-bit values per byte: torch's last dimension is halved
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_BITS = {name: torch.empty((), dtype=dt).element_size() * 8 for name, dt in DTYPES.items()}
+_BITS["F4"] = 4
+# dtypes the format defines but torch cannot hold (the safetensors library refuses them too)
+_NO_TORCH = {"F6_E2M3", "F6_E3M2"}
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
+_MAX_DEPTH = 127  # JSON nesting the library's parser accepts (serde_json's recursion limit)
+_USIZE_MAX = 2**64 - 1
+_TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,186 @@ class TensorSpec:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
+class _Header(Exception):
+    """A header problem (becomes a :class:`ModelFileError` naming the file)."""
+
+
+class _Obj(dict):
+    """A JSON object that remembers which of its keys were repeated."""
+
+    dups: frozenset[str] = frozenset()
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> _Obj:
+    obj = _Obj(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.dups = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _dups(obj: dict) -> frozenset[str]:
+    return getattr(obj, "dups", frozenset())  # an empty object may come back as a plain dict
+
+
+def _parse_int(s: str) -> int | float:
+    # JSON numbers as the library's parser sees them: a minus sign or more digits than a u64 holds
+    # makes a float (never a valid size); one too large even for a double is an error
+    if s.startswith("-") or len(s) > 20:
+        return _parse_float(s)
+    return int(s)
+
+
+def _parse_float(s: str) -> float:
+    v = float(s)
+    if v in (float("inf"), float("-inf")):
+        raise _Header(f"number out of range ({s[:20]})")
+    return v
+
+
+def _no_constant(s: str) -> None:
+    raise _Header(f"{s} is not valid JSON")
+
+
+def _check_tree(obj: object) -> None:
+    """Nesting depth within the library's limit, and no lone surrogate (invalid UTF-8) in any string."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        if isinstance(o, str):
+            items: Iterable = ()
+            strings: Iterable[str] = (o,)
+        elif isinstance(o, dict):
+            if depth > _MAX_DEPTH:
+                raise _Header(f"JSON nested deeper than {_MAX_DEPTH} levels")
+            items, strings = o.values(), o.keys()
+        elif isinstance(o, list):
+            if depth > _MAX_DEPTH:
+                raise _Header(f"JSON nested deeper than {_MAX_DEPTH} levels")
+            items, strings = o, ()
+        else:
+            continue
+        for s in strings:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Header("a string holds a lone UTF-16 surrogate") from None
+        stack.extend((v, depth + 1) for v in items if isinstance(v, str | dict | list))
+
+
+def _usize(v: object, what: str) -> int:
+    if type(v) is not int or not 0 <= v <= _USIZE_MAX:
+        raise _Header(f"{what} is {json.dumps(v)[:40]}, not a non-negative integer")
+    return v
+
+
+def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[TensorSpec, int, int]], dict[str, str]]:
+    """Validate a safetensors JSON header exactly as strictly as the safetensors library.
+
+    Returns ``{name: (spec, begin, end)}`` (offsets into the data section) and the metadata. Raises
+    :class:`_Header` for anything the library refuses; also for repeated names (the library keeps
+    the last silently, which makes the file ambiguous).
+    """
+    try:
+        text = raw.decode("utf-8")  # strict: invalid UTF-8 and a byte-order mark are both refused
+    except UnicodeDecodeError:
+        raise _Header("header is not valid UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise _Header("header starts with a byte-order mark")
+    try:
+        header = json.loads(
+            text,
+            object_pairs_hook=_pairs,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_no_constant,
+        )
+    except RecursionError:
+        raise _Header(f"JSON nested deeper than {_MAX_DEPTH} levels") from None
+    except _Header:
+        raise
+    except ValueError as e:  # json.JSONDecodeError, int() digit limits
+        raise _Header(f"header is not JSON ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(header, dict):
+        raise _Header("header is not a JSON object")
+    _check_tree(header)
+    if "__metadata__" in _dups(header):
+        raise _Header("__metadata__ appears twice")
+    if _dups(header):
+        raise _Header(f"tensor {sorted(_dups(header))[0]!r} appears twice")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise _Header("__metadata__ is not a JSON object")
+    if _dups(meta):
+        raise _Header(f"metadata key {sorted(_dups(meta))[0]!r} appears twice")
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise _Header(f"metadata value of {k!r} is not a string")
+    entries: dict[str, tuple[TensorSpec, int, int]] = {}
+    for name, info in header.items():
+        entries[name] = _entry(name, info)
+    # the data section must be exactly covered: sorted by offsets, each tensor starts where the last ended
+    pos = 0
+    for name, (_, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][1], kv[1][2])):
+        if b != pos or e < b:
+            raise _Header(f"tensor {name!r} has invalid data offsets [{b}, {e}] (expected to start at {pos})")
+        pos = e
+    if pos != data_len:
+        what = "runs past the end of the file" if pos > data_len else f"has {data_len - pos} trailing bytes"
+        raise _Header(f"data section {what} (tensors cover {pos} of {data_len} bytes)")
+    return entries, dict(meta)
+
+
+def _entry(name: str, info: object) -> tuple[TensorSpec, int, int]:
+    if isinstance(info, list):  # a struct may be written as a 3-element array; the library accepts it
+        if len(info) != 3:
+            raise _Header(f"tensor {name!r}: header entry is not an object")
+        info = _Obj(zip(_TENSOR_FIELDS, info, strict=True))
+    if not isinstance(info, dict):
+        raise _Header(f"tensor {name!r}: header entry is not an object")
+    for f in _TENSOR_FIELDS:
+        if f in _dups(info):
+            raise _Header(f"tensor {name!r}: field {f!r} appears twice")
+        if f not in info:
+            raise _Header(f"tensor {name!r}: no {f!r}")
+    dtype, shape, offsets = (info[f] for f in _TENSOR_FIELDS)
+    if not isinstance(dtype, str) or (dtype not in DTYPES and dtype not in _NO_TORCH):
+        raise _Header(f"tensor {name!r}: unknown dtype {json.dumps(dtype)[:40]}")
+    if dtype in _NO_TORCH:
+        raise _Header(f"tensor {name!r}: dtype {dtype} has no torch equivalent")
+    if not isinstance(shape, list):
+        raise _Header(f"tensor {name!r}: shape is not a list")
+    shape = [_usize(s, f"tensor {name!r}: a shape entry") for s in shape]
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise _Header(f"tensor {name!r}: data_offsets is not [begin, end]")
+    b, e = (_usize(o, f"tensor {name!r}: a data offset") for o in offsets)
+    numel = 1
+    for s in shape:
+        numel *= s
+        if numel > _USIZE_MAX:
+            raise _Header(f"tensor {name!r}: shape {shape} overflows")
+    bits = numel * _BITS[dtype]
+    if bits > _USIZE_MAX:
+        raise _Header(f"tensor {name!r}: shape {shape} overflows")
+    if bits % 8:
+        raise _Header(f"tensor {name!r}: {dtype} data of shape {shape} does not fill whole bytes")
+    if e >= b and e - b != bits // 8:
+        raise _Header(f"tensor {name!r}: data size {e - b} does not match {dtype}{shape} ({bits // 8} bytes)")
+    if dtype == "F4":  # torch packs pairs: the last dimension must be even and is halved
+        if not shape or shape[-1] % 2:
+            raise _Header(f"tensor {name!r}: F4 needs an even last dimension, got {shape}")
+        shape = shape[:-1] + [shape[-1] // 2]
+    return TensorSpec(DTYPES[dtype], tuple(shape)), b, e
+
+
 class SafetensorsFile:
-    """A safetensors file opened for zero-copy reads. Use as a context manager or call close()."""
+    """A safetensors file opened for zero-copy reads. Use as a context manager or call close().
+
+    The header is validated as strictly as the safetensors library does (a file it refuses is
+    refused here with one :class:`ModelFileError` line naming the file).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -67,59 +260,55 @@ class SafetensorsFile:
         except OSError as e:
             raise ModelFileError(path, f"cannot open ({e.strerror})") from None
         try:
-            self.header, self.metadata, self._data_start = self._read_header()
+            self._entries, self.metadata, self._data_start = self._read_header()
             size = os.fstat(self._f.fileno()).st_size
             self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        except OSError as e:
+            self._f.close()
+            raise ModelFileError(self.path, f"cannot read ({e.strerror or e})") from None
         except BaseException:
             self._f.close()
             raise
 
-    def _read_header(self) -> tuple[dict, dict[str, str], int]:
+    def _read_header(self) -> tuple[dict[str, tuple[TensorSpec, int, int]], dict[str, str], int]:
+        if self.path.is_dir():
+            raise ModelFileError(self.path, "is a folder, not a safetensors file")
         size = os.fstat(self._f.fileno()).st_size
         raw = self._f.read(8)
         if len(raw) < 8:
-            raise ModelFileError(self.path, "not a safetensors file (shorter than 8 bytes)")
+            what = "empty file" if not raw else "shorter than 8 bytes"
+            raise ModelFileError(self.path, f"not a safetensors file ({what})")
         (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or n < 2:
-            raise ModelFileError(self.path, "not a safetensors file (implausible header length)")
+        if n > _MAX_HEADER:
+            raise ModelFileError(self.path, f"not a safetensors file (header length {n} is implausible)")
         if 8 + n > size:
             raise ModelFileError(self.path, "truncated safetensors file (header runs past end of file)")
         try:
-            header = json.loads(self._f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelFileError(self.path, "not a safetensors file (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise ModelFileError(self.path, "not a safetensors file (header is not a JSON object)")
-        meta = header.pop("__metadata__", None) or {}
-        data_len = size - 8 - n
-        for name, info in header.items():
-            try:
-                b, e = info["data_offsets"]
-                spec = TensorSpec(DTYPES[info["dtype"]], tuple(info["shape"]))
-            except (KeyError, TypeError, ValueError):
-                raise ModelFileError(self.path, f"corrupt safetensors header entry {name!r}") from None
-            if e - b != spec.nbytes or b < 0:
-                raise ModelFileError(self.path, f"corrupt safetensors header: size mismatch for {name!r}")
-            if e > data_len:
-                raise ModelFileError(
-                    self.path, f"truncated safetensors file ({name!r} runs past end of file)"
-                )
-        return header, {str(k): str(v) for k, v in meta.items()}, 8 + n
+            entries, meta = parse_header(self._f.read(n), size - 8 - n)
+        except _Header as e:
+            raise ModelFileError(self.path, f"invalid safetensors file: {e}") from None
+        return entries, meta, 8 + n
+
+    @property
+    def header(self) -> dict[str, dict]:
+        """The tensor entries as the JSON header states them (normalized)."""
+        return {
+            k: {"dtype": DTYPE_NAMES[s.dtype], "shape": list(_file_shape(s)), "data_offsets": [b, e]}
+            for k, (s, b, e) in self._entries.items()
+        }
 
     def keys(self) -> list[str]:
-        return list(self.header)
+        return list(self._entries)
 
     def spec(self, key: str) -> TensorSpec:
-        info = self.header[key]
-        return TensorSpec(DTYPES[info["dtype"]], tuple(info["shape"]))
+        return self._entries[key][0]
 
     def specs(self) -> dict[str, TensorSpec]:
-        return {k: self.spec(k) for k in self.header}
+        return {k: v[0] for k, v in self._entries.items()}
 
     def get(self, key: str) -> torch.Tensor:
         """A view of the tensor in the page cache (copy-on-write: writing to it never touches the file)."""
-        spec = self.spec(key)
-        b, e = self.header[key]["data_offsets"]
+        spec, b, e = self._entries[key]
         if e == b:
             return torch.empty(spec.shape, dtype=spec.dtype)
         buf = memoryview(self._mm)[self._data_start + b : self._data_start + e]
@@ -140,7 +329,14 @@ class SafetensorsFile:
         self.close()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.header)
+        return iter(self._entries)
+
+
+def _file_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """The shape as the file states it (F4 packs two values per torch element)."""
+    if spec.dtype == torch.float4_e2m1fn_x2 and spec.shape:
+        return spec.shape[:-1] + (spec.shape[-1] * 2,)
+    return spec.shape
 
 
 def build_header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) -> bytes:
@@ -152,7 +348,7 @@ def build_header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) 
     for k, s in specs.items():
         header[k] = {
             "dtype": DTYPE_NAMES[s.dtype],
-            "shape": list(s.shape),
+            "shape": list(_file_shape(s)),
             "data_offsets": [off, off + s.nbytes],
         }
         off += s.nbytes
