@@ -202,8 +202,16 @@ def save_checkpoint(
     """Write an LDM single file atomically: ``.safetensors`` (default) or ``.ckpt``."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        with atomic_output(path, protect=protect) as tmp:
-            torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, tmp)
+        with atomic_output(path, protect=protect) as tmp, open(tmp, "wb") as f:
+            # through a file object, so a full disk is an OSError (torch's own writer reports it vaguely)
+            try:
+                torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, f)
+            except RuntimeError as e:  # torch's zip writer masks the OSError with its own
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
         return path
     return save_file(
         {k: v.contiguous() for k, v in tensors.items()}, path, metadata, protect=protect, progress=progress
@@ -261,6 +269,8 @@ def _read_json(p: Path, folder: Path) -> dict:
 
 def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[str | Path] = ()) -> Path:
     """Write a complete offline-loadable diffusers folder (StableDiffusionPipeline.from_pretrained)."""
+    from baka.errors import OutputError
+    from baka.models.safetensors_io import OUTPUT_ERRNOS, output_error
     from baka.models.tokenizer import vocab_and_merges
 
     folder = Path(folder)
@@ -317,6 +327,13 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[st
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
+    except (OSError, OutputError) as e:  # disk full, read-only: one line naming the folder, nothing left
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError):
+            raise OutputError(folder, e.cause) from None
+        if e.errno in OUTPUT_ERRNOS:
+            raise output_error(folder, e) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -356,4 +373,7 @@ def describe(path: str | Path, *, hashes: bool = True, progress: bool = False) -
         info["size"] = "real-size SD1.x" if infer_config(shapes).is_real_size else "tiny SD1.x topology"
     if hashes and path.is_file():
         info["hashes"] = all_hashes(path, progress=progress)
+    from baka.models.safetensors_io import report_leftovers
+
+    info["leftover_temp_files"] = report_leftovers(path)  # from interrupted writes; warned on stderr
     return info

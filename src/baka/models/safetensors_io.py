@@ -8,9 +8,12 @@ large the model. The format is: u64 little-endian header length, a JSON header
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import mmap
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from baka.errors import ModelFileError
+from baka.errors import ModelFileError, OutputError
+
+log = logging.getLogger("baka.models")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -357,26 +362,124 @@ def build_header(specs: dict[str, TensorSpec], metadata: dict[str, str] | None) 
     return struct.pack("<Q", len(raw)) + raw
 
 
+# temp files of atomic_output: ".NAME.PID.RANDOM.part" beside the output (the PID tells whether the
+# writer may still be running)
+_PART_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.part$")
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), or None if there is no such process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, OverflowError, OSError):
+        pass  # exists (owned by someone else) or cannot tell: fall through to /proc
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks since boot
+        btime = next(
+            int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):
+        return float("-inf")  # alive but unknown start: assume it may own the file
+
+
+def leftover_parts(folder: str | Path, name: str | None = None) -> list[tuple[Path, bool]]:
+    """Temp files of interrupted writes in ``folder`` (those of output ``name`` only, if given), each
+    with whether it is stale: its writer is gone (or started after the file was last written)."""
+    out = []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _PART_RE.match(p.name)
+        if not m or (name is not None and m["name"] != name) or not p.is_file():
+            continue
+        started = _process_start(int(m["pid"]))
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:
+            continue
+        out.append((p, started is None or started > mtime + 1))
+    return out
+
+
+def clean_stale_parts(folder: str | Path) -> list[Path]:
+    """Remove the stale temp files in ``folder`` (one warning each); returns those removed."""
+    removed = []
+    for p, stale in leftover_parts(folder):
+        if stale:
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            log.warning("baka: warning: removed %s, left by an interrupted write", p)
+            removed.append(p)
+    return removed
+
+
+def report_leftovers(path: str | Path) -> list[str]:
+    """Temp files left by interrupted writes of ``path`` (a file: its own; a folder: any inside it and
+    its component folders, and an unfinished diffusers save of it), one warning each."""
+    path = Path(path)
+    if path.is_dir():
+        folders = (path, *sorted(q for q in path.iterdir() if q.is_dir()))
+        found = [p for d in folders for p in leftover_parts(d)]
+        unfinished = path.with_name(f".{path.name}.part")
+        if unfinished.is_dir():
+            found.append((unfinished, True))
+    else:
+        found = leftover_parts(path.parent, path.name)
+    out = []
+    for p, stale in found:
+        state = "stale: the next write there removes it" if stale else "a write may still be running"
+        log.warning("baka: warning: %s is left by an interrupted write (%s)", p, state)
+        out.append(str(p))
+    return out
+
+
+def output_error(path: Path, e: OSError) -> OutputError:
+    return OutputError(path, f"{e.strerror or e}")
+
+
 @contextmanager
 def atomic_output(path: str | Path, *, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     Refuses to write onto any file in ``protect`` (the inputs), so an input is never overwritten.
+    Temp files that earlier, interrupted writes left in the folder are removed first. A full disk or a
+    read-only folder becomes one :class:`OutputError` naming ``path``; no partial file remains.
     """
     path = Path(path)
     for p in protect:
         if Path(p).exists() and path.exists() and os.path.samefile(p, path):
             raise ModelFileError(path, "refusing to overwrite an input file; choose another output name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_parts(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        raise output_error(path, e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
     try:
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get ordinary permissions
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        # a write-side failure (the inputs were opened before): name the output, not the temp file
+        if e.errno in OUTPUT_ERRNOS and (e.filename in (None, str(tmp_path), str(path))):
+            raise output_error(path, e) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -415,21 +518,20 @@ def write_stream(
             f.write(build_header(specs, metadata))
             order = iter(specs)
             total = sum(s.nbytes for s in specs.values())
-            bar = tqdm(
+            with tqdm(
                 total=total,
                 unit="B",
                 unit_scale=True,
                 desc=Path(path).name,
                 disable=not progress,
                 leave=False,
-            )
-            for key, t in tensors:
-                want = next(order, None)
-                if key != want:
-                    raise ValueError(f"tensor {key!r} produced out of order (expected {want!r})")
-                _write_tensor(f, t, specs[key], key)
-                bar.update(specs[key].nbytes)
-            bar.close()
+            ) as bar:  # closed (its line cleared) on error too, so an error message stands alone
+                for key, t in tensors:
+                    want = next(order, None)
+                    if key != want:
+                        raise ValueError(f"tensor {key!r} produced out of order (expected {want!r})")
+                    _write_tensor(f, t, specs[key], key)
+                    bar.update(specs[key].nbytes)
             missing = next(order, None)
             if missing is not None:
                 raise ValueError(f"tensor {missing!r} was never produced")
