@@ -78,3 +78,32 @@ def test_prompt_uses_the_good_embeddings(tmp_path):
     ids = tokenize("a goodpt photo")
     hits = [db.find(ids, i) for i in range(len(ids))]
     assert any(h is not None and h[0].name == "goodpt" for h in hits)
+
+
+def test_generate_cli_survives_a_zero_byte_embedding(tiny_files, tmp_path, run_cli, caplog):
+    d = tmp_path / "emb"
+    d.mkdir()
+    (d / "zero.pt").write_bytes(b"")
+    torch.save({"string_to_param": {"*": _Evil(tmp_path / "pwned")}}, d / "hostile.pt")
+    torch.save({"string_to_param": {"*": torch.randn(1, 32)}}, d / "good.pt")
+    with caplog.at_level(logging.WARNING, logger="baka.embeddings"):
+        code, _, err = run_cli(
+            "generate",
+            tiny_files[0],
+            "-p",
+            "good",
+            "-W",
+            64,
+            "-H",
+            64,
+            "--steps",
+            1,
+            "--embeddings",
+            d,
+            "-o",
+            tmp_path / "o",
+        )
+    assert code == 0, err
+    msgs = [r.getMessage() for r in caplog.records if r.name == "baka.embeddings"]
+    assert len(msgs) == 2 and any("zero.pt" in m for m in msgs) and any("hostile.pt" in m for m in msgs)
+    assert not (tmp_path / "pwned").exists()
