@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import time
 
 import pytest
 import torch
@@ -151,8 +150,16 @@ def test_info_lists_leftover_temp_files(tmp_path, caplog, run_cli):
         info = describe(model, hashes=False)
     assert info["leftover_temp_files"] == [str(left)]
     assert any(str(left) in r.getMessage() for r in caplog.records)
-    time.sleep(0)  # the listing never removes anything
-    assert left.exists()
+    assert left.exists()  # listing never removes anything
+
+
+def test_info_on_a_plain_folder_warns_of_leftovers(tmp_path, caplog, run_cli):
+    left = tmp_path / f".m.safetensors.{_dead_pid()}.x1y2.part"
+    left.write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="baka.models"):
+        code, _, err = run_cli("info", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1  # not a diffusers folder: one error line
+    assert any(str(left) in r.getMessage() for r in caplog.records)
 
 
 # --- files whose keys are all unknown ----------------------------------------------------------------------
