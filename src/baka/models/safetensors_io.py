@@ -150,6 +150,11 @@ def _usize(v: object, what: str) -> int:
     return v
 
 
+def _q(name: str) -> str:
+    """A name quoted for a one-line message (long names shortened)."""
+    return repr(name) if len(name) <= 80 else repr(name[:77]) + "..."
+
+
 def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[TensorSpec, int, int]], dict[str, str]]:
     """Validate a safetensors JSON header exactly as strictly as the safetensors library.
 
@@ -183,17 +188,17 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[TensorSpec,
     if "__metadata__" in _dups(header):
         raise _Header("__metadata__ appears twice")
     if _dups(header):
-        raise _Header(f"tensor {sorted(_dups(header))[0]!r} appears twice")
+        raise _Header(f"tensor {_q(sorted(_dups(header))[0])} appears twice")
     meta = header.pop("__metadata__", None)
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
         raise _Header("__metadata__ is not a JSON object")
     if _dups(meta):
-        raise _Header(f"metadata key {sorted(_dups(meta))[0]!r} appears twice")
+        raise _Header(f"metadata key {_q(sorted(_dups(meta))[0])} appears twice")
     for k, v in meta.items():
         if not isinstance(v, str):
-            raise _Header(f"metadata value of {k!r} is not a string")
+            raise _Header(f"metadata value of {_q(k)} is not a string")
     entries: dict[str, tuple[TensorSpec, int, int]] = {}
     for name, info in header.items():
         entries[name] = _entry(name, info)
@@ -201,7 +206,7 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[TensorSpec,
     pos = 0
     for name, (_, b, e) in sorted(entries.items(), key=lambda kv: (kv[1][1], kv[1][2])):
         if b != pos or e < b:
-            raise _Header(f"tensor {name!r} has invalid data offsets [{b}, {e}] (expected to start at {pos})")
+            raise _Header(f"tensor {_q(name)} has invalid data offsets [{b}, {e}] (expected start {pos})")
         pos = e
     if pos != data_len:
         what = "runs past the end of the file" if pos > data_len else f"has {data_len - pos} trailing bytes"
@@ -212,41 +217,41 @@ def parse_header(raw: bytes, data_len: int) -> tuple[dict[str, tuple[TensorSpec,
 def _entry(name: str, info: object) -> tuple[TensorSpec, int, int]:
     if isinstance(info, list):  # a struct may be written as a 3-element array; the library accepts it
         if len(info) != 3:
-            raise _Header(f"tensor {name!r}: header entry is not an object")
+            raise _Header(f"tensor {_q(name)}: header entry is not an object")
         info = _Obj(zip(_TENSOR_FIELDS, info, strict=True))
     if not isinstance(info, dict):
-        raise _Header(f"tensor {name!r}: header entry is not an object")
+        raise _Header(f"tensor {_q(name)}: header entry is not an object")
     for f in _TENSOR_FIELDS:
         if f in _dups(info):
-            raise _Header(f"tensor {name!r}: field {f!r} appears twice")
+            raise _Header(f"tensor {_q(name)}: field {f!r} appears twice")
         if f not in info:
-            raise _Header(f"tensor {name!r}: no {f!r}")
+            raise _Header(f"tensor {_q(name)}: no {f!r}")
     dtype, shape, offsets = (info[f] for f in _TENSOR_FIELDS)
     if not isinstance(dtype, str) or (dtype not in DTYPES and dtype not in _NO_TORCH):
-        raise _Header(f"tensor {name!r}: unknown dtype {json.dumps(dtype)[:40]}")
+        raise _Header(f"tensor {_q(name)}: unknown dtype {json.dumps(dtype)[:40]}")
     if dtype in _NO_TORCH:
-        raise _Header(f"tensor {name!r}: dtype {dtype} has no torch equivalent")
+        raise _Header(f"tensor {_q(name)}: dtype {dtype} has no torch equivalent")
     if not isinstance(shape, list):
-        raise _Header(f"tensor {name!r}: shape is not a list")
-    shape = [_usize(s, f"tensor {name!r}: a shape entry") for s in shape]
+        raise _Header(f"tensor {_q(name)}: shape is not a list")
+    shape = [_usize(s, f"tensor {_q(name)}: a shape entry") for s in shape]
     if not isinstance(offsets, list) or len(offsets) != 2:
-        raise _Header(f"tensor {name!r}: data_offsets is not [begin, end]")
-    b, e = (_usize(o, f"tensor {name!r}: a data offset") for o in offsets)
+        raise _Header(f"tensor {_q(name)}: data_offsets is not [begin, end]")
+    b, e = (_usize(o, f"tensor {_q(name)}: a data offset") for o in offsets)
     numel = 1
     for s in shape:
         numel *= s
         if numel > _USIZE_MAX:
-            raise _Header(f"tensor {name!r}: shape {shape} overflows")
+            raise _Header(f"tensor {_q(name)}: shape {shape} overflows")
     bits = numel * _BITS[dtype]
     if bits > _USIZE_MAX:
-        raise _Header(f"tensor {name!r}: shape {shape} overflows")
+        raise _Header(f"tensor {_q(name)}: shape {shape} overflows")
     if bits % 8:
-        raise _Header(f"tensor {name!r}: {dtype} data of shape {shape} does not fill whole bytes")
+        raise _Header(f"tensor {_q(name)}: {dtype} data of shape {shape} does not fill whole bytes")
     if e >= b and e - b != bits // 8:
-        raise _Header(f"tensor {name!r}: data size {e - b} does not match {dtype}{shape} ({bits // 8} bytes)")
+        raise _Header(f"tensor {_q(name)}: {e - b} data bytes do not match {dtype}{shape} ({bits // 8})")
     if dtype == "F4":  # torch packs pairs: the last dimension must be even and is halved
         if not shape or shape[-1] % 2:
-            raise _Header(f"tensor {name!r}: F4 needs an even last dimension, got {shape}")
+            raise _Header(f"tensor {_q(name)}: F4 needs an even last dimension, got {shape}")
         shape = shape[:-1] + [shape[-1] // 2]
     return TensorSpec(DTYPES[dtype], tuple(shape)), b, e
 
