@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as e:  # disk full, read-only file system, I/O error: one line naming the path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"baka: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("baka: interrupted", file=sys.stderr)
         return 130

@@ -20,3 +20,15 @@ class ModelFileError(BakaError):
 
 class NotFound(BakaError):
     """A name that matches nothing (a model in the configured folders, a job id); HTTP 404."""
+
+
+class OutputError(BakaError):
+    """An output that could not be written (disk full, read-only folder); names the path and the cause.
+
+    Nothing is left behind: the partial temp file is removed before this is raised.
+    """
+
+    def __init__(self, path: str | Path, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: cannot write ({cause}); nothing was written")

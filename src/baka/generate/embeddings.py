@@ -4,6 +4,7 @@ name appears in a prompt or negative prompt (matched on CLIP tokens, as A1111 do
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from baka.errors import ModelFileError
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
+log = logging.getLogger("baka.embeddings")
 
 
 @dataclass
@@ -36,7 +38,7 @@ def load_embedding(path: str | Path, width: int | None = None) -> Embedding:
     else:
         data = safe_torch_load(path)
     vec = _vectors(data)
-    if vec is None:
+    if not isinstance(vec, torch.Tensor) or vec.ndim not in (1, 2) or not vec.numel():
         raise ModelFileError(
             path, "not a textual-inversion embedding (no string_to_param / emb_params / token vector)"
         )
@@ -72,6 +74,7 @@ class EmbeddingDB:
         self.width = width
         self.by_name: dict[str, Embedding] = {}
         self._by_first: dict[int, list[tuple[list[int], Embedding]]] = {}
+        self.skipped: dict[str, str] = {}  # path -> why it was not loaded (one line naming the file)
 
     def add(self, emb: Embedding) -> None:
         from baka.models.tokenizer import tokenize
@@ -83,14 +86,27 @@ class EmbeddingDB:
         entries.sort(key=lambda e: -len(e[0]))  # longest name first
 
     def load_dir(self, folder: str | Path) -> list[str]:
-        """Load every embedding file in ``folder``; returns the names loaded."""
+        """Load every embedding file in ``folder``; returns the names loaded.
+
+        A file that cannot be used (hostile, empty, truncated, the wrong width) is skipped with one
+        warning naming it, as A1111 does, and recorded in :attr:`skipped`; the rest still load.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelFileError(folder, "embeddings folder does not exist")
         names = []
         for p in sorted(folder.iterdir()):
             if p.suffix in SUFFIXES and p.is_file():
-                self.add(load_embedding(p, self.width))
+                try:
+                    emb = load_embedding(p, self.width)
+                except Exception as e:  # noqa: BLE001 - one bad file must not take the folder down
+                    why = str(e) if isinstance(e, ModelFileError) else f"{p}: {type(e).__name__}: {e}"
+                    why = why.splitlines()[0] if why.strip() else f"{p}: unreadable"
+                    self.skipped[str(p)] = why
+                    log.warning("baka: warning: skipped embedding %s", why)
+                    continue
+                self.skipped.pop(str(p), None)
+                self.add(emb)
                 names.append(p.stem)
         return names
 

@@ -9,6 +9,8 @@ stand-in that accepts its arguments and does nothing, so no code from the file e
 from __future__ import annotations
 
 import pickle
+import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -56,23 +58,65 @@ def load_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def safe_torch_load(path: str | Path) -> object:
-    """``torch.load(weights_only=True)`` with the inert stand-ins; one-line errors naming the file."""
+    """``torch.load(weights_only=True)`` with the inert stand-ins; one-line errors naming the file.
+
+    Whatever the file holds, the result is an object or one :class:`ModelFileError` line: never a
+    traceback, and never torch's advice to retry without the safe loader.
+    """
     path = Path(path)
     stand_ins: list = [(Inert, name) for name in _STAND_INS]
     try:
-        with torch.serialization.safe_globals(stand_ins):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        if path.is_file() and path.stat().st_size == 0:
+            raise ModelFileError(path, "not a loadable checkpoint (empty file, 0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on pickle protocols: not one line
+            with torch.serialization.safe_globals(stand_ins):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except ModelFileError:
+        raise
     except pickle.UnpicklingError as e:
-        first = str(e).split("\n")[0]
         if "GLOBAL" in str(e):
             bad = _unsupported_global(str(e))
             raise ModelFileError(
                 path, f"refused: the pickle references {bad}, which could run code"
             ) from None
-        raise ModelFileError(path, f"not a loadable checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ModelFileError(path, f"not a loadable checkpoint ({str(e).splitlines()[0][:200]})") from None
+        raise ModelFileError(path, f"not a loadable checkpoint ({_torch_detail(str(e))})") from None
+    except OSError as e:
+        raise ModelFileError(path, f"not a loadable checkpoint ({e.strerror or e})") from None
+    except EOFError:
+        raise ModelFileError(path, "not a loadable checkpoint (truncated: the pickle ends early)") from None
+    except RecursionError:
+        raise ModelFileError(path, "not a loadable checkpoint (pickle nested too deeply)") from None
+    except Exception as e:  # noqa: BLE001 - a crafted or truncated pickle can fail inside torch anywhere
+        detail = _torch_detail(str(e))
+        raise ModelFileError(
+            path, f"not a loadable checkpoint (truncated or corrupt: {type(e).__name__}: {detail})"
+        ) from None
     return obj
+
+
+def _torch_detail(msg: str) -> str:
+    """The useful part of a torch.load error, in one line, without its retry-unsafely advice."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    detail = lines[0] if lines else "unreadable"
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            detail = rest or (lines[i + 1] if i + 1 < len(lines) else detail)
+            break
+    if detail.startswith("Unsupported operand"):
+        code = detail.split()[-1]
+        # code2op is pickletools' documented-in-source opcode table (absent from its type stubs)
+        ops = pickletools.code2op  # type: ignore[attr-defined]
+        op = ops.get(chr(int(code))) if code.isdigit() and int(code) < 256 else None
+        if op is not None and op.proto >= 4:
+            return f"uses pickle opcode {op.name} (protocol {op.proto}), which the safe loader does not read"
+        if op is not None:
+            return f"uses pickle opcode {op.name}, which the safe loader does not read"
+        return f"not a PyTorch pickle (unknown opcode {code})"
+    if "weights_only" in detail or "Weights only" in detail:
+        return "the safe loader cannot read this pickle"
+    return detail[:200]
 
 
 def _unsupported_global(msg: str) -> str:
@@ -86,15 +130,21 @@ def _unsupported_global(msg: str) -> str:
 
 
 def _find_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict):
+    """The tensors of ``obj`` or of its ``state_dict``/``model``/``module`` (followed iteratively: a
+    dict that contains itself ends the search instead of recursing forever)."""
+    seen: set[int] = set()
+    while isinstance(obj, dict) and id(obj) not in seen:
+        seen.add(id(obj))
         if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            return _find_state_dict(obj["state_dict"])
+            obj = obj["state_dict"]
+            continue
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-        for key in ("model", "module"):
-            if isinstance(obj.get(key), dict):
-                return _find_state_dict(obj[key])
+        nxt = next((obj[k] for k in ("model", "module") if isinstance(obj.get(k), dict)), None)
+        if nxt is None:
+            return None
+        obj = nxt
     return None
 
 

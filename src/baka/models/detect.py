@@ -16,6 +16,11 @@ class Kind:
     detail: str = ""
 
 
+# keys every SD1.x UNet has (real-size and tiny topologies alike); a file whose model.diffusion_model.*
+# keys include none of them is not an SD1.x checkpoint, whatever its prefixes say
+_UNET_ANCHORS = ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")
+
+
 def classify(shapes: dict[str, tuple[int, ...]]) -> Kind:
     keys = shapes.keys()
     if any(
@@ -39,6 +44,9 @@ def classify(shapes: dict[str, tuple[int, ...]]) -> Kind:
         comps.append("text_encoder")
     if any(k.startswith(VAE_PREFIX) for k in keys):
         comps.append("vae")
+    if "unet" in comps and not any(UNET_PREFIX + a in shapes for a in _UNET_ANCHORS):
+        n = sum(k.startswith(UNET_PREFIX) for k in keys)
+        return Kind("unknown", detail=f"none of its {n} {UNET_PREFIX}* keys is an SD1.x UNet key")
     if "unet" in comps:
         k_attn = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
         if k_attn in shapes and shapes[k_attn][1] == 1024:
@@ -69,6 +77,8 @@ _WRONG = {
 
 def require_sd1(path: str | Path, kind: Kind, *, need_unet: bool = True) -> None:
     """Raise a one-line :class:`ModelFileError` unless ``kind`` is a usable SD1.x checkpoint."""
+    if kind.name == "unknown" and kind.detail != "no SD1.x keys":
+        raise ModelFileError(path, f"not a Stable Diffusion checkpoint ({kind.detail})")
     if kind.name != "sd1":
         raise ModelFileError(path, _WRONG[kind.name])
     if need_unet and "unet" not in kind.components:

@@ -16,6 +16,8 @@ from baka.models.safetensors_io import save_file
 
 def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[str | Path] = ()) -> Path:
     """Write a complete offline-loadable diffusers folder (StableDiffusionPipeline.from_pretrained)."""
+    from baka.errors import OutputError
+    from baka.models.safetensors_io import OUTPUT_ERRNOS, output_error
     from baka.models.tokenizer import vocab_and_merges
 
     folder = Path(folder)
@@ -72,6 +74,13 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path, *, protect: Iterable[st
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
+    except (OSError, OutputError) as e:  # disk full, read-only: one line naming the folder, nothing left
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError):
+            raise OutputError(folder, e.cause) from None
+        if e.errno in OUTPUT_ERRNOS:
+            raise output_error(folder, e) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,8 +14,10 @@ def describe(path: str | Path, *, hashes: bool = True, progress: bool = False) -
     """Kind, dtypes, key counts per block and hashes of a model file (`baka info`)."""
     from baka.models.blocks import BLOCK_IDS, block_of
     from baka.models.hashes import all_hashes
+    from baka.models.safetensors_io import report_leftovers
 
     path = Path(path)
+    leftovers = report_leftovers(path)  # temp files of interrupted writes, warned even if path is bad
     src = open_source(path)
     with src:
         specs = src.specs()
@@ -39,6 +41,7 @@ def describe(path: str | Path, *, hashes: bool = True, progress: bool = False) -
         info["size"] = "real-size SD1.x" if infer_config(shapes).is_real_size else "tiny SD1.x topology"
     if hashes and path.is_file():
         info["hashes"] = all_hashes(path, progress=progress)
+    info["leftover_temp_files"] = leftovers
     return info
 
 

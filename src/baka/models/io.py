@@ -10,6 +10,7 @@ maps are defined on. Diffusers folders are converted on load and on save.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,16 @@ def save_checkpoint(
     """Write an LDM single file atomically: ``.safetensors`` (default) or ``.ckpt``."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        with atomic_output(path, protect=protect) as tmp:
-            torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, tmp)
+        with atomic_output(path, protect=protect) as tmp, open(tmp, "wb") as f:
+            # through a file object, so a full disk is an OSError (torch's own writer reports it vaguely)
+            try:
+                torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, f)
+            except RuntimeError as e:  # torch's zip writer masks the OSError with its own
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
         return path
     return save_file(
         {k: v.contiguous() for k, v in tensors.items()}, path, metadata, protect=protect, progress=progress
