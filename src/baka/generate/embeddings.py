@@ -67,6 +67,16 @@ def _vectors(data: object) -> torch.Tensor | None:
     return None
 
 
+def try_load_embedding(path: Path, width: int | None = None) -> Embedding | str:
+    """The embedding in ``path``, or one line saying why it cannot be used (hostile, empty,
+    truncated, the wrong width): callers scanning a folder skip such a file and go on."""
+    try:
+        return load_embedding(path, width)
+    except Exception as e:  # noqa: BLE001 - one bad file must not take the folder down
+        why = str(e) if isinstance(e, ModelFileError) else f"{path}: {type(e).__name__}: {e}"
+        return why.splitlines()[0] if why.strip() else f"{path}: unreadable"
+
+
 class EmbeddingDB:
     """Embeddings from folders, looked up by the CLIP tokens of their names."""
 
@@ -97,13 +107,10 @@ class EmbeddingDB:
         names = []
         for p in sorted(folder.iterdir()):
             if p.suffix in SUFFIXES and p.is_file():
-                try:
-                    emb = load_embedding(p, self.width)
-                except Exception as e:  # noqa: BLE001 - one bad file must not take the folder down
-                    why = str(e) if isinstance(e, ModelFileError) else f"{p}: {type(e).__name__}: {e}"
-                    why = why.splitlines()[0] if why.strip() else f"{p}: unreadable"
-                    self.skipped[str(p)] = why
-                    log.warning("baka: warning: skipped embedding %s", why)
+                emb = try_load_embedding(p, self.width)
+                if isinstance(emb, str):
+                    self.skipped[str(p)] = emb
+                    log.warning("baka: warning: skipped embedding %s", emb)
                     continue
                 self.skipped.pop(str(p), None)
                 self.add(emb)

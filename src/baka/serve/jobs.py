@@ -1,11 +1,13 @@
-"""A bounded job queue with one worker thread: generation and merges run one at a time, and a
-full queue is refused at once rather than growing without bound."""
+"""A bounded job queue with one worker thread: generation and merges run one at a time, a full
+queue is refused at once rather than growing without bound, and finished jobs (with their results)
+are kept only for a while: at most ``keep`` of them, none older than ``max_age`` seconds."""
 
 from __future__ import annotations
 
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ class Job:
     future: Future = field(default_factory=Future)
     step: int = 0
     total: int = 0
+    finished_at: float | None = None
 
     def set_progress(self, step: int, total: int) -> None:
         """A generator's ``on_step`` callback: what /sdapi/v1/progress reports."""
@@ -29,9 +32,11 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, maxsize: int = 8):
+    def __init__(self, maxsize: int = 8, keep: int = 64, max_age: float = 3600.0):
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.jobs: dict[str, Job] = {}
+        self.keep, self.max_age = keep, max_age
+        self._lock = threading.Lock()
         self.current: Job | None = None
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._run, daemon=True, name="baka-worker")
@@ -43,8 +48,20 @@ class JobQueue:
             self._q.put_nowait((job, fn))
         except queue.Full:
             raise QueueFull(f"queue is full ({self._q.maxsize} jobs waiting); try again later") from None
-        self.jobs[job.id] = job
+        with self._lock:
+            self.jobs[job.id] = job
+            self._expire()
         return job
+
+    def _expire(self) -> None:
+        """Forget finished jobs past the count or age bound (oldest first); queued ones stay."""
+        now = time.monotonic()
+        finished = [j for j in self.jobs.values() if j.finished_at is not None]
+        over = len(finished) - self.keep
+        for j in finished:  # dicts keep submission order: oldest first
+            if over > 0 or now - (j.finished_at or now) > self.max_age:
+                del self.jobs[j.id]
+                over -= 1
 
     def pending(self) -> int:
         return self._q.qsize()
@@ -60,7 +77,10 @@ class JobQueue:
                     job.future.set_result(fn(job))
                 except BaseException as e:  # reported to the client, the worker goes on
                     job.future.set_exception(e)
+            job.finished_at = time.monotonic()
             self.current = None
+            with self._lock:
+                self._expire()
 
     def close(self) -> None:
         self._q.put((None, None))

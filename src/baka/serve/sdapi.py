@@ -67,14 +67,13 @@ def loras(st: StateDep) -> list[dict]:
 
 @router.get("/embeddings")
 def embeddings(st: StateDep) -> dict:
-    from baka.generate.embeddings import load_embedding
+    from baka.generate.embeddings import try_load_embedding
 
     loaded, skipped = {}, {}
     for n in st.folders.list("embeddings"):
-        try:
-            e = load_embedding(st.resolve("embeddings", n))
-        except BakaError as err:
-            skipped[Path(n).stem] = {"error": str(err)}
+        e = try_load_embedding(st.resolve("embeddings", n))
+        if isinstance(e, str):  # a bad file is listed as skipped, as A1111 does
+            skipped[Path(n).stem] = {"error": e}
             continue
         loaded[e.name] = {
             "step": None,

@@ -31,6 +31,9 @@ class Settings:
     # a prompt (or negative prompt) over this many characters is a 400: A1111 prompts are a few
     # thousand characters at most, and parsing one is the single worker's time
     max_prompt: int = 20_000
+    # finished jobs (and their images) are kept this many at most, this many seconds at most
+    keep_jobs: int = 64
+    job_max_age: float = 3600.0
 
 
 @dataclass
@@ -44,7 +47,7 @@ class State:
 
     @classmethod
     def create(cls, settings: Settings) -> State:
-        st = cls(settings, JobQueue(settings.queue_size))
+        st = cls(settings, JobQueue(settings.queue_size, settings.keep_jobs, settings.job_max_age))
         st.options = {
             "sd_model_checkpoint": settings.model or next(iter(settings.folders.list("checkpoints")), None),
             "CLIP_stop_at_last_layers": 1,
