@@ -71,7 +71,7 @@ def test_folders_layouts_and_traversal(a1111_root, tmp_path):
 
 def test_a1111_routes(client):
     models = client.get("/sdapi/v1/sd-models").json()
-    assert [m["title"] for m in models] == ["alpha.safetensors", "sub/beta.safetensors"]
+    assert [m["title"].split(" [")[0] for m in models] == ["alpha.safetensors", "sub/beta.safetensors"]
     assert any(s["name"] == "DPM++ 2M Karras" for s in client.get("/sdapi/v1/samplers").json())
     assert client.get("/sdapi/v1/embeddings").json()["loaded"]["badhands"]["vectors"] == 2
     assert client.get("/sdapi/v1/loras").json() == []
@@ -364,3 +364,51 @@ def test_request_body_limit(a1111_root):
     r = c.post("/sdapi/v1/png-info", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert c.post("/sdapi/v1/png-info", json={"image": "bm90IGEgcG5n"}).status_code == 400  # small: passes
+
+
+def test_sd_models_carry_hashes_once_hashed(client, a1111_root):
+    from baka.models.hashes import sha256_file
+
+    client.get("/sdapi/v1/sd-models")
+    client.app.state.baka.hashes.join()
+    m = client.get("/sdapi/v1/sd-models").json()[0]
+    want = sha256_file(a1111_root / "models" / "Stable-diffusion" / "alpha.safetensors")
+    assert m["sha256"] == want and m["hash"] == want[:10] and m["title"] == f"alpha.safetensors [{want[:10]}]"
+    # a title with its hash is accepted back as the checkpoint name, as A1111 clients send it
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": m["title"]})
+    assert r.status_code == 200
+    client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "alpha.safetensors"})
+
+
+def test_connect_routes(client):
+    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras"]
+    assert client.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
+    for path in ("latent-upscale-modes", "sd-modules", "hypernetworks", "prompt-styles", "face-restorers"):
+        assert client.get(f"/sdapi/v1/{path}").json() == [], path
+    assert client.get("/sdapi/v1/sd-vae").json() == []
+    assert client.get("/sdapi/v1/cmd-flags").json()["api"] is True
+    for path in ("refresh-checkpoints", "refresh-loras", "refresh-embeddings", "refresh-vae"):
+        assert client.post(f"/sdapi/v1/{path}").status_code == 200, path
+    mem = client.get("/sdapi/v1/memory").json()
+    assert mem["ram"]["total"] > mem["ram"]["free"] > 0 and "cuda" in mem
+
+
+def test_basic_auth_as_a1111(a1111_root):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    c = TestClient(create_app(Settings(folders, api_auth=("ann:pw1", "bob:pw:2"))))
+    r = c.get("/sdapi/v1/sd-models")
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+    assert c.get("/sdapi/v1/sd-models", auth=("ann", "pw1")).status_code == 200
+    assert c.get("/sdapi/v1/sd-models", auth=("bob", "pw:2")).status_code == 200  # ':' in a password
+    assert c.get("/sdapi/v1/sd-models", auth=("ann", "pw2")).status_code == 401
+    for path in ("/", "/docs", "/openapi.json"):
+        assert c.get(path).status_code == 401 and c.get(path, auth=("ann", "pw1")).status_code == 200
+
+
+def test_api_auth_flag_parsing():
+    from baka.serve.cli import _credentials
+
+    assert _credentials("a:b, c:d:e") == ("a:b", "c:d:e")
+    with pytest.raises(BakaError, match="user:pass"):
+        _credentials("nopass")

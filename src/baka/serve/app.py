@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(sdapi.router)
     app.include_router(native.router)
     # auth on every path (the page, /docs and /openapi.json too) and the body limit
-    app.add_middleware(Guard, token=settings.token, max_body=settings.max_body)
+    app.add_middleware(Guard, token=settings.token, max_body=settings.max_body, basic=settings.api_auth)
     return app
 
 

@@ -15,10 +15,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="append", default=[], help="an embeddings folder (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on API calls")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every route")
+    p.add_argument(
+        "--api-auth", help="A1111's user:pass[,user2:pass2]: HTTP Basic credentials accepted on every route"
+    )
     p.add_argument("--queue", type=int, default=8, help="at most this many jobs waiting")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (413 above)")
     p.add_argument("--max-prompt", type=int, default=20_000, help="longest prompt in characters (400 above)")
+
+
+def _credentials(spec: str | None) -> tuple[str, ...]:
+    """``user:pass[,user2:pass2]`` (A1111's --api-auth) as "user:pass" strings."""
+    from baka.errors import BakaError
+
+    creds = tuple(c.strip() for c in (spec or "").split(",") if c.strip())
+    for c in creds:
+        user, sep, pw = c.partition(":")
+        if not sep or not user or not pw:
+            raise BakaError(f"--api-auth: {c.split(':')[0]!r} needs the form user:pass")
+    return creds
 
 
 @command("serve", "local web UI and A1111-compatible API (/sdapi/v1)")
@@ -40,6 +55,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         {
             "url": f"http://{a.host}:{a.port}/",
             "token": "set" if a.token else "none",
+            "api_auth": f"{len(_credentials(a.api_auth))} user(s)" if a.api_auth else "none",
             "queue": a.queue,
             "max_body_mb": a.max_body_mb,
             "max_prompt": a.max_prompt,
@@ -47,7 +63,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         },
     )
     settings = Settings(
-        folders, a.token, a.queue, max_body=int(a.max_body_mb * 1024 * 1024), max_prompt=a.max_prompt
+        folders,
+        a.token,
+        a.queue,
+        max_body=int(a.max_body_mb * 1024 * 1024),
+        max_prompt=a.max_prompt,
+        api_auth=_credentials(a.api_auth),
     )
     serve(settings, a.host, a.port)
     return 0

@@ -30,19 +30,94 @@ def png_b64(result) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _model_entry(st: State, name: str) -> dict:
+    path = st.resolve("checkpoints", name)
+    sha = st.hashes.get(path)
+    return {
+        "title": f"{name} [{sha[:10]}]" if sha else name,
+        "model_name": Path(name).stem,
+        "hash": sha[:10] if sha else None,
+        "sha256": sha,
+        "filename": str(path),
+        "config": None,
+    }
+
+
 @router.get("/sd-models")
 def sd_models(st: StateDep) -> list[dict]:
+    """A1111's list; ``hash`` / ``sha256`` appear once the background hasher has read the file."""
+    return [_model_entry(st, name) for name in st.folders.list("checkpoints")]
+
+
+# routes clients call when they connect: what baka has, in A1111's shapes
+
+
+@router.get("/schedulers")
+def schedulers() -> list[dict]:
+    # baka folds the schedule into the sampler name ("DPM++ 2M Karras"); these two pair with any
     return [
         {
-            "title": name,
-            "model_name": Path(name).stem,
-            "hash": None,
-            "sha256": None,
-            "filename": str(st.resolve("checkpoints", name)),
-            "config": None,
-        }
-        for name in st.folders.list("checkpoints")
+            "name": "automatic",
+            "label": "Automatic",
+            "aliases": None,
+            "default_rho": -1,
+            "need_inner_model": False,
+        },
+        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
     ]
+
+
+@router.get("/upscalers")
+def upscalers() -> list[dict]:
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+
+
+@router.get("/sd-vae")
+def sd_vae(st: StateDep) -> list[dict]:
+    return [
+        {"model_name": Path(n).stem, "filename": str(st.resolve("vae", n))} for n in st.folders.list("vae")
+    ]
+
+
+@router.get("/latent-upscale-modes")
+@router.get("/sd-modules")
+@router.get("/hypernetworks")
+@router.get("/prompt-styles")
+@router.get("/face-restorers")
+def nothing_here() -> list:
+    """Lists of things baka does not have (no hires latent modes yet, no SDXL modules, no
+    hypernetworks, no saved styles, no face restorers): empty, as A1111 answers without them."""
+    return []
+
+
+@router.get("/cmd-flags")
+def cmd_flags(st: StateDep) -> dict:
+    s = st.settings
+    return {"api": True, "nowebui": False, "api_auth": bool(s.api_auth), "queue": s.queue_size}
+
+
+@router.post("/refresh-checkpoints")
+@router.post("/refresh-loras")
+@router.post("/refresh-embeddings")
+@router.post("/refresh-vae")
+def refresh() -> None:
+    """Folders are read on every listing, so there is nothing to refresh; answered as A1111 does."""
+    return None
+
+
+@router.get("/memory")
+def memory() -> dict:
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    out: dict = {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        out["cuda"] = {"system": {"free": free, "used": total - free, "total": total}}
+    else:
+        out["cuda"] = {"error": "no CUDA device"}
+    return out
 
 
 @router.get("/samplers")

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from baka.errors import BakaError, NotFound
 from baka.serve.folders import ModelFolders
+from baka.serve.hashcache import HashCache
 from baka.serve.jobs import Job, JobQueue, QueueFull
 
 # The one place where errors become status codes; the most specific class in an error's MRO wins.
@@ -34,6 +35,7 @@ class Settings:
     # finished jobs (and their images) are kept this many at most, this many seconds at most
     keep_jobs: int = 64
     job_max_age: float = 3600.0
+    api_auth: tuple[str, ...] = ()  # A1111 --api-auth: "user:pass" pairs for HTTP Basic
 
 
 @dataclass
@@ -44,6 +46,7 @@ class State:
     generator: object | None = None
     generator_key: tuple | None = None
     preview: object | None = None  # (key, Generator, RuntimeBlockMerge)
+    hashes: HashCache = field(default_factory=HashCache)
 
     @classmethod
     def create(cls, settings: Settings) -> State:
