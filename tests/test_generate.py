@@ -287,3 +287,27 @@ def test_step_count_follows_the_sampler_loop(gen, sampler):
     total = seen[-1][1]
     assert seen == [(i, total) for i in range(1, total + 1)]
     assert total == (P["steps"] if sampler == "Euler" else 2 * P["steps"] - 1)
+
+
+def test_interrupt_stops_after_the_current_step(gen):
+    calls = []
+    handle = gen.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+
+    def on_step(i, total):
+        if i == 3:
+            gen.interrupt()
+
+    gen.on_step = on_step
+    try:
+        r = gen(GenParams("a cat", steps=20, width=64, height=64, seed=1))
+    finally:
+        gen.on_step = None
+        handle.remove()
+    assert len(calls) == 3 and r[0].image.size == (64, 64)
+    calls.clear()
+    handle = gen.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        gen(GenParams("a cat", steps=5, width=64, height=64, seed=1))  # the flag does not outlive the call
+    finally:
+        handle.remove()
+    assert len(calls) == 5

@@ -412,3 +412,26 @@ def test_api_auth_flag_parsing():
     assert _credentials("a:b, c:d:e") == ("a:b", "c:d:e")
     with pytest.raises(BakaError, match="user:pass"):
         _credentials("nopass")
+
+
+def test_interrupt_stops_within_a_step(client):
+    body = {"prompt": "a cat", "steps": 150, "width": 64, "height": 64, "seed": 3, "n_iter": 3}
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(r=client.post("/sdapi/v1/txt2img", json=body)))
+    t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = client.get("/sdapi/v1/progress").json()["state"]
+        if st["sampling_step"] >= 2:
+            break
+        time.sleep(0.05)
+    client.post("/sdapi/v1/interrupt")
+    t.join(60)
+    r = out["r"]
+    assert r.status_code == 200
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 1  # the first batch, as far as it got; no further batches
+    assert info["all_seeds"] == [3]
+    job = client.app.state.baka.queue
+    last = list(job.jobs.values())[-1]
+    assert last.interrupted and last.step < 150

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,12 @@ class Generator:
         self._hash: str | None = None
         self.base_scheduler = dict(self.sd_config.scheduler)
         self.lora_unmatched: list[str] = []
+        self._stop = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop the running generation after its current sampler step (A1111's Interrupt): the call
+        returns the images as far as they got. Safe to call from another thread."""
+        self._stop.set()
 
     @classmethod
     def from_modules(cls, unet, text_encoder, vae, sd_config, name: str = "model", **kw) -> Generator:
@@ -139,11 +146,15 @@ class Generator:
             shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
             latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
 
+            self._stop.clear()
+
             def on_step(pipe, i, t, cb_kwargs):
                 if freeu is not None:
                     freeu.set_step(i + 1)
                 if self.on_step is not None:
                     self.on_step(i + 1, total)
+                if self._stop.is_set():  # diffusers skips the remaining steps, then decodes
+                    pipe._interrupt = True
                 return cb_kwargs
 
             out = self.pipe(

@@ -25,10 +25,22 @@ class Job:
     step: int = 0
     total: int = 0
     finished_at: float | None = None
+    interrupted: bool = False  # /interrupt: stop the job after the current step
+    skipped: bool = False  # /skip: stop the current batch, go on with the next
+    on_interrupt: Callable[[], None] | None = None  # stops the generator that runs this job
 
     def set_progress(self, step: int, total: int) -> None:
         """A generator's ``on_step`` callback: what /sdapi/v1/progress reports."""
         self.step, self.total = step, total
+
+    def interrupt(self, *, skip: bool = False) -> None:
+        """A1111's Interrupt (the whole job) or Skip (the current batch only)."""
+        if skip:
+            self.skipped = True
+        else:
+            self.interrupted = True
+        if self.on_interrupt is not None:
+            self.on_interrupt()
 
 
 class JobQueue:

@@ -120,6 +120,20 @@ def memory() -> dict:
     return out
 
 
+@router.post("/interrupt")
+def interrupt(st: StateDep) -> None:
+    """Stop the running job within one sampler step; it answers with the images so far."""
+    if st.queue.current is not None:
+        st.queue.current.interrupt()
+
+
+@router.post("/skip")
+def skip(st: StateDep) -> None:
+    """Stop the running batch within one sampler step; the job goes on with its next batch."""
+    if st.queue.current is not None:
+        st.queue.current.interrupt(skip=True)
+
+
 @router.get("/samplers")
 def samplers() -> list[dict]:
     from baka.generate.samplers import SAMPLERS
@@ -196,8 +210,8 @@ def progress(st: StateDep) -> dict:
             "job_count": job_count,
             "sampling_step": step,
             "sampling_steps": total,
-            "interrupted": False,
-            "skipped": False,
+            "interrupted": bool(job and job.interrupted),
+            "skipped": bool(job and job.skipped),
         },
     }
 
@@ -240,7 +254,7 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
     return {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
-        "seed": results[0].seed,
+        "seed": results[0].seed if results else req.seed,
         "all_seeds": [r.seed for r in results],
         "infotexts": [r.infotext for r in results],
         "sd_model_name": Path(opts["sd_model_checkpoint"]).stem,
@@ -263,8 +277,12 @@ def txt2img(req: Txt2Img, st: StateDep) -> dict:
     def work(job: Job) -> list:
         gen = st.generator_for(opts["sd_model_checkpoint"], opts.get("sd_vae"))
         gen.on_step = job.set_progress
+        job.on_interrupt = gen.interrupt
         results, p = [], params
         for _ in range(req.n_iter):  # A1111's batch count: each batch goes on from the last seed
+            if job.interrupted:
+                break
+            job.skipped = False
             batch = gen(p)
             results += batch
             p = p.replace(seed=batch[-1].seed + 1)
