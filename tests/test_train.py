@@ -90,6 +90,53 @@ def test_buckets_and_captions(images):
     assert process_caption(cap, rng, keep_tokens=2, tag_dropout=1.0) == "1girl, red hair"
 
 
+def test_loss_eps_v_and_min_snr_by_hand():
+    from baka.train.loss import NoiseSchedule, diffusion_loss
+
+    # a_t = 0.64, 0.36, 0 (zero terminal SNR): sqrt(a) = 0.8, 0.6, 0; sqrt(1 - a) = 0.6, 0.8, 1;
+    # SNR = a / (1 - a) = 16/9, 9/16, 0
+    sched = NoiseSchedule.of(torch.tensor([0.64, 0.36, 0.0]))
+    assert torch.allclose(sched.snr, torch.tensor([16 / 9, 9 / 16, 0.0]))
+    x0, eps, t = torch.ones(3, 1, 2, 2), torch.full((3, 1, 2, 2), 2.0), torch.tensor([0, 1, 2])
+    seen = []
+
+    def zero(noisy, tt, cond):  # predicts 0: the loss is the mean squared target
+        seen.append((noisy, tt, cond))
+        return torch.zeros_like(noisy)
+
+    def loss(**kw):
+        return diffusion_loss(zero, x0, "cond", eps, t, sched, **kw).item()
+
+    assert loss() == pytest.approx(4.0)  # eps target 2 everywhere
+    noisy, tt, cond = seen[0]  # x_t = sqrt(a) x0 + sqrt(1 - a) eps = 0.8 + 1.2, 0.6 + 1.6, 0 + 2
+    assert torch.allclose(noisy[:, 0, 0, 0], torch.tensor([2.0, 2.2, 2.0])) and tt is t and cond == "cond"
+    # v = sqrt(a) eps - sqrt(1 - a) x0 = 1.6 - 0.6, 1.2 - 0.8, 0 - 1 -> squared 1, 0.16, 1
+    assert loss(v_prediction=True) == pytest.approx((1 + 0.16 + 1) / 3)
+    # min-SNR, gamma 1: min(snr, 1) = 1, 9/16, 0
+    # eps: w = min(snr, g) / snr = 9/16, 1, and 1 where snr = 0
+    assert loss(min_snr_gamma=1.0) == pytest.approx(4 * (9 / 16 + 1 + 1) / 3)
+    # v: w = min(snr, g) / (snr + 1) = 1 / (25/9), (9/16) / (25/16), 0 / 1 = 9/25, 9/25, 0
+    assert loss(v_prediction=True, min_snr_gamma=1.0) == pytest.approx((9 / 25 + 0.16 * 9 / 25 + 0) / 3)
+    # gamma above every SNR: eps weights are all 1
+    assert loss(min_snr_gamma=100.0) == pytest.approx(4.0)
+
+
+def test_loss_noising_matches_diffusers_bit_for_bit():
+    from diffusers import DDPMScheduler
+
+    from baka.train.loss import add_noise, ddpm_schedule, velocity
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    for zero_snr in (False, True):
+        ref = DDPMScheduler(rescale_betas_zero_snr=zero_snr)
+        ac = ddpm_schedule(ref.config, zero_snr, "cpu").alphas_cumprod
+        assert torch.equal(ac, ref.alphas_cumprod) and (ac[-1] == 0) == zero_snr
+        assert torch.equal(add_noise(ac, x0, eps, t), ref.add_noise(x0, eps, t))
+        assert torch.equal(velocity(ac, x0, eps, t), ref.get_velocity(x0, eps, t))
+
+
 def test_kohya_dataset_toml_and_errors(tmp_path, tiny_files, images):
     (tmp_path / "ds.toml").write_text(
         f"[general]\nshuffle_caption = true\nkeep_tokens = 1\n[[datasets]]\nresolution = 96\nbatch_size = 2\n"
