@@ -403,34 +403,63 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_files, images):
     _same(lora_tensors(full.output), lora_tensors(resumed.output))
 
 
+# Run by the kill -9 test in a fresh interpreter: ``baka train CONFIG`` that, once the checkpoint of
+# step 2 is fully written under its temporary name but not yet renamed into place, writes MARKER and
+# waits there to be killed (a deterministic point, inside the atomic checkpoint write).
+_HOLD_IN_CHECKPOINT = """
+import os, sys, time
+from pathlib import Path
+
+_replace = os.replace
+
+
+def replace(src, dst, *a, **k):
+    if Path(dst).name == "step-00000002":
+        Path(sys.argv[2]).write_text(str(os.getpid()))
+        time.sleep(600)
+    return _replace(src, dst, *a, **k)
+
+
+os.replace = replace
+from baka.cli import main
+
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
 def test_kill_9_then_resume(tmp_path, tiny_files, images):
-    (tmp_path / "ref").mkdir()
-    ref = train(
-        load_config(write_config(tmp_path / "ref", tiny_files[0], images, max_steps=10)), progress=False
-    )
-    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=10, save_every=1)
+    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=4, save_every=1)
+    marker = tmp_path / "holding"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baka", "train", str(cfg_path)],
+        [sys.executable, "-c", _HOLD_IN_CHECKPOINT, str(cfg_path), str(marker)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    latest = tmp_path / "out" / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-00000004"):
-        time.sleep(0.05)
+    (tmp_path / "ref").mkdir()  # the uninterrupted run, in this process while the subprocess starts
+    ref = train(
+        load_config(write_config(tmp_path / "ref", tiny_files[0], images, max_steps=4)), progress=False
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists(), f"the run never reached the checkpoint of step 2 (exit code {proc.poll()})"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.exists(), "no checkpoint was written before the kill"
+    assert proc.wait() == -signal.SIGKILL
+    ck = tmp_path / "out" / "checkpoints"
+    # killed mid-write: step 2 exists only as the temporary folder, ``latest`` still names step 1
+    assert (ck / "latest").read_text() == "step-00000001"
+    assert (ck / ".step-00000002.part" / "state.json").exists() and not (ck / "step-00000002").exists()
     assert not (tmp_path / "out" / "baka.safetensors").exists()
-    code = subprocess.run(
+    res = subprocess.run(
         [sys.executable, "-m", "baka", "train", str(cfg_path), "--resume"],
         env=env,
         capture_output=True,
         text=True,
-    ).returncode
-    assert code == 0
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "after 4 steps" in res.stdout  # resumed at step 1, trained steps 2-4 across an epoch boundary
     _same(lora_tensors(ref.output), lora_tensors(tmp_path / "out" / "baka.safetensors"))
 
 
