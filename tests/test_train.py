@@ -90,6 +90,53 @@ def test_buckets_and_captions(images):
     assert process_caption(cap, rng, keep_tokens=2, tag_dropout=1.0) == "1girl, red hair"
 
 
+def test_loss_eps_v_and_min_snr_by_hand():
+    from baka.train.loss import NoiseSchedule, diffusion_loss
+
+    # a_t = 0.64, 0.36, 0 (zero terminal SNR): sqrt(a) = 0.8, 0.6, 0; sqrt(1 - a) = 0.6, 0.8, 1;
+    # SNR = a / (1 - a) = 16/9, 9/16, 0
+    sched = NoiseSchedule.of(torch.tensor([0.64, 0.36, 0.0]))
+    assert torch.allclose(sched.snr, torch.tensor([16 / 9, 9 / 16, 0.0]))
+    x0, eps, t = torch.ones(3, 1, 2, 2), torch.full((3, 1, 2, 2), 2.0), torch.tensor([0, 1, 2])
+    seen = []
+
+    def zero(noisy, tt, cond):  # predicts 0: the loss is the mean squared target
+        seen.append((noisy, tt, cond))
+        return torch.zeros_like(noisy)
+
+    def loss(**kw):
+        return diffusion_loss(zero, x0, "cond", eps, t, sched, **kw).item()
+
+    assert loss() == pytest.approx(4.0)  # eps target 2 everywhere
+    noisy, tt, cond = seen[0]  # x_t = sqrt(a) x0 + sqrt(1 - a) eps = 0.8 + 1.2, 0.6 + 1.6, 0 + 2
+    assert torch.allclose(noisy[:, 0, 0, 0], torch.tensor([2.0, 2.2, 2.0])) and tt is t and cond == "cond"
+    # v = sqrt(a) eps - sqrt(1 - a) x0 = 1.6 - 0.6, 1.2 - 0.8, 0 - 1 -> squared 1, 0.16, 1
+    assert loss(v_prediction=True) == pytest.approx((1 + 0.16 + 1) / 3)
+    # min-SNR, gamma 1: min(snr, 1) = 1, 9/16, 0
+    # eps: w = min(snr, g) / snr = 9/16, 1, and 1 where snr = 0
+    assert loss(min_snr_gamma=1.0) == pytest.approx(4 * (9 / 16 + 1 + 1) / 3)
+    # v: w = min(snr, g) / (snr + 1) = 1 / (25/9), (9/16) / (25/16), 0 / 1 = 9/25, 9/25, 0
+    assert loss(v_prediction=True, min_snr_gamma=1.0) == pytest.approx((9 / 25 + 0.16 * 9 / 25 + 0) / 3)
+    # gamma above every SNR: eps weights are all 1
+    assert loss(min_snr_gamma=100.0) == pytest.approx(4.0)
+
+
+def test_loss_noising_matches_diffusers_bit_for_bit():
+    from diffusers import DDPMScheduler
+
+    from baka.train.loss import add_noise, ddpm_schedule, velocity
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    for zero_snr in (False, True):
+        ref = DDPMScheduler(rescale_betas_zero_snr=zero_snr)
+        ac = ddpm_schedule(ref.config, zero_snr, "cpu").alphas_cumprod
+        assert torch.equal(ac, ref.alphas_cumprod) and (ac[-1] == 0) == zero_snr
+        assert torch.equal(add_noise(ac, x0, eps, t), ref.add_noise(x0, eps, t))
+        assert torch.equal(velocity(ac, x0, eps, t), ref.get_velocity(x0, eps, t))
+
+
 def test_kohya_dataset_toml_and_errors(tmp_path, tiny_files, images):
     (tmp_path / "ds.toml").write_text(
         f"[general]\nshuffle_caption = true\nkeep_tokens = 1\n[[datasets]]\nresolution = 96\nbatch_size = 2\n"
@@ -356,34 +403,63 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_files, images):
     _same(lora_tensors(full.output), lora_tensors(resumed.output))
 
 
+# Run by the kill -9 test in a fresh interpreter: ``baka train CONFIG`` that, once the checkpoint of
+# step 2 is fully written under its temporary name but not yet renamed into place, writes MARKER and
+# waits there to be killed (a deterministic point, inside the atomic checkpoint write).
+_HOLD_IN_CHECKPOINT = """
+import os, sys, time
+from pathlib import Path
+
+_replace = os.replace
+
+
+def replace(src, dst, *a, **k):
+    if Path(dst).name == "step-00000002":
+        Path(sys.argv[2]).write_text(str(os.getpid()))
+        time.sleep(600)
+    return _replace(src, dst, *a, **k)
+
+
+os.replace = replace
+from baka.cli import main
+
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
 def test_kill_9_then_resume(tmp_path, tiny_files, images):
-    (tmp_path / "ref").mkdir()
-    ref = train(
-        load_config(write_config(tmp_path / "ref", tiny_files[0], images, max_steps=10)), progress=False
-    )
-    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=10, save_every=1)
+    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=3, save_every=1)
+    marker = tmp_path / "holding"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "baka", "train", str(cfg_path)],
+        [sys.executable, "-c", _HOLD_IN_CHECKPOINT, str(cfg_path), str(marker)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    latest = tmp_path / "out" / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-00000004"):
-        time.sleep(0.05)
+    (tmp_path / "ref").mkdir()  # the uninterrupted run, in this process while the subprocess starts
+    ref = train(
+        load_config(write_config(tmp_path / "ref", tiny_files[0], images, max_steps=3)), progress=False
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists(), f"the run never reached the checkpoint of step 2 (exit code {proc.poll()})"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.exists(), "no checkpoint was written before the kill"
+    assert proc.wait() == -signal.SIGKILL
+    ck = tmp_path / "out" / "checkpoints"
+    # killed mid-write: step 2 exists only as the temporary folder, ``latest`` still names step 1
+    assert (ck / "latest").read_text() == "step-00000001"
+    assert (ck / ".step-00000002.part" / "state.json").exists() and not (ck / "step-00000002").exists()
     assert not (tmp_path / "out" / "baka.safetensors").exists()
-    code = subprocess.run(
+    res = subprocess.run(
         [sys.executable, "-m", "baka", "train", str(cfg_path), "--resume"],
         env=env,
         capture_output=True,
         text=True,
-    ).returncode
-    assert code == 0
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "after 3 steps" in res.stdout  # resumed at step 1, trained steps 2-3 across an epoch boundary
     _same(lora_tensors(ref.output), lora_tensors(tmp_path / "out" / "baka.safetensors"))
 
 

@@ -1,0 +1,122 @@
+"""What trains and how fast: EveryDream2 text-encoder freezing, the trainable parameters by block,
+block-wise LR weights (weight 0 freezes a block), the text-encoder LR, the optimizer, and EMA."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from baka.errors import BakaError
+from baka.models.blocks import BLOCK_IDS, block_of_diffusers
+from baka.registry import Registry
+from baka.train.config import TrainConfig
+from baka.train.network import LoRANetwork, block_lr_weights
+
+OPTIMIZERS: Registry[type] = Registry("optimizer")
+OPTIMIZERS.add("AdamW", torch.optim.AdamW)
+OPTIMIZERS.add("Adam", torch.optim.Adam)
+OPTIMIZERS.add("SGD", torch.optim.SGD)
+
+Trainable = dict[str, tuple[nn.Parameter, str]]  # name -> (parameter, block id)
+
+
+def freeze_text_encoder(te: nn.Module, cfg: TrainConfig) -> set[int]:
+    """EveryDream2 freezing by requires_grad; returns the indices of CLIP layers left trainable."""
+    tm = getattr(te, "text_model", te)
+    n = len(tm.encoder.layers)
+    te.requires_grad_(cfg.train_text_encoder)
+    if not cfg.train_text_encoder:
+        return set()
+    keep = n if cfg.unfreeze_last_n_layers is None else max(0, min(n, cfg.unfreeze_last_n_layers))
+    for i, layer in enumerate(tm.encoder.layers):
+        layer.requires_grad_(i >= n - keep)
+    if cfg.freeze_embeddings:
+        tm.embeddings.requires_grad_(False)
+    if cfg.freeze_final_layer_norm:
+        tm.final_layer_norm.requires_grad_(False)
+    return set(range(n - keep, n))
+
+
+def trainables(
+    cfg: TrainConfig, unet: nn.Module, te: nn.Module, te_layers: set[int], device
+) -> tuple[LoRANetwork | None, Trainable]:
+    """(the LoRA network or None, the trainable parameters by name). LoRA freezes the base models and
+    trains the network (text-encoder modules on ``te_layers`` if the text encoder trains); a full
+    fine-tune trains the whole UNet and what :func:`freeze_text_encoder` left of the text encoder."""
+    if cfg.mode == "lora":
+        unet.requires_grad_(False)
+        te.requires_grad_(False)
+        network = LoRANetwork(unet, te if cfg.train_text_encoder else None, cfg.network, te_layers).to(device)
+        named = {
+            f"{name}.{pn}": (p, m.block) for name, m in network.lora.items() for pn, p in m.named_parameters()
+        }
+        return network, named
+    unet.requires_grad_(True)
+    named = {f"unet.{n}": (p, block_of_diffusers("unet", n) or "BASE") for n, p in unet.named_parameters()}
+    for n, p in te.named_parameters():
+        if p.requires_grad:
+            named[f"text_encoder.{n}"] = (p, "BASE")
+    return None, named
+
+
+def _is_text_encoder(name: str) -> bool:
+    return "lora_te_" in name or name.startswith("text_encoder.")
+
+
+def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[dict]]:
+    """Optimizer groups, one per (block, lr): lr = (text_encoder_lr or learning_rate) * block weight.
+    Parameters of a block with LR weight 0 are frozen (requires_grad off) and left out. Returns the
+    parameters still trainable and the groups."""
+    lr_w = block_lr_weights(cfg.network)
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    groups: dict[tuple[str, float], list] = {}
+    for name, (p, block) in named.items():
+        w = lr_w[block]
+        if w == 0:
+            p.requires_grad_(False)
+            continue
+        groups.setdefault((block, (te_lr if _is_text_encoder(name) else cfg.learning_rate) * w), []).append(p)
+    named = {k: v for k, v in named.items() if v[0].requires_grad}
+    if not named:
+        raise BakaError("nothing to train: every block has LR weight 0 or dim 0")
+    return named, [{"params": ps, "lr": lr, "block": b} for (b, lr), ps in groups.items()]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    return OPTIMIZERS.get(cfg.optimizer)(
+        groups,
+        lr=cfg.learning_rate,
+        **({"weight_decay": cfg.weight_decay} if cfg.optimizer != "SGD" else {}),
+    )
+
+
+def by_block(named: Trainable) -> dict[str, list[nn.Parameter]]:
+    out: dict[str, list[nn.Parameter]] = {b: [] for b in BLOCK_IDS}
+    for p, b in named.values():
+        out[b].append(p)
+    return out
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, in float32: ema = d * ema + (1 - d) * p."""
+
+    def __init__(self, named: Trainable, decay: float):
+        self.named, self.decay = named, decay
+        self.shadow = {k: p.detach().float().clone() for k, (p, _) in named.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for k, (p, _) in self.named.items():
+            self.shadow[k].mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for k, (p, _) in self.named.items():
+            p.copy_(self.shadow[k].to(p.dtype))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """For a checkpoint: ``ema.<name>`` -> tensor."""
+        return {f"ema.{k}": v for k, v in self.shadow.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: tensors[f"ema.{k}"].float() for k in self.named}

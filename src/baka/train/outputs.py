@@ -1,0 +1,146 @@
+"""What a finished run writes: the LoRA (kohya ``ss_*`` metadata) or the full model (LDM layout),
+both with modelspec metadata, and preview samples."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from torch import nn
+
+from baka.train.config import TrainConfig
+from baka.train.data import Dataset
+
+
+def common_metadata(cfg: TrainConfig) -> dict[str, str]:
+    from baka import __version__
+
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": cfg.output_name,
+        "modelspec.resolution": f"{cfg.dataset.resolution}x{cfg.dataset.resolution}",
+        "modelspec.prediction_type": "v" if cfg.v_prediction else "epsilon",
+        "baka_version": __version__,
+        "baka_block_dropout": json.dumps(cfg.block_dropout, sort_keys=True),
+    }
+
+
+def tag_frequency(ds: Dataset) -> dict[str, dict[str, int]]:
+    """kohya ``ss_tag_frequency``: image folder name -> caption tag -> count over the training items."""
+    tags: dict[str, Counter] = {}
+    for it in ds.train:
+        tags.setdefault(Path(it.subset.image_dir).name, Counter()).update(
+            t.strip() for t in it.caption.split(",") if t.strip()
+        )
+    return {k: dict(v) for k, v in tags.items()}
+
+
+def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> dict[str, str]:
+    """The kohya ``ss_*`` training metadata of a LoRA (without ``sshs_model_hash``)."""
+    n = cfg.network
+    return {
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(n.dim),
+        "ss_network_alpha": str(n.alpha),
+        "ss_network_dropout": str(n.dropout),
+        "ss_network_args": json.dumps(
+            {
+                "conv_dim": n.conv_dim,
+                "conv_alpha": n.conv_alpha,
+                "rank_dropout": n.rank_dropout,
+                "module_dropout": n.module_dropout,
+                "block_dims": n.block_dims,
+                "block_alphas": n.block_alphas,
+                "down_lr_weight": n.down_lr_weight,
+                "mid_lr_weight": n.mid_lr_weight,
+                "up_lr_weight": n.up_lr_weight,
+            }
+        ),
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr),
+        "ss_max_train_steps": str(cfg.max_steps),
+        "ss_steps": str(step),
+        "ss_seed": str(cfg.seed),
+        "ss_training_time_s": f"{seconds:.0f}",
+        "ss_num_train_images": str(len(ds.train)),
+        "ss_resolution": f"({cfg.dataset.resolution}, {cfg.dataset.resolution})",
+        "ss_v2": "False",
+        "ss_base_model_version": "sd_v1",
+        "ss_sd_model_name": Path(cfg.model).name,
+        "ss_output_name": cfg.output_name,
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_noise_offset": str(cfg.noise_offset),
+        "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
+        "ss_tag_frequency": json.dumps(tag_frequency(ds)),
+    }
+
+
+def save_lora(cfg: TrainConfig, network, ds: Dataset, step: int, seconds: float) -> Path:
+    from baka.models.safetensors_io import payload_sha256, save_file
+
+    path = cfg.out / f"{cfg.output_name}.safetensors"
+    sd = network.kohya_state_dict()
+    meta = {
+        **common_metadata(cfg),
+        **lora_metadata(cfg, ds, step, seconds),
+        "sshs_model_hash": payload_sha256(sd),
+    }
+    save_file(sd, path, meta)
+    return path
+
+
+def save_full(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, ckpt, step: int) -> Path:
+    """The base checkpoint with the trained UNet and text encoder, in LDM layout."""
+    from baka.models.convert import diffusers_to_ldm
+    from baka.models.io import save_checkpoint
+
+    path = cfg.out / f"{cfg.output_name}.safetensors"
+    comps = ckpt.components()
+    comps["unet"] = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+    comps["text_encoder"] = {k: v.detach().cpu() for k, v in text_encoder.state_dict().items()}
+    ldm = diffusers_to_ldm(comps, ckpt.config)
+    meta = {
+        **common_metadata(cfg),
+        "modelspec.architecture": "stable-diffusion-v1",
+        "baka_train_steps": str(step),
+    }
+    save_checkpoint(ldm, path, metadata=meta, protect=[cfg.model])
+    return path
+
+
+def save_output(cfg: TrainConfig, model, ckpt, ds: Dataset, step: int, seconds: float) -> Path:
+    """``output_dir/output_name.safetensors`` from the (unwrapped) denoiser: its LoRA network or its
+    UNet + text encoder."""
+    if cfg.mode == "lora":
+        return save_lora(cfg, model.network, ds, step, seconds)
+    return save_full(cfg, model.unet, model.text_encoder, ckpt, step)
+
+
+def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int) -> None:
+    """``output_dir/samples/stepNNNNNN-I.png`` for each of ``sample_prompts``, at the model's native size."""
+    from baka.generate.engine import Generator, GenParams
+
+    was = model.training
+    model.eval()
+    try:
+        gen = Generator.from_modules(model.unet, model.text_encoder, vae, sd_config, name=cfg.output_name)
+        folder = cfg.out / "samples"
+        for i, prompt in enumerate(cfg.sample_prompts):
+            size = 8 * model.unet.config.sample_size
+            r = gen(
+                GenParams(
+                    prompt,
+                    steps=cfg.sample_steps,
+                    seed=cfg.seed + i,
+                    width=size,
+                    height=size,
+                    v_pred=cfg.v_prediction,
+                    zero_snr=cfg.zero_terminal_snr,
+                )
+            )[0]
+            r.save(folder / f"step{step:06d}-{i}.png")
+    finally:
+        model.train(was)
