@@ -624,7 +624,7 @@ class Bench:
 
     def train_baka(self, path: Path, data: Path) -> tuple[float, str]:
         from baka.cli import main as baka_main  # [baka API] the `baka train` entry point
-        from baka.train.trainer import OPTIMIZERS  # [baka API] optimizer registry
+        from baka.train.optim import OPTIMIZERS  # [baka API] optimizer registry
 
         marks: list[float] = []
 

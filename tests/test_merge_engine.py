@@ -216,3 +216,21 @@ def test_diffusers_folder_input_and_hash_alignment(tiny_files, tiny_sds, tmp_pat
     a1111 = json.loads(meta["sd_merge_recipe"])
     assert a1111["primary_model_hash"] == sha_a and a1111["secondary_model_hash"] is None
     assert list(json.loads(meta["sd_merge_models"])) == [sha_a]
+
+
+def test_partial_a_takes_missing_keys_from_b(tiny_sds, tmp_path, run_cli):
+    from baka.models.io import load_checkpoint
+    from baka.models.keymap import VAE_PREFIX
+
+    a = {k: v for k, v in tiny_sds[0].items() if not k.startswith(VAE_PREFIX)}  # a UNet + TE file, no VAE
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_checkpoint(a, pa)
+    save_checkpoint(tiny_sds[1], pb)
+    out = tmp_path / "m.safetensors"
+    code, stdout, _ = run_cli("merge", pa, pb, "-o", out, "-a", "0.5", "-q")
+    assert code == 0 and "keys model A lacks taken from B" in stdout
+    merged, _ = read_raw(out)
+    assert set(merged) == set(tiny_sds[1])  # nothing of B's model dropped: a loadable whole model
+    vae_keys = [k for k in tiny_sds[1] if k.startswith(VAE_PREFIX)]
+    assert vae_keys and all(torch.equal(merged[k], tiny_sds[1][k]) for k in vae_keys)
+    assert "vae" in load_checkpoint(out).components()

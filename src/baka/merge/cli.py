@@ -92,6 +92,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     print(
         f"wrote {res.path}: {res.keys} tensors, {res.copied_from_a} taken unchanged from A"
         + (f", {len(res.dropped)} non-model keys dropped" if res.dropped else "")
+        + (f", {len(res.filled_from_b)} keys model A lacks taken from B" if res.filled_from_b else "")
     )
     return 0
 

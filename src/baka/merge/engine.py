@@ -39,6 +39,8 @@ class MergeResult:
     keys: int
     copied_from_a: int = 0  # keys missing from B/C, or whose weights make the result exactly A
     dropped: list[str] = field(default_factory=list)  # keys outside the model (EMA, buffers)
+    # model keys A lacks (a partial A, e.g. UNet only): taken from B, as A1111 and supermerger do
+    filled_from_b: list[str] = field(default_factory=list)
 
 
 def _key_weights(recipe: Recipe, rules: list[Rule], key: str) -> tuple[float, float]:
@@ -87,12 +89,16 @@ def merge_models(
                     raise ModelFileError(
                         path, f"shape of {k} is {specs[k].shape}, model A has {spec_a[k].shape}"
                     )
+        # a partial A (no VAE, no text encoder...) must not give a model diffusers cannot load
+        spec_b = all_specs[1]
+        filled = sorted(k for k in spec_b if k not in spec_a and block_of(k) is not None)
+        src_spec = {**{k: spec_b[k] for k in filled}, **spec_a}
         out_specs = {
             k: TensorSpec(
-                out_dtype if out_dtype and spec_a[k].dtype.is_floating_point else spec_a[k].dtype,
-                spec_a[k].shape,
+                out_dtype if out_dtype and src_spec[k].dtype.is_floating_point else src_spec[k].dtype,
+                src_spec[k].shape,
             )
-            for k in sorted(keys)
+            for k in sorted([*keys, *filled])
         }
 
         hasher = cf.ThreadPoolExecutor(max_workers=1)
@@ -108,6 +114,9 @@ def merge_models(
         def produce() -> Iterator[tuple[str, object]]:
             nonlocal copied
             for k in out_specs:
+                if k not in spec_a:
+                    yield k, sources[1].get(k).to(out_specs[k].dtype)
+                    continue
                 alpha, beta = _key_weights(recipe, rules, k)
                 a = sources[0].get(k)
                 others = [
@@ -148,7 +157,7 @@ def merge_models(
                 f.write(header)
                 f.flush()
                 os.fsync(f.fileno())
-    return MergeResult(out_path, recipe, len(out_specs), copied, dropped)
+    return MergeResult(out_path, recipe, len(out_specs), copied, dropped, filled)
 
 
 def _metadata(recipe: Recipe, sources, shas: list[str]) -> dict[str, str]:

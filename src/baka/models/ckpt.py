@@ -146,8 +146,3 @@ def _find_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
             return None
         obj = nxt
     return None
-
-
-def save_ckpt(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write an A1111-style ``{"state_dict": ...}`` pickle (for interop tests and old tools)."""
-    torch.save({"state_dict": tensors}, path)

@@ -329,9 +329,6 @@ class SafetensorsFile:
         t = torch.frombuffer(buf, dtype=spec.dtype)
         return t.reshape(spec.shape)
 
-    def payload_offset(self) -> int:
-        return self._data_start
-
     def close(self) -> None:
         # Views handed out keep the mapping alive; closing the file object is enough.
         self._f.close()

@@ -115,12 +115,6 @@ class LoRANetwork(nn.Module):
                         mods[name] = LoRAModule(name, child, cfg.dim, cfg.alpha, cfg, "BASE")
         self.lora = nn.ModuleDict({k.replace(".", "_"): v for k, v in mods.items()})
 
-    def modules_by_block(self) -> dict[str, list[LoRAModule]]:
-        out: dict[str, list[LoRAModule]] = {b: [] for b in BLOCK_IDS}
-        for m in self.lora.values():
-            out[m.block].append(m)
-        return out
-
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         sd = {}
         for name, m in self.lora.items():

@@ -94,20 +94,15 @@ def save_lora(cfg: TrainConfig, network, ds: Dataset, step: int, seconds: float)
 
 def save_full(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, ckpt, step: int) -> Path:
     """The base checkpoint with the trained UNet and text encoder, in LDM layout."""
-    from baka.models.convert import diffusers_to_ldm
-    from baka.models.io import save_checkpoint
+    from baka.models.pipeline import save_modules
 
     path = cfg.out / f"{cfg.output_name}.safetensors"
-    comps = ckpt.components()
-    comps["unet"] = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-    comps["text_encoder"] = {k: v.detach().cpu() for k, v in text_encoder.state_dict().items()}
-    ldm = diffusers_to_ldm(comps, ckpt.config)
     meta = {
         **common_metadata(cfg),
         "modelspec.architecture": "stable-diffusion-v1",
         "baka_train_steps": str(step),
     }
-    save_checkpoint(ldm, path, metadata=meta, protect=[cfg.model])
+    save_modules(ckpt, {"unet": unet, "text_encoder": text_encoder}, path, metadata=meta, protect=[cfg.model])
     return path
 
 
