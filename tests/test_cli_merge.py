@@ -48,3 +48,19 @@ def test_diff_cli(tiny_files, tmp_path, run_cli):
     code, out, _ = run_cli("diff", *tiny_files[:2], "--png", tmp_path / "h.png", "--json")
     rows = json.loads(out[: out.rindex("]") + 1])
     assert code == 0 and len(rows) == 26 and (tmp_path / "h.png").exists()
+
+
+def test_three_model_ties_from_the_cli(tiny_files, tmp_path, run_cli):
+    from baka.merge.methods import METHODS, Ctx
+
+    out = tmp_path / "ties.safetensors"
+    code, _, err = run_cli("merge", *tiny_files, "-o", out, "-m", "ties", "-a", "1", "-b", "0.5", "-q")
+    assert code == 0, err
+    a, b, c = (read_raw(p)[0] for p in tiny_files)
+    m, _ = read_raw(out)
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    ties = METHODS.get("ties").fn
+    want = ties(a[k].float(), b[k].float(), c[k].float(), Ctx(k, 1.0, 0.5, 0))
+    assert torch.allclose(m[k].float(), want, atol=1e-6)
+    two = ties(a[k].float(), b[k].float(), None, Ctx(k, 1.0, 0.5, 0))
+    assert not torch.allclose(want, two)  # C took part

@@ -161,6 +161,7 @@ def _top_k(delta: Tensor, density: float) -> Tensor:
 @method(
     "ties",
     aliases=("TIES", "ties_add_difference"),
+    accepts_c=True,
     uses_beta=True,
     elementwise=False,
     beta_default=0.2,
