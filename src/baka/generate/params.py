@@ -183,6 +183,19 @@ class SamplerParam(Param):
         kw[self.name] = sampler
 
 
+def _switch(name: str, flag: str, help: str, info: str, value: str) -> Param:
+    """An on/off parameter: a CLI switch, written in infotext as ``info: value`` when on."""
+    return Param(
+        name,
+        (flag,),
+        help,
+        info=info,
+        parse=lambda s: s == value,
+        show=_flag(value),
+        cli_kw={"action": "store_true"},
+    )
+
+
 PARAMS: tuple[Param, ...] = (
     Param(
         "prompt",
@@ -222,24 +235,14 @@ PARAMS: tuple[Param, ...] = (
         parse=float,
         show=lambda v: f"{v:g}" if v else None,
     ),
-    Param(
+    _switch(
         "zero_snr",
-        ("--zero-snr",),
+        "--zero-snr",
         "zero terminal SNR: rescaled betas, trailing spacing",
-        info="Noise Schedule",
-        parse=lambda s: s == "Zero Terminal SNR",
-        show=_flag("Zero Terminal SNR"),
-        cli_kw={"action": "store_true"},
+        "Noise Schedule",
+        "Zero Terminal SNR",
     ),
-    Param(
-        "v_pred",
-        ("--v-pred",),
-        "the model predicts v",
-        info="Prediction",
-        parse=lambda s: s == "v_prediction",
-        show=_flag("v_prediction"),
-        cli_kw={"action": "store_true"},
-    ),
+    _switch("v_pred", "--v-pred", "the model predicts v", "Prediction", "v_prediction"),
     Param(
         "freeu",
         ("--freeu",),
