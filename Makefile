@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DIFFUSERS_OFFLINE := 1
 
-.PHONY: demo test test-all test-realsize typecheck lint format bench clean
+.PHONY: demo test test-all test-realsize typecheck lint format bench clean world
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/merge_bench.py
 	$(BIN)/python bench/generate_bench.py
+
+# Rebuild the shapes-world models (src/baka/world/weights) from nothing: render, VAE, baka train.
+# Single-threaded on purpose (faster on a shared CPU, and fixed kernel reduction order); see docs/world.md.
+world: $(STAMP)
+	rm -rf build/world
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m baka.world.build --out build/world
 
 clean:
 	rm -rf $(VENV) demo-output

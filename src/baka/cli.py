@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "baka.train.cli",
     "baka.erase.cli",
     "baka.serve.cli",
+    "baka.world.cli",
     "baka.demo",
 )
 

@@ -63,6 +63,19 @@ def tiny_config() -> SDConfig:
     return cfg
 
 
+def norm_groups(chans: list[int]) -> int:
+    """GroupNorm groups of an SD1.x-topology UNet or VAE, from its widths.
+
+    SD1.5 and the tiny test models (last two levels equally wide, like SD1.5's): ``min(32, width)``.
+    Toy widths that keep doubling to the last level (the shipped world models, ``baka.world``): two
+    channels per group, because a one-channel group is an instance norm, and the norm before the last
+    conv would then erase every per-channel mean (an image's colour, a latent's DC).
+    """
+    if chans[0] >= 64 or chans[-1] == chans[-2]:
+        return min(32, chans[0])
+    return chans[0] // 2
+
+
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> SDConfig:
     """Config of an SD1.x-topology LDM state dict from its tensor shapes alone."""
     cfg = sd15_config()
@@ -75,6 +88,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> SDConfig:
             cross_attention_dim=ctx,
             in_channels=shapes[f"{u}input_blocks.0.0.weight"][1],
             out_channels=shapes[f"{u}out.2.weight"][0],
+            norm_num_groups=norm_groups(chans),
             sample_size=64 if chans[0] >= 320 else 8,
         )
     v = VAE_PREFIX
@@ -83,7 +97,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> SDConfig:
         cfg.vae.update(
             block_out_channels=chans,
             latent_channels=shapes[f"{v}quant_conv.weight"][0] // 2,
-            norm_num_groups=min(32, chans[0]),
+            norm_num_groups=norm_groups(chans),
             sample_size=512 if chans[0] >= 128 else 64,
         )
     t = TE_PREFIX + "text_model."

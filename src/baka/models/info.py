@@ -7,6 +7,7 @@ from pathlib import Path
 
 from baka.models import detect
 from baka.models.config import infer_config
+from baka.models.shipped import resolve
 from baka.models.sources import open_source
 
 
@@ -16,7 +17,7 @@ def describe(path: str | Path, *, hashes: bool = True, progress: bool = False) -
     from baka.models.hashes import all_hashes
     from baka.models.safetensors_io import report_leftovers
 
-    path = Path(path)
+    path = resolve(path)
     leftovers = report_leftovers(path)  # temp files of interrupted writes, warned even if path is bad
     src = open_source(path)
     with src:

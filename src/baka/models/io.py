@@ -28,6 +28,7 @@ from baka.models.convert import (
 )
 from baka.models.keymap import VAE_PREFIX, vae_key_to_ldm
 from baka.models.safetensors_io import atomic_output, save_file
+from baka.models.shipped import resolve
 from baka.models.sources import (
     PICKLE_SUFFIXES,
     DictSource,
@@ -64,7 +65,7 @@ def load_checkpoint(
     ``ema`` takes the UNet's EMA weights; ``vae`` replaces the VAE from a separate file. Keys outside
     the model (EMA copies, schedule buffers) are dropped unless ``keep_extra``.
     """
-    path = Path(path)
+    path = resolve(path)
     raw, meta = read_raw(path)
     raw = normalize_ldm_keys(raw)
     kind = detect.classify({k: tuple(v.shape) for k, v in raw.items()})

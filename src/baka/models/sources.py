@@ -19,6 +19,7 @@ from baka.models.ckpt import load_ckpt
 from baka.models.config import SDConfig
 from baka.models.convert import COMPONENTS, diffusers_to_ldm
 from baka.models.safetensors_io import SafetensorsFile, TensorSpec
+from baka.models.shipped import resolve
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -90,7 +91,7 @@ def open_source(path: str | Path) -> TensorSource:
     Single-file safetensors are memory-mapped (nothing is read until asked for); pickled checkpoints
     and diffusers folders are loaded and converted in memory.
     """
-    path = Path(path)
+    path = resolve(path)  # shipped model names (world-flat, ...) work wherever a path does
     _check_exists(path)
     if path.is_dir():
         return DictSource(read_diffusers(path), path)

@@ -1,0 +1,35 @@
+"""Models shipped inside the package, usable by name wherever a model path is accepted.
+
+:func:`resolve` is called where model files are opened (``baka.models.io.open_source``), so every
+command (generate, merge, train, serve, info) takes ``world-flat`` like a path: an existing path
+always wins, and a name is only looked up when no such file or folder exists.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+SHIPPED = {
+    "world-flat": "world/weights/world-flat.safetensors",
+    "world-striped": "world/weights/world-striped.safetensors",
+    "world-vpred-ztsnr": "world/weights/world-vpred-ztsnr.safetensors",
+}
+
+
+def shipped_path(name: str) -> Path | None:
+    """The packaged file of shipped model ``name`` (``.safetensors`` suffix optional), or None."""
+    key = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    rel = SHIPPED.get(key)
+    if rel is None:
+        return None
+    p = Path(str(resources.files("baka").joinpath(rel)))
+    return p if p.is_file() else None
+
+
+def resolve(path: str | Path) -> Path:
+    """``path`` itself when it exists (or is not a shipped name), else the shipped file it names."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    return shipped_path(str(path)) or p
