@@ -12,10 +12,18 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baka.errors import BakaError
-from baka.generate.freeu import FreeU, parse_freeu
+
+if TYPE_CHECKING:  # the CLI builds its parser from this table: importing FreeU would load torch
+    from baka.generate.freeu import FreeU
+
+
+def parse_freeu(spec: str | None) -> FreeU | None:
+    from baka.generate.freeu import parse_freeu as parse
+
+    return parse(spec)
 
 
 @dataclass
