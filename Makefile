@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DIFFUSERS_OFFLINE := 1
 
-.PHONY: demo test test-all test-realsize typecheck lint format bench clean world
+.PHONY: demo test test-all test-realsize test-world typecheck lint format bench clean world
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-realsize: $(STAMP)
 
 test-all: test test-realsize
 
+# issue #10's measured claims at their targets, on the models `make world` builds (they miss today: docs/world.md)
+test-world: $(STAMP)
+	$(BIN)/python -m pytest -q -m world tests/test_world_models.py
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
@@ -47,10 +51,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_bench.py
 
 # Rebuild the shapes-world models (src/baka/world/weights) from nothing: render, VAE, baka train.
-# Single-threaded on purpose (faster on a shared CPU, and fixed kernel reduction order); see docs/world.md.
+# Threads: BAKA_WORLD_THREADS (default 2); see docs/world.md.
 world: $(STAMP)
 	rm -rf build/world
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m baka.world.build --out build/world
+	$(BIN)/python -m baka.world.build --out build/world
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 from PIL import Image
 
+from baka.errors import BakaError
 from baka.generate import infotext
 from baka.generate.engine import Generator, GenParams
 from baka.generate.grid import GridContext, run_grid
@@ -119,3 +121,18 @@ def test_grid_axes(tiny_files):
     )
     assert grid.size[0] >= 3 * 64 and len(rows) == 2 and [r.seed for r in rows[0]] == [1, 2, 3]
     assert "FreeU" not in rows[0][0].infotext and 'FreeU: "1.3,1.4,0.9,0.2,2,0,1,0"' in rows[1][0].infotext
+
+
+def test_grid_prompt_sr(tiny_files):
+    """A1111's Prompt S/R: the first value is searched for; each cell replaces it in prompt and negative."""
+    gen = Generator(tiny_files[0], progress=False)
+    base = GenParams("a red cat, red sky", "red", steps=2, width=64, height=64, seed=1)
+    _, rows = run_grid(GridContext(gen), base, "prompt_sr=red|blue|green dog", progress=False)
+    got = [r.infotext.split("\n")[:2] for r in rows[0]]
+    assert got == [
+        ["a red cat, red sky", "Negative prompt: red"],
+        ["a blue cat, blue sky", "Negative prompt: blue"],
+        ["a green dog cat, green dog sky", "Negative prompt: green dog"],
+    ]
+    with pytest.raises(BakaError, match="'purple' is not in the prompt"):
+        run_grid(GridContext(gen), base, "prompt_sr=purple|red", progress=False)

@@ -1,7 +1,9 @@
 """XY grids over any generation parameter, including block-merge presets via the runtime merge.
 
 Axis spec: ``name=v1,v2,...`` (or ``|``-separated when values contain commas, e.g. FreeU settings).
-Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, blocks (needs a second model).
+Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, prompt_sr, blocks (needs a second model).
+``prompt_sr`` is A1111's "Prompt S/R": the first value is searched for, and each cell replaces it (in
+the prompt and the negative prompt) with that cell's value, so the first cell is the prompt as given.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ AXES: Registry[Apply] = Registry("grid axis")
 class GridContext:
     generator: Generator
     merger: object | None = None  # RuntimeBlockMerge for the blocks axis, applied to the generator
+    sr_search: str = ""  # Prompt S/R: the text its cells replace (its axis's first value)
 
     @classmethod
     def with_merge(cls, generator: Generator, model_b: str | None) -> GridContext:
@@ -52,6 +55,14 @@ AXES.add("cfg_rescale", _field("guidance_rescale", float))
 AXES.add("freeu", _field("freeu", parse_freeu))
 
 
+@AXES.register("prompt_sr", aliases=("Prompt S/R", "sr"))
+def _prompt_sr(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+    search = ctx.sr_search
+    if search not in p.prompt and search not in p.negative:
+        raise BakaError(f"Prompt S/R: {search!r} is not in the prompt or the negative prompt")
+    return p.replace(prompt=p.prompt.replace(search, v), negative=p.negative.replace(search, v))
+
+
 @AXES.register("blocks", aliases=("merge", "block_weights"))
 def _blocks(p: GenParams, v: str, ctx: GridContext) -> GenParams:
     from baka.merge.weights import parse_weights
@@ -76,6 +87,9 @@ def run_grid(ctx: GridContext, base: GenParams, x: str, y: str | None = None, pr
 
     xn, xa, xs = parse_axis(x)
     yn, ya, ys = parse_axis(y) if y else ("", None, [""])
+    for apply, values in ((xa, xs), (ya, ys)):
+        if apply is _prompt_sr:
+            ctx.sr_search = values[0]
     rows = []
     bar = tqdm(total=len(xs) * len(ys), desc="grid", disable=not progress, leave=False)
     for yv in ys:

@@ -132,6 +132,49 @@ def evaluate(
     return EvalResult(metrics, pairs)
 
 
+def readings(
+    gen,
+    prompt: str,
+    *,
+    negative: str = "",
+    n: int = 16,
+    seed: int = 0,
+    cfg: float = 7.0,
+    steps: int = 20,
+    sampler: str = "DPM++ 2M Karras",
+    v_pred: bool | None = None,
+    zero_snr: bool | None = None,
+    freeu=None,
+) -> list:
+    """The judge's readings of ``n`` images of one prompt (image k uses seed + k), for measured claims such
+    as "a negative prompt removes what it names". ``gen`` is a :class:`~baka.generate.engine.Generator`;
+    ``v_pred`` / ``zero_snr`` default to the model's metadata, as in :func:`evaluate`."""
+    from baka.generate.engine import GenParams
+    from baka.world.score import read_image
+
+    meta = gen.ckpt.metadata if gen.ckpt is not None else {}
+    p = GenParams(
+        prompt,
+        negative,
+        steps=steps,
+        sampler=sampler,
+        cfg=cfg,
+        seed=seed,
+        width=64,
+        height=64,
+        batch=n,
+        v_pred=meta.get("modelspec.prediction_type") == "v" if v_pred is None else v_pred,
+        zero_snr=meta.get("baka_zero_terminal_snr") == "True" if zero_snr is None else zero_snr,
+        freeu=freeu,
+    )
+    return [read_image(r.image) for r in gen(p)]
+
+
+def color_share(rs: list, color: str) -> float:
+    """Fraction of readings whose (first) shape has ``color``."""
+    return sum(1 for r in rs if r.main is not None and r.main.color == color) / max(1, len(rs))
+
+
 def format_table(m: dict) -> str:
     """The report as a fixed-width table: one row for all images, seen and held-out prompts."""
     cols = [

@@ -1,0 +1,158 @@
+"""The shapes-world measured claims (docs/world.md, docs/benchmarks.md): one command, fixed seeds.
+
+    .venv/bin/python bench/world_claims.py [--suite quick|full] [--n 24] [--json OUT]
+
+Every figure comes from the shipped world models through the normal generator and the judge
+(``baka.world.score``); nothing here is trained. Prints one markdown table per claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+FLAT, STRIPED, VPRED = "world-flat", "world-striped", "world-vpred-ztsnr"
+OUT_FROM_B = "OUT12"  # supermerger preset: BASE, IN00-IN11, M00 from A; OUT00-OUT11 from B
+IN_FROM_B = ",".join(["0"] + ["1"] * 13 + ["0"] * 12)
+MERGE_PRESETS = ("GRAD_V", "GRAD_A", "FLAT_25", "FLAT_75", "SMOOTHSTEP", "REVERSE-SMOOTHSTEP")
+
+
+def _table(title: str, header: list[str], rows: list[list[object]]) -> str:
+    fmt = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for r in rows:
+        fmt.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return f"\n### {title}\n\n" + "\n".join(fmt)
+
+
+def prompt_following(suite: str) -> tuple[str, dict]:
+    from baka.world.eval import evaluate
+
+    rows, data = [], {}
+    for model in (FLAT, STRIPED, VPRED):
+        for cfg in (7.0, 1.0):
+            m = evaluate(model, suite=suite, cfg=cfg, progress=False).metrics
+            data[f"{model}@cfg{cfg:g}"] = m
+            h = m["held_out"]
+            rows.append(
+                [model, f"{cfg:g}", *(f"{m[k]:.0%}" for k in ("color_accuracy", "shape_accuracy"))]
+                + [f"{m['background_accuracy']:.0%}"]
+                + [f"{h['color_accuracy']:.0%} / {h['shape_accuracy']:.0%} / {h['background_accuracy']:.0%}"]
+                + [m["mean_luminance"], m["texture_energy"], m["n_images"]]
+            )
+    head = [
+        "model",
+        "CFG",
+        "colour",
+        "shape",
+        "background",
+        "held-out c/s/bg",
+        "luminance",
+        "texture",
+        "images",
+    ]
+    return _table(f"Prompt following ({suite} suite, 20 steps, DPM++ 2M Karras)", head, rows), data
+
+
+def guidance_and_emphasis(n: int) -> tuple[str, dict]:
+    from baka.generate.engine import Generator
+    from baka.world.eval import color_share, readings
+
+    gen = Generator(FLAT, progress=False)
+    base = "circle, grey background, large, center"
+    cases = [
+        ("no negative", base, ""),
+        ("negative `red`", base, "red"),
+        ("`(red:1.4) circle, ...`", "(red:1.4) " + base, ""),
+        ("`(red:0.6) circle, ...`", "(red:0.6) " + base, ""),
+        ("`red circle, ...`", "red " + base, ""),
+    ]
+    rows, data = [], {}
+    for name, prompt, neg in cases:
+        share = color_share(readings(gen, prompt, negative=neg, n=n), "red")
+        data[name] = share
+        rows.append([name, prompt, neg or "-", f"{share:.0%}"])
+    return _table(
+        f"Negative prompt and emphasis (world-flat, CFG 7, {n} seeds)",
+        ["case", "prompt", "negative", "red"],
+        rows,
+    ), data
+
+
+def block_merge(suite: str) -> tuple[str, dict]:
+    from baka.generate.engine import Generator
+    from baka.merge.runtime import RuntimeBlockMerge
+    from baka.merge.weights import parse_weights
+    from baka.world.eval import evaluate
+
+    gen = Generator(FLAT, progress=False)
+    merge = gen.patcher.apply(RuntimeBlockMerge.against(gen.ckpt, STRIPED))
+    rows, data = [], {}
+    for name, spec in [
+        ("flat (all 0)", "0"),
+        ("IN flat, OUT striped", OUT_FROM_B),
+        ("IN striped, OUT flat", IN_FROM_B),
+        ("striped (all 1)", "1"),
+        *((p, p) for p in MERGE_PRESETS),
+    ]:
+        merge.set_weights(parse_weights(spec))
+        m = evaluate(gen, suite=suite, progress=False).metrics
+        data[name] = m
+        rows.append([name, f"{m['shape_accuracy']:.0%}", f"{m['color_accuracy']:.0%}", m["texture_energy"]])
+    gen.patcher.remove(merge)
+    return _table(
+        f"Block merge world-flat x world-striped (runtime merge, {suite} suite, CFG 7)",
+        ["weights (B = striped)", "shape", "colour", "texture energy"],
+        rows,
+    ), data
+
+
+def zero_snr(n: int) -> tuple[str, dict]:
+    from baka.generate.engine import Generator
+    from baka.generate.freeu import PRESETS
+    from baka.world.eval import readings
+
+    rows, data = [], {}
+    for model in (FLAT, VPRED):
+        gen = Generator(model, progress=False)
+        for bg in ("black", "white"):
+            for freeu in (None, "sd1"):
+                rs = readings(
+                    gen,
+                    f"red circle, {bg} background, small, center",
+                    n=n,
+                    freeu=PRESETS.get(freeu) if freeu else None,
+                )
+                lum = sum(r.luminance for r in rs) / len(rs)
+                data[f"{model}/{bg}/{freeu or 'off'}"] = lum
+                rows.append([model, f"{bg} background", freeu or "off", lum])
+    return _table(
+        f"Zero-terminal SNR and FreeU: mean luminance ({n} seeds, CFG 7)",
+        ["model", "prompt", "FreeU", "mean luminance"],
+        rows,
+    ), data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="quick", choices=["quick", "full"])
+    ap.add_argument("--n", type=int, default=24, help="seeds per single-prompt claim")
+    ap.add_argument("--json", help="also write every figure here")
+    a = ap.parse_args()
+    out: dict = {}
+    for name, fn, arg in [
+        ("prompt_following", prompt_following, a.suite),
+        ("guidance_and_emphasis", guidance_and_emphasis, a.n),
+        ("block_merge", block_merge, a.suite),
+        ("zero_snr", zero_snr, a.n),
+    ]:
+        t = time.time()
+        text, out[name] = fn(arg)
+        print(text + f"\n\n({time.time() - t:.0f} s)", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Issue #10's measured claims on the shapes-world models (docs/world.md): fixed seeds, the normal
+generator, the judge. They load the files ``make world`` writes into the package (never retrain) and
+assert the issue's targets where it names them. Marked ``world`` and run by ``make test-world``: the
+models are not shipped yet because today's build misses these targets (figures in docs/world.md), so
+the default run cannot hold them; once a build passes, the weights ship and the marker goes.
+"""
+
+import pytest
+
+from baka.models.shipped import SHIPPED, shipped_path
+from baka.world.eval import color_share, evaluate, readings
+
+pytestmark = pytest.mark.world
+
+FLAT, STRIPED, VPRED = "world-flat", "world-striped", "world-vpred-ztsnr"
+REVERSE_OUT12 = ",".join(["0"] + ["1"] * 13 + ["0"] * 12)  # BASE from A, IN00-M00 from B, OUT from A
+# issue #10's targets
+COLOR_MIN, SHAPE_MIN, BG_MIN = 0.9, 0.8, 0.9
+BLACK_MAX, WHITE_MIN = 0.08, 0.92
+# effects the issue names without a number: gaps far outside the judge's seed-to-seed noise
+N = 24  # seeds per single-prompt claim
+CFG_GAP = 0.3  # colour + background accuracy, CFG 7 over CFG 1
+NEG_GAP = 0.25  # share of red shapes a negative "red" removes
+EMPH_GAP = 0.2  # share of red shapes, (red:1.4) over (red:0.6)
+TEX_GAP = 0.02  # texture energy of world-striped over world-flat (renders: ~0.055 vs ~0.0002)
+
+
+def test_the_world_models_are_shipped():
+    for name in SHIPPED:
+        p = shipped_path(name)
+        assert p is not None and p.stat().st_size < 16e6, name
+    from baka.models.io import load_checkpoint
+
+    ck = load_checkpoint(FLAT)
+    assert ck.metadata["modelspec.title"] == FLAT and ck.metadata["modelspec.prediction_type"] == "epsilon"
+    assert load_checkpoint(VPRED).metadata["modelspec.prediction_type"] == "v"
+
+
+@pytest.fixture(scope="module")
+def flat():
+    from baka.generate.engine import Generator
+
+    return Generator(FLAT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def quick7(flat):
+    return evaluate(flat, suite="quick", cfg=7, progress=False).metrics
+
+
+def test_prompt_following(quick7):
+    m = quick7
+    assert m["background_accuracy"] >= BG_MIN, m
+    assert m["color_accuracy"] >= COLOR_MIN, m
+    assert m["shape_accuracy"] >= SHAPE_MIN, m
+
+
+def test_guidance_works(flat, quick7):
+    """CFG 1 (no guidance) follows the prompt clearly worse than CFG 7."""
+    m1 = evaluate(flat, suite="quick", cfg=1, progress=False).metrics
+
+    def followed(m):
+        return m["color_accuracy"] + m["background_accuracy"]
+
+    assert followed(m1) + CFG_GAP <= followed(quick7), (m1, quick7)
+
+
+def test_negative_prompt_removes_what_it_names(flat):
+    base = "circle, grey background, large, center"
+    without = color_share(readings(flat, base, n=N), "red")
+    with_neg = color_share(readings(flat, base, negative="red", n=N), "red")
+    assert with_neg <= without - NEG_GAP, (without, with_neg)
+
+
+def test_emphasis_moves_colour(flat):
+    base = "circle, grey background, large, center"
+    strong = color_share(readings(flat, "(red:1.4) " + base, n=N), "red")
+    weak = color_share(readings(flat, "(red:0.6) " + base, n=N), "red")
+    assert strong >= weak + EMPH_GAP, (strong, weak)
+
+
+@pytest.fixture(scope="module")
+def merged(flat):
+    """world-flat with world-striped's OUT blocks (supermerger preset OUT12), merged at run time."""
+    from baka.merge.runtime import RuntimeBlockMerge
+    from baka.merge.weights import parse_weights
+
+    merge = flat.patcher.apply(RuntimeBlockMerge.against(flat.ckpt, STRIPED))
+    yield merge, parse_weights
+    flat.patcher.remove(merge)
+
+
+def test_block_merge_moves_style_with_the_out_blocks(flat, merged, quick7):
+    merge, weights = merged
+    scores = {}
+    for name in ("ALL_B", "OUT12", REVERSE_OUT12):
+        merge.set_weights(weights(name))
+        scores[name] = evaluate(flat, suite="quick", progress=False).metrics
+    merge.set_weights(weights("ALL_A"))
+    t_flat, t_striped = quick7["texture_energy"], scores["ALL_B"]["texture_energy"]
+    assert t_striped > t_flat + TEX_GAP, (t_flat, t_striped)
+    out12, rev = scores["OUT12"], scores[REVERSE_OUT12]
+    # the OUT blocks carry the style: most of the way to striped's texture, shapes kept
+    assert out12["texture_energy"] >= t_flat + 0.6 * (t_striped - t_flat), scores
+    assert out12["shape_accuracy"] >= SHAPE_MIN, out12
+    # the reverse split (IN blocks from striped) leaves the texture near flat's
+    assert rev["texture_energy"] <= t_flat + 0.4 * (t_striped - t_flat), scores
+
+
+def test_runtime_merge_matches_the_file_merge(flat, merged, tmp_path, run_cli):
+    import numpy as np
+
+    from baka.generate.engine import Generator, GenParams
+
+    merge, weights = merged
+    code, _, err = run_cli("merge", FLAT, STRIPED, "--alpha", "OUT12", "-o", tmp_path / "m.safetensors", "-q")
+    assert code == 0, err
+    p = GenParams(
+        "blue square, yellow background, medium, center",
+        steps=12,
+        sampler="DPM++ 2M Karras",
+        seed=3,
+        width=64,
+        height=64,
+        batch=4,
+    )
+    merge.set_weights(weights("OUT12"))
+    live = [np.asarray(r.image, np.int16) for r in flat(p)]
+    merge.set_weights(weights("ALL_A"))
+    filed = [np.asarray(r.image, np.int16) for r in Generator(tmp_path / "m.safetensors", progress=False)(p)]
+    for a, b in zip(live, filed, strict=True):
+        assert np.abs(a - b).mean() < 1.0  # fp16 file vs fp32 live lerp: rounding only
+
+
+def test_zero_terminal_snr_reaches_black_and_white(flat):
+    from baka.generate.engine import Generator
+
+    vpred = Generator(VPRED, progress=False)
+
+    def lum(gen, bg):
+        rs = readings(gen, f"red circle, {bg} background, small, center", n=N)
+        return sum(r.luminance for r in rs) / len(rs)
+
+    black, white = lum(vpred, "black"), lum(vpred, "white")
+    assert black <= BLACK_MAX and white >= WHITE_MIN, (black, white)
+    eps_black, eps_white = lum(flat, "black"), lum(flat, "white")
+    assert eps_white - eps_black < white - black, (eps_black, eps_white, black, white)
