@@ -21,7 +21,7 @@ MERGE_PRESETS = ("GRAD_V", "GRAD_A", "FLAT_25", "FLAT_75", "SMOOTHSTEP", "REVERS
 def _table(title: str, header: list[str], rows: list[list[object]]) -> str:
     fmt = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for r in rows:
-        fmt.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |")
+        fmt.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
     return f"\n### {title}\n\n" + "\n".join(fmt)
 
 
