@@ -389,17 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.only == "vae":
         return 0
 
-    def run(name: str) -> Path:
+    def trained(name: str) -> Path:
         return out / name / f"{name}.safetensors"
 
     stages = [
         # world-flat is three consecutive baka train runs at falling LR (the trainer's LR is constant)
         ("world-flat-a", init, sets["flat"], FLAT_STEPS, 1e-3, False),
-        ("world-flat-b", run("world-flat-a"), sets["flat"], FLAT2_STEPS, 5e-4, False),
-        ("world-flat", run("world-flat-b"), sets["flat"], FLAT3_STEPS, 3e-4, False),
+        ("world-flat-b", trained("world-flat-a"), sets["flat"], FLAT2_STEPS, 5e-4, False),
+        ("world-flat", trained("world-flat-b"), sets["flat"], FLAT3_STEPS, 3e-4, False),
         (
             "world-striped",
-            out / "world-flat" / "world-flat.safetensors",
+            trained("world-flat"),
             sets["striped"],
             STRIPED_STEPS,
             3e-4,
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "world-vpred-ztsnr",
-            out / "world-flat" / "world-flat.safetensors",
+            trained("world-flat"),
             sets["flat"],
             VPRED_STEPS,
             3e-4,
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     for name, model, data, steps, lr, vpred in stages:
-        if not (out / name / f"{name}.safetensors").exists():
+        if not trained(name).exists():
             t = time.time()
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred))
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "vae_loss_last": round(sum(vae_logs[-1]["loss"][-50:]) / 50, 4),
     }
     for name, *_ in stages:
-        if name in CARDS and (out / name / f"{name}.safetensors").exists():
+        if name in CARDS and trained(name).exists():
             stats = {**vae_stats, **_losses(out, name)}
             if name == "world-flat":  # the earlier runs
                 stats["earlier_runs"] = [

@@ -61,6 +61,16 @@ def _summary(pairs) -> dict[str, float]:
     return {k: round(v, 4) for k, v in score([(r, s) for r, s, _ in pairs], REPORT_KEYS).items()}
 
 
+def _schedule_flags(gen, v_pred: bool | None, zero_snr: bool | None) -> tuple[bool, bool]:
+    """v-prediction / zero-terminal-SNR as given, else as the model's modelspec metadata says."""
+    meta = gen.ckpt.metadata if gen.ckpt is not None else {}
+    if v_pred is None:
+        v_pred = meta.get("modelspec.prediction_type") == "v"
+    if zero_snr is None:
+        zero_snr = meta.get("baka_zero_terminal_snr") == "True"
+    return v_pred, zero_snr
+
+
 def evaluate(
     model,
     *,
@@ -86,11 +96,7 @@ def evaluate(
     from baka.world.score import read_image
 
     gen = model if isinstance(model, Generator) else Generator(model, progress=False)
-    meta = gen.ckpt.metadata if gen.ckpt is not None else {}
-    if v_pred is None:
-        v_pred = meta.get("modelspec.prediction_type") == "v"
-    if zero_snr is None:
-        zero_snr = meta.get("baka_zero_terminal_snr") == "True"
+    v_pred, zero_snr = _schedule_flags(gen, v_pred, zero_snr)
     scenes = suite_scenes(suite)
     k = per_prompt or SUITES[suite][2]
     pairs = []
@@ -152,7 +158,7 @@ def readings(
     from baka.generate.engine import GenParams
     from baka.world.score import read_image
 
-    meta = gen.ckpt.metadata if gen.ckpt is not None else {}
+    v_pred, zero_snr = _schedule_flags(gen, v_pred, zero_snr)
     p = GenParams(
         prompt,
         negative,
@@ -163,8 +169,8 @@ def readings(
         width=64,
         height=64,
         batch=n,
-        v_pred=meta.get("modelspec.prediction_type") == "v" if v_pred is None else v_pred,
-        zero_snr=meta.get("baka_zero_terminal_snr") == "True" if zero_snr is None else zero_snr,
+        v_pred=v_pred,
+        zero_snr=zero_snr,
         freeu=freeu,
     )
     return [read_image(r.image) for r in gen(p)]
