@@ -91,7 +91,7 @@ def test_buckets_and_captions(images):
 
 
 def test_loss_eps_v_and_min_snr_by_hand():
-    from baka.train.loss import NoiseSchedule, diffusion_loss
+    from baka.train.loss import LossWeighting, NoiseSchedule, diffusion_loss
 
     # a_t = 0.64, 0.36, 0 (zero terminal SNR): sqrt(a) = 0.8, 0.6, 0; sqrt(1 - a) = 0.6, 0.8, 1;
     # SNR = a / (1 - a) = 16/9, 9/16, 0
@@ -104,8 +104,9 @@ def test_loss_eps_v_and_min_snr_by_hand():
         seen.append((noisy, tt, cond))
         return torch.zeros_like(noisy)
 
-    def loss(**kw):
-        return diffusion_loss(zero, x0, "cond", eps, t, sched, **kw).item()
+    def loss(v_prediction=False, **kw):
+        w = LossWeighting(**kw)
+        return diffusion_loss(zero, x0, "cond", eps, t, sched, v_prediction=v_prediction, weighting=w).item()
 
     assert loss() == pytest.approx(4.0)  # eps target 2 everywhere
     noisy, tt, cond = seen[0]  # x_t = sqrt(a) x0 + sqrt(1 - a) eps = 0.8 + 1.2, 0.6 + 1.6, 0 + 2
@@ -119,6 +120,100 @@ def test_loss_eps_v_and_min_snr_by_hand():
     assert loss(v_prediction=True, min_snr_gamma=1.0) == pytest.approx((9 / 25 + 0.16 * 9 / 25 + 0) / 3)
     # gamma above every SNR: eps weights are all 1
     assert loss(min_snr_gamma=100.0) == pytest.approx(4.0)
+
+
+# kohya sd-scripts' loss weights (library/custom_train_functions.py, formulas by hand), with s the SNR
+# clamped at 1000: scale_v_pred_loss_like_noise_pred s / (s + 1); v_pred_like_loss k: 1 + k (s + 1) / s;
+# debiased estimation 1 / sqrt(s) (eps), 1 / (s + 1) (v); applied after min-SNR, in that order.
+# SNRs 16/9, 9/16, 4000 (clamped to 1000) and 0 (weight 1 where a formula divides by 0).
+KOHYA_WEIGHTS = [
+    ({"scale_v_pred_loss_like_noise_pred": True}, False, [16 / 25, 9 / 25, 1000 / 1001, 0.0]),
+    ({"v_pred_like_loss": 0.5}, False, [1 + 0.5 * 25 / 16, 1 + 0.5 * 25 / 9, 1 + 0.5 * 1001 / 1000, 1.0]),
+    ({"debiased_estimation_loss": True}, False, [3 / 4, 4 / 3, 1000**-0.5, 1.0]),
+    ({"debiased_estimation_loss": True}, True, [9 / 25, 16 / 25, 1 / 1001, 1.0]),
+    # min-SNR gamma 1 (eps: 9/16, 1, 1/4000, 1) then debiased
+    (
+        {"min_snr_gamma": 1.0, "debiased_estimation_loss": True},
+        False,
+        [27 / 64, 4 / 3, 1000**-0.5 / 4000, 1.0],
+    ),
+    # min-SNR gamma 1 (v: 9/25, 9/25, 1/4001, 0) then the v-like term
+    (
+        {"min_snr_gamma": 1.0, "v_pred_like_loss": 1.0},
+        True,
+        [9 / 25 * (1 + 25 / 16), 9 / 25 * (1 + 25 / 9), 1 / 4001 * (1 + 1001 / 1000), 0.0],
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "v_pred", "expected"), KOHYA_WEIGHTS)
+def test_kohya_loss_weights_by_hand(options, v_pred, expected):
+    from baka.train.loss import LossWeighting
+
+    snr = torch.tensor([16 / 9, 9 / 16, 4000.0, 0.0])
+    got = LossWeighting(**options).weights(snr, v_pred)
+    assert torch.allclose(got, torch.tensor(expected), rtol=1e-6), (got, expected)
+
+
+# diffusers' schedules by hand: base LR 1, 10 steps; warmup w: lr = step / w; cosine after warmup:
+# 0.5 (1 + cos(pi p)), p = (step - w) / (10 - w); linear: (10 - step) / (10 - w); restarts, 2 cycles:
+# 0.5 (1 + cos(pi ((2 p) mod 1)))
+def _cos(p):
+    import math
+
+    return 0.5 * (1 + math.cos(math.pi * p))
+
+
+LR_TABLE = [
+    ("constant", 0, [1.0] * 10),
+    ("constant_with_warmup", 2, [0, 0.5] + [1.0] * 8),
+    ("linear", 2, [0, 0.5] + [(10 - s) / 8 for s in range(2, 10)]),
+    ("cosine", 0.2, [0, 0.5] + [_cos((s - 2) / 8) for s in range(2, 10)]),  # 0.2 = 20% of max_steps
+    ("cosine_with_restarts", 0, [_cos((2 * s / 10) % 1) for s in range(10)]),
+]
+
+
+@pytest.mark.parametrize(("name", "warmup", "expected"), LR_TABLE)
+def test_lr_schedulers_by_hand(name, warmup, expected):
+    from baka.train.config import TrainConfig
+    from baka.train.optim import make_lr_scheduler
+
+    cfg = TrainConfig(
+        model="m", max_steps=10, lr_scheduler=name, lr_warmup_steps=warmup, lr_scheduler_num_cycles=2
+    )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_lr_scheduler(cfg, opt)
+    got = []
+    for _ in range(10):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_min_max_timestep(tmp_path, images):
+    from baka.train.loss import draw_noise
+
+    g = torch.Generator().manual_seed(0)
+    _, t = draw_noise(torch.Size([4000, 1, 1, 1]), g, 1000, 0.0, "cpu", (600, 700))
+    assert int(t.min()) == 600 and int(t.max()) == 699  # kohya: [min_timestep, max_timestep)
+    _, t = draw_noise(torch.Size([4000, 1, 1, 1]), g, 1000, 0.0, "cpu", (990, None))
+    assert int(t.min()) == 990 and int(t.max()) == 999
+    for lo, hi in ((500, 500), (-1, None), (0, 1001)):
+        extra = {"min_timestep": lo} | ({"max_timestep": hi} if hi is not None else {})
+        with pytest.raises(BakaError, match="min_timestep"):
+            load_config(write_config(tmp_path, "m.safetensors", images, **extra))
+
+
+def test_lr_scheduler_errors():
+    from baka.train.config import TrainConfig
+    from baka.train.optim import make_lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(BakaError, match="did you mean 'cosine'"):
+        make_lr_scheduler(TrainConfig(model="m", lr_scheduler="cosin"), opt)
+    with pytest.raises(BakaError, match="constant_with_warmup"):
+        make_lr_scheduler(TrainConfig(model="m", lr_warmup_steps=5), opt)
 
 
 def test_loss_noising_matches_diffusers_bit_for_bit():
@@ -370,6 +465,8 @@ def _same(a, b):
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_files, images):
     net = {"dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.1}
+    # the LR keeps falling across the resume (restarts at step 3 of 6: the resumed run must know its step)
+    sched = {"lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 1, "lr_scheduler_num_cycles": 2}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     full = train(
@@ -381,6 +478,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_files, images):
                 max_steps=6,
                 network=net,
                 block_dropout={"OUT05": "0.5"},
+                **sched,
             )
         ),
         progress=False,
@@ -394,6 +492,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_files, images):
             save_every=3,
             network=net,
             block_dropout={"OUT05": "0.5"},
+            **sched,
         )
     )
     part = train(cfg_b, stop_after=3, progress=False)

@@ -10,8 +10,12 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from baka.errors import BakaError
+
+if TYPE_CHECKING:
+    from baka.train.loss import LossWeighting
 
 
 @dataclass
@@ -76,7 +80,18 @@ class TrainConfig:
     v_prediction: bool = False
     zero_terminal_snr: bool = False
     min_snr_gamma: float | None = None
+    # kohya's other per-timestep loss weights (baka.train.loss.LossWeighting)
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float = 0.0
+    debiased_estimation_loss: bool = False
+    # LR schedule (diffusers' get_scheduler; kohya's names). Warmup: steps, or a fraction of max_steps if < 1
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
     noise_offset: float = 0.0
+    min_timestep: int = 0  # kohya: t drawn uniformly from [min_timestep, max_timestep)
+    max_timestep: int | None = None  # None: the schedule's length (1000)
     ema_decay: float | None = None
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     validate_every: int = 0
@@ -90,6 +105,17 @@ class TrainConfig:
     @property
     def out(self) -> Path:
         return Path(self.output_dir)
+
+    @property
+    def loss_weighting(self) -> LossWeighting:
+        from baka.train.loss import LossWeighting
+
+        return LossWeighting(
+            self.min_snr_gamma,
+            self.scale_v_pred_loss_like_noise_pred,
+            self.v_pred_like_loss,
+            self.debiased_estimation_loss,
+        )
 
 
 def _build(cls, data: dict, where: str):
@@ -154,6 +180,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     if dataset is None:
         raise BakaError(f"{path}: no dataset (a [[datasets]] table, or dataset_config = 'file.toml')")
     cfg.dataset = parse_dataset_toml(dataset, str(path))
+    hi = 1000 if cfg.max_timestep is None else cfg.max_timestep
+    if not 0 <= cfg.min_timestep < hi <= 1000:
+        raise BakaError(
+            f"{path}: min_timestep {cfg.min_timestep} / max_timestep {cfg.max_timestep}:"
+            " need 0 <= min_timestep < max_timestep <= 1000"
+        )
     if cfg.mode not in ("lora", "full"):
         raise BakaError(f"{path}: mode must be 'lora' or 'full', not {cfg.mode!r}")
     return cfg

@@ -1,4 +1,5 @@
-"""The diffusion training loss: forward noising, the eps / v target, min-SNR weighting.
+"""The diffusion training loss: forward noising, the eps / v target, per-timestep weighting
+(min-SNR and kohya's other loss-weight options).
 
 :func:`diffusion_loss` is pure (no RNG, no globals): the caller draws the noise and timesteps
 (:func:`draw_noise`) and passes the schedule's ``alphas_cumprod``. Zero-terminal-SNR lives in the
@@ -38,14 +39,21 @@ def ddpm_schedule(scheduler_config: dict, zero_terminal_snr: bool, device) -> No
 
 
 def draw_noise(
-    shape: torch.Size, gen: torch.Generator, num_timesteps: int, noise_offset: float, device
+    shape: torch.Size,
+    gen: torch.Generator,
+    num_timesteps: int,
+    noise_offset: float,
+    device,
+    timesteps: tuple[int, int | None] = (0, None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise, timesteps) for a batch of latents, drawn from ``gen`` in a fixed order (resume depends
-    on it): the Gaussian noise, then the per-channel offset noise (if ``noise_offset``), then t."""
+    on it): the Gaussian noise, then the per-channel offset noise (if ``noise_offset``), then t,
+    uniform in [lo, hi) of ``timesteps`` (kohya's min_timestep / max_timestep; hi None: all)."""
     noise = torch.randn(shape, generator=gen).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(shape[:2] + (1, 1), generator=gen).to(device)
-    t = torch.randint(0, num_timesteps, (shape[0],), generator=gen).to(device)
+    lo, hi = timesteps
+    t = torch.randint(lo, num_timesteps if hi is None else hi, (shape[0],), generator=gen).to(device)
     return noise, t
 
 
@@ -79,6 +87,43 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torc
     return torch.where(snr > 0, g / snr.clamp_min(1e-12), torch.ones_like(snr))
 
 
+def _safe(snr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weight 1 where SNR is 0 (zero terminal SNR), where the formulas below divide by 0."""
+    return torch.where(snr > 0, w, torch.ones_like(w))
+
+
+@dataclass(frozen=True)
+class LossWeighting:
+    """Per-timestep loss weights, kohya sd-scripts' options under their names, applied in kohya's order:
+    min-SNR, then ``scale_v_pred_loss_like_noise_pred``, then ``v_pred_like_loss``, then
+    ``debiased_estimation_loss``. kohya clamps the SNR at 1000 (t = 0 would be infinite) for the last
+    three; so does this. Formulas (s = min(SNR, 1000)):
+
+    - scale_v_pred_loss_like_noise_pred: w *= s / (s + 1)   (a v loss scaled like an eps loss)
+    - v_pred_like_loss = k:               w *= 1 + k (s + 1) / s   (adds k times a v-like loss)
+    - debiased_estimation_loss:           w *= 1 / sqrt(s) (eps), 1 / (s + 1) (v)   (Yu et al. 2023)
+    """
+
+    min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float = 0.0
+    debiased_estimation_loss: bool = False
+
+    def weights(self, snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+        w = torch.ones_like(snr)
+        if self.min_snr_gamma:
+            w = w * min_snr_weights(snr, self.min_snr_gamma, v_prediction)
+        s = snr.clamp(max=1000.0)
+        pos = s.clamp_min(1e-12)
+        if self.scale_v_pred_loss_like_noise_pred:
+            w = w * (s / (s + 1))
+        if self.v_pred_like_loss:
+            w = w * _safe(snr, 1 + self.v_pred_like_loss * (s + 1) / pos)
+        if self.debiased_estimation_loss:
+            w = w * (1 / (s + 1) if v_prediction else _safe(snr, pos.rsqrt()))
+        return w
+
+
 def diffusion_loss(
     denoiser: Denoiser,
     latents: torch.Tensor,
@@ -88,13 +133,13 @@ def diffusion_loss(
     schedule: NoiseSchedule,
     *,
     v_prediction: bool = False,
-    min_snr_gamma: float | None = None,
+    weighting: LossWeighting | None = None,
 ) -> torch.Tensor:
     """Mean over the batch of the per-sample MSE between ``denoiser(x_t, t, cond)`` and the target
-    (``noise``, or the velocity with ``v_prediction``), min-SNR weighted when ``min_snr_gamma``."""
+    (``noise``, or the velocity with ``v_prediction``), weighted per timestep by ``weighting``."""
     pred = denoiser(add_noise(schedule.alphas_cumprod, latents, noise, t), t, cond)
     target = velocity(schedule.alphas_cumprod, latents, noise, t) if v_prediction else noise
     per = nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        per = per * min_snr_weights(schedule.snr[t], min_snr_gamma, v_prediction)
+    if weighting is not None:
+        per = per * weighting.weights(schedule.snr[t], v_prediction)
     return per.mean()

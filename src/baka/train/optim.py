@@ -90,6 +90,41 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimize
     )
 
 
+# diffusers' schedules under kohya's names (piecewise_constant needs step rules: not offered)
+LR_SCHEDULERS: Registry[str] = Registry("LR scheduler")
+for _name in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"):
+    LR_SCHEDULERS.add(_name, _name)
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """kohya: ``lr_warmup_steps`` below 1 is a fraction of ``max_steps``."""
+    w = cfg.lr_warmup_steps
+    return int(w * cfg.max_steps) if 0 < w < 1 else int(w)
+
+
+def make_lr_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """One step per optimizer step; the LR is a pure function of the step (so resume only sets the step)."""
+    from diffusers.optimization import get_scheduler
+
+    name = LR_SCHEDULERS.get(cfg.lr_scheduler)
+    warm = warmup_steps(cfg)
+    if name == "constant" and warm:  # kohya refuses this too: warmup needs constant_with_warmup
+        raise BakaError(
+            f"lr_scheduler 'constant' takes no warmup (lr_warmup_steps = {cfg.lr_warmup_steps});"
+            " use 'constant_with_warmup'"
+        )
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warm,
+        num_training_steps=cfg.max_steps,
+        num_cycles=cfg.lr_scheduler_num_cycles,
+        power=cfg.lr_scheduler_power,
+    )
+
+
 def by_block(named: Trainable) -> dict[str, list[nn.Parameter]]:
     out: dict[str, list[nn.Parameter]] = {b: [] for b in BLOCK_IDS}
     for p, b in named.values():

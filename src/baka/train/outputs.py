@@ -11,6 +11,7 @@ from torch import nn
 
 from baka.train.config import TrainConfig
 from baka.train.data import Dataset
+from baka.train.optim import warmup_steps
 
 
 def common_metadata(cfg: TrainConfig) -> dict[str, str]:
@@ -72,7 +73,13 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
         "ss_sd_model_name": Path(cfg.model).name,
         "ss_output_name": cfg.output_name,
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(warmup_steps(cfg)),
+        "ss_scale_v_pred_loss_like_noise_pred": str(cfg.scale_v_pred_loss_like_noise_pred),
+        "ss_debiased_estimation": str(cfg.debiased_estimation_loss),
         "ss_noise_offset": str(cfg.noise_offset),
+        "ss_min_timestep": str(cfg.min_timestep),
+        "ss_max_timestep": str(cfg.max_timestep or 1000),
         "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
         "ss_tag_frequency": json.dumps(tag_frequency(ds)),
     }

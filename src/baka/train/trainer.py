@@ -26,6 +26,7 @@ from baka.train.optim import (
     EMA,
     by_block,
     freeze_text_encoder,
+    make_lr_scheduler,
     make_optimizer,
     param_groups,
     trainables,
@@ -95,6 +96,9 @@ class _Run:
         self.network, named = trainables(cfg, unet, te, te_layers, self.device)
         self.named, groups = param_groups(named, cfg)
         self.model, self.opt = acc.prepare(_Denoiser(unet, te, self.network), make_optimizer(cfg, groups))
+        # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
+        self.lr_sched = make_lr_scheduler(cfg, self.opt.optimizer)
+        self.weighting = cfg.loss_weighting
         self.ema = EMA(self.named, cfg.ema_decay) if cfg.ema_decay else None
         self.by_block = by_block(self.named)
         self.block_schedules = parse_schedules(cfg.block_dropout)
@@ -122,6 +126,9 @@ class _Run:
             self.ema.load(tensors)
         self.opt.load_state_dict(opt_state)
         self.step, self.losses = state["step"], state["losses"]
+        # the saved groups already hold this step's LR; the schedule continues from the step
+        self.lr_sched.last_epoch = self.step
+        self.lr_sched._last_lr = [g["lr"] for g in self.opt.param_groups]  # type: ignore[attr-defined]
         self.val_losses = [tuple(v) for v in state["val_losses"]]
 
     def save_checkpoint(self) -> None:
@@ -155,7 +162,14 @@ class _Run:
 
     def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        noise, t = draw_noise(latents.shape, gen, self.schedule.num_timesteps, cfg.noise_offset, self.device)
+        noise, t = draw_noise(
+            latents.shape,
+            gen,
+            self.schedule.num_timesteps,
+            cfg.noise_offset,
+            self.device,
+            (cfg.min_timestep, cfg.max_timestep),
+        )
         return diffusion_loss(
             self.model,
             latents,
@@ -164,7 +178,7 @@ class _Run:
             t,
             self.schedule,
             v_prediction=cfg.v_prediction,
-            min_snr_gamma=cfg.min_snr_gamma,
+            weighting=self.weighting,
         )
 
     def batch(self) -> list:
@@ -194,6 +208,7 @@ class _Run:
             for p in self.by_block[b]:
                 p.grad = None
         self.opt.step()
+        self.lr_sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
@@ -265,7 +280,7 @@ def train(
     while run.step < target:
         run.train_step()
         bar.update()
-        bar.set_postfix(loss=f"{run.losses[-1]:.4f}")
+        bar.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{run.lr_sched.get_last_lr()[0]:.2e}")
         run.after_step()
     bar.close()
     if stop_after is not None and run.step < cfg.max_steps:
