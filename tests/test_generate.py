@@ -61,10 +61,10 @@ def test_emphasis_none_passes_brackets_to_clip(gen):
     assert len(ignored.chunks("a (cat:1.5) BREAK mat")) == 2  # Ignore still parses the syntax
 
 
-def test_cond_and_uncond_padded_to_same_length(gen):
+def test_cond_and_uncond_keep_their_lengths(gen):
     enc = PromptEncoder(gen.pipe.text_encoder)
-    cond, uncond = enc.encode_pair(" ".join(["cat"] * 100), "")
-    assert cond.shape == uncond.shape == (1, 154, 32)
+    conds, uncond = enc.conditioning(" ".join(["cat"] * 100), "", 20)
+    assert conds[0][0][0][1].shape == (1, 154, 32) and uncond[0][1].shape == (1, 77, 32)
 
 
 @pytest.mark.parametrize("fmt", ["a1111_pt", "safetensors", "diffusers_bin"])

@@ -25,6 +25,7 @@ FULL = GenParams(
     v_pred=True,
     freeu=parse_freeu("sd1-v2"),
     emphasis="No norm",
+    pad_cond_uncond=True,
 )
 
 
@@ -48,6 +49,7 @@ def test_cli_builds_the_same_params():
         *("-p", FULL.prompt, "-n", FULL.negative, "--steps", "12", "--sampler", "DPM++ 2M Karras"),
         *("--cfg", "5.5", "--seed", "42", "-W", "600", "-H", "896", "--clip-skip", "2"),
         *("--cfg-rescale", "0.7", "--zero-snr", "--v-pred", "--freeu", "sd1-v2", "--emphasis", "No norm"),
+        "--pad-cond-uncond",
     )
     assert got == FULL
 
@@ -57,6 +59,7 @@ def test_infotext_round_trip_through_a1111_keys():
     assert fields["Size"] == "600x896" and fields["Sampler"] == "DPM++ 2M Karras"
     assert fields["CFG scale"] == "5.5" and fields["Clip skip"] == 2
     assert fields["Noise Schedule"] == "Zero Terminal SNR" and fields["Prediction"] == "v_prediction"
+    assert fields["Pad conds"] == "True"
     text = infotext.build(FULL.prompt, FULL.negative, ordered_infotext(fields))
     assert GenParams.from_infotext(text) == FULL.replace(batch=1)
     # defaults write nothing optional

@@ -81,6 +81,19 @@ def test_a1111_routes(client):
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
+def test_txt2img_prompt_editing_and_a1111_padding_option(client):
+    body = {"prompt": ", ".join(["a [cat:dog:2]"] * 40), "negative_prompt": "lowres", "steps": 3}
+    body.update(seed=7, width=64, height=64, sampler_name="Euler")
+    plain = client.post("/sdapi/v1/txt2img", json=body).json()
+    assert "Pad conds" not in json.loads(plain["info"])["infotexts"][0]
+    padded = client.post(
+        "/sdapi/v1/txt2img", json={**body, "override_settings": {"pad_cond_uncond": True}}
+    ).json()
+    assert "Pad conds: True" in json.loads(padded["info"])["infotexts"][0]
+    assert padded["images"][0] != plain["images"][0]  # long prompt, short negative: padding matters
+    assert client.get("/sdapi/v1/options").json()["pad_cond_uncond"] is False
+
+
 def test_txt2img_and_png_info(client):
     body = {
         "prompt": "a (cat:1.2), badhands",

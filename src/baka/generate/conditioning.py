@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from baka.errors import BakaError
+from baka.generate.denoise import Schedule
+from baka.generate.editing import prompt_schedule, split_and
 from baka.generate.embeddings import Embedding, EmbeddingDB
 from baka.generate.prompt import Chunk, chunk_prompt, weights_tensor
 from baka.registry import Registry
@@ -56,6 +58,7 @@ class PromptEncoder:
     clip_skip: int = 1
     emphasis: str = "Original"
     used: dict[str, Embedding] = field(default_factory=dict)  # embeddings seen, for infotext
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def chunks(self, text: str) -> list[Chunk]:
         return chunk_prompt(text, self.embeddings, parse=EMPHASIS.get(self.emphasis).parse)[0]
@@ -95,12 +98,25 @@ class PromptEncoder:
         z = EMPHASIS.get(self.emphasis).apply(z.float(), weights_tensor(chunks).to(z.device))
         return z.reshape(1, -1, z.shape[-1])
 
-    def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditioning for prompt and negative prompt, padded to the same number of chunks."""
-        pos, neg = self.chunks(prompt), self.chunks(negative)
-        empty = self.chunks("")[0]
-        while len(pos) < len(neg):
-            pos.append(empty)
-        while len(neg) < len(pos):
-            neg.append(empty)
-        return self.encode_chunks(pos), self.encode_chunks(neg)
+    def encode(self, text: str) -> torch.Tensor:
+        """[1, 77 * chunks, width] conditioning of one prompt (no editing syntax), cached by text."""
+        if text not in self._cache:
+            self._cache[text] = self.encode_chunks(self.chunks(text))
+        return self._cache[text]
+
+    def schedule(self, text: str, steps: int) -> Schedule:
+        """A1111's prompt schedule of ``text`` (prompt editing, alternation), each distinct text encoded
+        once: ``[(end_step, conditioning), ...]``."""
+        return [(end, self.encode(t)) for end, t in prompt_schedule(text, steps)]
+
+    def conditioning(
+        self, prompt: str, negative: str, steps: int
+    ) -> tuple[list[tuple[Schedule, float]], Schedule]:
+        """The prompt's ``AND`` sub-prompts (each a schedule, with its weight) and the negative's schedule
+        (A1111 does not split the negative on ``AND``)."""
+        conds = [(self.schedule(t, steps), w) for t, w in split_and(prompt)]
+        return conds, self.schedule(negative, steps)
+
+    def empty(self) -> torch.Tensor:
+        """The empty prompt's one chunk: what A1111's ``pad_cond_uncond`` pads with."""
+        return self.encode("")

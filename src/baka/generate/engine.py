@@ -20,6 +20,7 @@ from baka import __version__
 from baka.errors import BakaError
 from baka.generate import infotext
 from baka.generate.conditioning import PromptEncoder
+from baka.generate.denoise import CFGDenoiser, sample
 from baka.generate.embeddings import EmbeddingDB
 from baka.generate.freeu import FreeUPatch
 from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network, target_names
@@ -140,34 +141,38 @@ class Generator:
         with self.patcher.patched(lora, freeu):
             self.lora_unmatched = list(lora.unmatched) + others
             enc = PromptEncoder(self.pipe.text_encoder, self.embeddings, p.clip_skip, p.emphasis)
-            cond, uncond = enc.encode_pair(prompt, negative)
-            self.pipe.scheduler = scheduler
+            conds, uncond = enc.conditioning(prompt, negative, p.steps)
+            denoiser = CFGDenoiser(
+                self.pipe.unet,
+                conds,
+                uncond,
+                p.cfg,
+                p.guidance_rescale,
+                pad_with=enc.empty() if p.pad_cond_uncond else None,
+            )
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(p.batch)]
             shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
-            latents = torch.cat([torch.randn(shape, generator=g) for g in gens])
+            noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
+            latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
 
             self._stop.clear()
 
-            def on_step(pipe, i, t, cb_kwargs):
+            def on_step(done: int, total: int) -> bool:
                 if freeu is not None:
-                    freeu.set_step(i + 1)
+                    freeu.set_step(done)
                 if self.on_step is not None:
-                    self.on_step(i + 1, total)
-                if self._stop.is_set():  # diffusers skips the remaining steps, then decodes
-                    pipe._interrupt = True
-                return cb_kwargs
+                    self.on_step(done, total)
+                return self._stop.is_set()  # stop here, then decode what there is
 
-            out = self.pipe(
-                prompt_embeds=cond.repeat(p.batch, 1, 1).to(self.device, self.dtype),
-                negative_prompt_embeds=uncond.repeat(p.batch, 1, 1).to(self.device, self.dtype),
-                num_inference_steps=p.steps,
-                guidance_scale=p.cfg,
-                guidance_rescale=p.guidance_rescale,
-                latents=latents.to(self.device, self.dtype),
+            out = sample(
+                denoiser,
+                scheduler,
+                latents,
+                p.steps,
                 generator=gens if p.batch > 1 else gens[0],
-                output_type="latent",
-                callback_on_step_end=on_step,
-            ).images
+                on_step=on_step,
+                progress=self.progress,
+            )
             images = self.decode(out)
             info = self._infotext(p, enc, lora)
         return [

@@ -46,6 +46,7 @@ class GenParams:
     v_pred: bool = False
     freeu: FreeU | None = None
     emphasis: str = "Original"
+    pad_cond_uncond: bool = False
 
     def replace(self, **kw: Any) -> GenParams:
         return dataclasses.replace(self, **kw)
@@ -264,8 +265,20 @@ PARAMS: tuple[Param, ...] = (
         "emphasis",
         ("--emphasis",),
         "Original | No norm | Ignore (weights 1) | None (brackets reach CLIP as text)",
+        option="emphasis",
         info="Emphasis",
         show=lambda v: v if v != "Original" else None,
+    ),
+    Param(
+        "pad_cond_uncond",
+        ("--pad-cond-uncond",),
+        "pad prompt and negative to the same chunk count (A1111's option, off by default: a long prompt"
+        " and a short negative then run as separate UNet passes)",
+        option="pad_cond_uncond",
+        info="Pad conds",
+        parse=lambda s: s == "True",
+        show=_flag("True"),
+        cli_kw={"action": "store_true"},
     ),
 )
 
@@ -285,6 +298,7 @@ INFOTEXT_ORDER = (
     "Prediction",
     "FreeU",
     "Emphasis",
+    "Pad conds",
     "Lora hashes",
     "TI hashes",
     "Version",

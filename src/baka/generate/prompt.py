@@ -16,6 +16,10 @@ from typing import Protocol
 import torch
 
 from baka.errors import BakaError
+from baka.generate.editing import prompt_schedule, split_and
+
+__all__ = ["Chunk", "NetworkTag", "chunk_prompt", "extract_networks", "parse_prompt_attention"]
+__all__ += ["prompt_schedule", "split_and"]  # prompt editing / AND live in baka.generate.editing
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
 COMMA_BACKTRACK = 20  # A1111 default: a chunk may end at a comma up to 20 tokens back
@@ -42,14 +46,18 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         tok, weight = m.group(0), m.group(1)
         if tok in _LITERAL:
             res.append([_LITERAL[tok], 1.0])
-        elif tok == "\\":  # a backslash that escapes nothing is dropped (A1111)
-            continue
+        elif tok == "\\":  # a backslash that escapes nothing is dropped (A1111 keeps an empty run)
+            res.append(["", 1.0])
         elif tok == "(":
             round_open.append(len(res))
         elif tok == "[":
             square_open.append(len(res))
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:  # "(a:1.2.3)": A1111 raises here too
+                raise BakaError(f"prompt: emphasis weight {weight!r} is not a number") from None
+            scale(round_open.pop(), factor)
         elif tok == ")" and round_open:
             scale(round_open.pop(), _ROUND)
         elif tok == "]" and square_open:

@@ -55,6 +55,8 @@ class State:
             "sd_model_checkpoint": settings.model or next(iter(settings.folders.list("checkpoints")), None),
             "CLIP_stop_at_last_layers": 1,
             "sd_vae": "Automatic",
+            "emphasis": "Original",
+            "pad_cond_uncond": False,
         }
         return st
 

@@ -6,8 +6,9 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 2. train the VAE as a plain autoencoder on both styles (:func:`train_vae`), then rescale its latent
    space so SD1.x's fixed ``scaling_factor`` (0.18215) gives unit-variance, zero-mean latents;
 3. assemble ``init.safetensors``: random UNet and text encoder (seeded), the trained VAE;
-4. ``baka train`` (``mode = "full"``) trains ``world-flat`` from it; ``world-striped`` and
-   ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``;
+4. ``baka train`` (``mode = "full"``) trains ``world-flat`` from it in five runs (a-c epsilon loss at
+   falling LR; d on t >= 600 and e on all t with ``v_pred_like_loss``, so the high-noise steps learn
+   the caption); ``world-striped`` and ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``;
 5. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights``.
 
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
@@ -42,6 +43,12 @@ VAE_PHASES = (
 FLAT_STEPS = 2000
 FLAT2_STEPS = 1000
 FLAT3_STEPS = 1500
+# epsilon loss is tiny at high t, so after runs a-c the UNet had not learned text -> global colour at
+# t ~ 999 (right / wrong / empty caption gave the same error): run d trains t >= 600 only with
+# kohya's v_pred_like_loss, run e the full range again with it (docs/world.md, build 3)
+HIGHT_STEPS = 400
+MIX_STEPS = 600
+LATE_KEYS = {"v_pred_like_loss": 0.5, "lr_scheduler": '"cosine"', "lr_warmup_steps": 20}
 STRIPED_STEPS = 300
 VPRED_STEPS = 400
 BATCH = 32
@@ -258,8 +265,11 @@ def train_toml(
     v_pred: bool = False,
     seed: int = SEED,
     ema: float = 0.995,
+    extra: dict | None = None,
 ) -> Path:
-    """The ``baka train`` config of one stage (written next to its outputs, so the run is inspectable)."""
+    """The ``baka train`` config of one stage (written next to its outputs, so the run is inspectable);
+    ``extra`` adds top-level keys (values as TOML literals)."""
+    more = "".join(f"{k} = {v}\n" for k, v in (extra or {}).items())
     text = f"""# written by baka.world.build
 model = "{model}"
 output_dir = "{out / name}"
@@ -277,7 +287,7 @@ min_snr_gamma = 5.0
 v_prediction = {str(v_pred).lower()}
 zero_terminal_snr = {str(v_pred).lower()}
 ema_decay = {ema}
-sample_prompts = [
+{more}sample_prompts = [
   "red circle, blue background, large, center",
   "yellow square, black background, medium, left",
 ]
@@ -392,33 +402,31 @@ def main(argv: list[str] | None = None) -> int:
     def trained(name: str) -> Path:
         return out / name / f"{name}.safetensors"
 
-    stages = [
-        # world-flat is three consecutive baka train runs at falling LR (the trainer's LR is constant)
-        ("world-flat-a", init, sets["flat"], FLAT_STEPS, 1e-3, False),
-        ("world-flat-b", trained("world-flat-a"), sets["flat"], FLAT2_STEPS, 5e-4, False),
-        ("world-flat", trained("world-flat-b"), sets["flat"], FLAT3_STEPS, 3e-4, False),
+    flat = sets["flat"]
+    stages: list[tuple[str, Path, Path, int, float, bool, dict | None]] = [
+        # world-flat is five consecutive baka train runs: a-c at falling constant LR (build 2's recipe),
+        # then d (high t only) and e (full range) with v_pred_like_loss and a cosine schedule
+        ("world-flat-a", init, flat, FLAT_STEPS, 1e-3, False, None),
+        ("world-flat-b", trained("world-flat-a"), flat, FLAT2_STEPS, 5e-4, False, None),
+        ("world-flat-c", trained("world-flat-b"), flat, FLAT3_STEPS, 3e-4, False, None),
         (
-            "world-striped",
-            trained("world-flat"),
-            sets["striped"],
-            STRIPED_STEPS,
+            "world-flat-d",
+            trained("world-flat-c"),
+            flat,
+            HIGHT_STEPS,
             3e-4,
             False,
+            {**LATE_KEYS, "min_timestep": 600},
         ),
-        (
-            "world-vpred-ztsnr",
-            trained("world-flat"),
-            sets["flat"],
-            VPRED_STEPS,
-            3e-4,
-            True,
-        ),
+        ("world-flat", trained("world-flat-d"), flat, MIX_STEPS, 3e-4, False, LATE_KEYS),
+        ("world-striped", trained("world-flat"), sets["striped"], STRIPED_STEPS, 3e-4, False, None),
+        ("world-vpred-ztsnr", trained("world-flat"), flat, VPRED_STEPS, 3e-4, True, None),
     ]
-    for name, model, data, steps, lr, vpred in stages:
+    for name, model, data, steps, lr, vpred, extra in stages:
         if not trained(name).exists():
             t = time.time()
             _log(f"baka train {name}: {steps} steps from {model.name}")
-            run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred))
+            run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
             timings[f"{name}_s"] = round(time.time() - t)
             (out / name / "time.json").write_text(json.dumps({"seconds": timings[f"{name}_s"]}))
         if a.only and name.endswith(a.only):
@@ -438,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                         **_losses(out, r),
                         "train_seconds": json.loads((out / r / "time.json").read_text())["seconds"],
                     }
-                    for r in ("world-flat-a", "world-flat-b")
+                    for r in ("world-flat-a", "world-flat-b", "world-flat-c", "world-flat-d")
                 ]
             tf = out / name / "time.json"
             if tf.exists():

@@ -1,0 +1,127 @@
+"""The denoising loop with A1111's classifier-free guidance: prompt schedules, composable diffusion
+(``AND``) and prompt / negative of different lengths.
+
+The scheduler is a diffusers one (built by :mod:`baka.generate.samplers`); what diffusers' pipeline
+lacks and A1111 does is in :class:`CFGDenoiser`:
+
+- the conditioning of step ``i`` (0-based) is the first schedule entry whose end step is >= ``i``
+  (A1111's ``reconstruct_cond_batch``: so ``[a:b:10]`` uses ``a`` for sampler steps 0-10);
+- ``AND`` sub-prompts each get a UNet pass; the guided output is
+  ``uncond + sum_k w_k * cfg * (cond_k - uncond)`` (Liu et al. 2022, composable diffusion); sub-prompts
+  of different lengths are padded by repeating their last token vector, as A1111 does;
+- prompt and negative prompt of different token lengths are run as separate UNet passes (A1111's
+  default, ``pad_cond_uncond`` off) instead of padding the shorter with empty-prompt chunks.
+
+With one prompt, equal lengths and no schedule it computes exactly what diffusers'
+``StableDiffusionPipeline`` computes (tests/test_denoise.py compares the two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Schedule = list[tuple[int, torch.Tensor]]  # (end step, conditioning [1, tokens, width]) pairs
+
+
+def at_step(schedule: Schedule, step: int) -> torch.Tensor:
+    """The conditioning a schedule gives sampler step ``step`` (0-based; A1111's rule)."""
+    for end, cond in schedule:
+        if step <= end:
+            return cond
+    return schedule[-1][1]
+
+
+def pad_tokens(conds: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pad [1, L, D] conditionings to the longest L by repeating each one's last token vector."""
+    n = max(c.shape[1] for c in conds)
+    return [
+        c if c.shape[1] == n else torch.cat([c, c[:, -1:].expand(-1, n - c.shape[1], -1)], 1) for c in conds
+    ]
+
+
+@dataclass
+class CFGDenoiser:
+    """One guided model evaluation per call, A1111-style."""
+
+    unet: torch.nn.Module
+    conds: list[tuple[Schedule, float]]  # per AND sub-prompt: its schedule and weight
+    uncond: Schedule
+    cfg: float
+    guidance_rescale: float = 0.0
+    pad_with: torch.Tensor | None = None  # A1111's pad_cond_uncond: the empty prompt's chunk
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        b = x.shape[0]
+        conds = pad_tokens([at_step(s, step) for s, _ in self.conds])
+        weights = [w for _, w in self.conds]
+        if self.cfg == 1 and weights == [1.0]:  # guidance is the identity: skip the negative's pass
+            return self._unet(x, t, conds[0], b)
+        uncond = at_step(self.uncond, step)
+        if self.pad_with is not None and uncond.shape[1] != conds[0].shape[1]:
+            uncond, *conds = self._pad([uncond, *conds])
+        k = len(conds)
+        if uncond.shape[1] == conds[0].shape[1]:
+            both = torch.cat([uncond, *conds])
+            out = self._unet(torch.cat([x] * (k + 1)), t, both, b).chunk(k + 1)
+            u, cs = out[0], list(out[1:])
+        else:
+            u = self._unet(x, t, uncond, b)
+            cs = list(self._unet(torch.cat([x] * k), t, torch.cat(conds), b).chunk(k))
+        guided = u.clone()
+        for c, w in zip(cs, weights, strict=True):
+            guided += (c - u) * (w * self.cfg)
+        if self.guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            text = (
+                cs[0] if weights == [1.0] else u + sum((c - u) * w for c, w in zip(cs, weights, strict=True))
+            )
+            guided = rescale_noise_cfg(guided, text, guidance_rescale=self.guidance_rescale)
+        return guided
+
+    def _pad(self, conds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Append empty-prompt chunks to the shorter conditionings (all are whole 77-token chunks)."""
+        e = self.pad_with
+        n = max(c.shape[1] for c in conds)
+        return [torch.cat([c, *[e] * ((n - c.shape[1]) // e.shape[1])], 1) for c in conds]
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, b: int) -> torch.Tensor:
+        # each conditioning row serves the b images of the batch
+        c = cond.repeat_interleave(b, dim=0).to(x.device, x.dtype)
+        return self.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+
+
+def sample(
+    denoiser: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    scheduler,
+    latents: torch.Tensor,
+    steps: int,
+    *,
+    generator=None,
+    on_step: Callable[[int, int], bool] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run ``scheduler`` (already ``set_timesteps``) from ``latents`` (noise scaled by
+    ``init_noise_sigma``). ``steps`` is the user's step count: second-order samplers make ~2 model
+    calls per step, and the prompt schedule counts steps, not calls. ``on_step(done, total)`` returning
+    True stops the loop (interrupt); the latents as far as they got are returned."""
+    import inspect
+
+    from tqdm import tqdm
+
+    timesteps = scheduler.timesteps
+    total = len(timesteps)
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kw = {"generator": generator} if "generator" in accepted else {}
+    if "eta" in accepted:
+        kw["eta"] = 0.0
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, leave=False, desc="sampling")):
+        x_in = scheduler.scale_model_input(latents, t)
+        pred = denoiser(x_in, t, i * steps // total)
+        latents = scheduler.step(pred, t, latents, **kw, return_dict=False)[0]
+        if on_step is not None and on_step(i + 1, total):
+            break
+    return latents
