@@ -94,6 +94,17 @@ def test_txt2img_prompt_editing_and_a1111_padding_option(client):
     assert client.get("/sdapi/v1/options").json()["pad_cond_uncond"] is False
 
 
+def test_txt2img_hires_fix(client):
+    body = {"prompt": "a cat", "steps": 3, "seed": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
+    body.update(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic)", denoising_strength=0.4)
+    r = client.post("/sdapi/v1/txt2img", json=body).json()
+    info = json.loads(r["info"])["infotexts"][0]
+    assert "Hires upscale: 1.5" in info and "Hires upscaler: Latent (bicubic)" in info
+    assert "Denoising strength: 0.4" in info
+    img = Image.open(io.BytesIO(base64.b64decode(r["images"][0])))
+    assert img.size == (96, 96)
+
+
 def test_txt2img_and_png_info(client):
     body = {
         "prompt": "a (cat:1.2), badhands",
@@ -395,8 +406,10 @@ def test_sd_models_carry_hashes_once_hashed(client, a1111_root):
 
 def test_connect_routes(client):
     assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras"]
-    assert client.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
-    for path in ("latent-upscale-modes", "sd-modules", "hypernetworks", "prompt-styles", "face-restorers"):
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes and "Lanczos" not in modes
+    for path in ("sd-modules", "hypernetworks", "prompt-styles", "face-restorers"):
         assert client.get(f"/sdapi/v1/{path}").json() == [], path
     assert client.get("/sdapi/v1/sd-vae").json() == []
     assert client.get("/sdapi/v1/cmd-flags").json()["api"] is True

@@ -104,18 +104,18 @@ class PromptEncoder:
             self._cache[text] = self.encode_chunks(self.chunks(text))
         return self._cache[text]
 
-    def schedule(self, text: str, steps: int) -> Schedule:
+    def schedule(self, text: str, steps: int, hires_steps: int | None = None) -> Schedule:
         """A1111's prompt schedule of ``text`` (prompt editing, alternation), each distinct text encoded
-        once: ``[(end_step, conditioning), ...]``."""
-        return [(end, self.encode(t)) for end, t in prompt_schedule(text, steps)]
+        once: ``[(end_step, conditioning), ...]``; ``hires_steps``: the hires second pass's."""
+        return [(end, self.encode(t)) for end, t in prompt_schedule(text, steps, hires_steps=hires_steps)]
 
     def conditioning(
-        self, prompt: str, negative: str, steps: int
+        self, prompt: str, negative: str, steps: int, hires_steps: int | None = None
     ) -> tuple[list[tuple[Schedule, float]], Schedule]:
         """The prompt's ``AND`` sub-prompts (each a schedule, with its weight) and the negative's schedule
         (A1111 does not split the negative on ``AND``)."""
-        conds = [(self.schedule(t, steps), w) for t, w in split_and(prompt)]
-        return conds, self.schedule(negative, steps)
+        conds = [(self.schedule(t, steps, hires_steps), w) for t, w in split_and(prompt)]
+        return conds, self.schedule(negative, steps, hires_steps)
 
     def empty(self) -> torch.Tensor:
         """The empty prompt's one chunk: what A1111's ``pad_cond_uncond`` pads with."""

@@ -103,16 +103,22 @@ def sample(
     generator=None,
     on_step: Callable[[int, int], bool] | None = None,
     progress: bool = False,
+    start: int = 0,
 ) -> torch.Tensor:
     """Run ``scheduler`` (already ``set_timesteps``) from ``latents`` (noise scaled by
     ``init_noise_sigma``). ``steps`` is the user's step count: second-order samplers make ~2 model
     calls per step, and the prompt schedule counts steps, not calls. ``on_step(done, total)`` returning
-    True stops the loop (interrupt); the latents as far as they got are returned."""
+    True stops the loop (interrupt); the latents as far as they got are returned.
+
+    ``start`` > 0 (img2img, a hires second pass) starts at that index of ``scheduler.timesteps`` (the
+    latents already noised to it, see :func:`noise_to`); the prompt schedule then counts from 0."""
     import inspect
 
     from tqdm import tqdm
 
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps[start:]
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     total = len(timesteps)
     accepted = set(inspect.signature(scheduler.step).parameters)
     kw = {"generator": generator} if "generator" in accepted else {}
@@ -125,3 +131,18 @@ def sample(
         if on_step is not None and on_step(i + 1, total):
             break
     return latents
+
+
+def first_index(scheduler, schedule_steps: int, run_steps: int) -> int:
+    """The index in ``scheduler.timesteps`` (set for ``schedule_steps``) where the last ``run_steps``
+    steps begin; second-order schedulers list ``order`` timesteps per step (diffusers' img2img rule)."""
+    return max(schedule_steps - run_steps, 0) * getattr(scheduler, "order", 1)
+
+
+def noise_to(scheduler, latents: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+    """``latents`` noised to the level of ``scheduler.timesteps[start]`` (k-diffusion's
+    ``x + noise * sigma`` for sigma schedulers; diffusers' ``add_noise`` in each scheduler's own space)."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    t = scheduler.timesteps[start : start + 1]
+    return scheduler.add_noise(latents, noise.to(latents.dtype), t.repeat(latents.shape[0]))

@@ -20,13 +20,14 @@ from baka import __version__
 from baka.errors import BakaError
 from baka.generate import infotext
 from baka.generate.conditioning import PromptEncoder
-from baka.generate.denoise import CFGDenoiser, sample
+from baka.generate.denoise import CFGDenoiser, first_index, noise_to, sample
 from baka.generate.embeddings import EmbeddingDB
 from baka.generate.freeu import FreeUPatch
 from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network, target_names
 from baka.generate.params import GenParams, ordered_infotext
 from baka.generate.prompt import extract_networks
 from baka.generate.samplers import build_scheduler
+from baka.generate.upscale import UPSCALERS, hires_size, img2img_start
 from baka.models.patch import ModelPatcher
 
 
@@ -134,51 +135,92 @@ class Generator:
         lora = LoraPatch(uses, self._targets)
         # second-order samplers (Heun, DPM2) evaluate the UNet ~2N-1 times for N steps: FreeU's
         # schedule and progress count the denoising loop's real iterations
-        scheduler = build_scheduler(p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred)
-        scheduler.set_timesteps(p.steps)
+        scheduler = self._scheduler(p, p.steps)
         total = len(scheduler.timesteps)
+        hr_sched, hr_start, hr_run = None, 0, 0
+        if p.hires:
+            up = UPSCALERS.get(p.hr_upscaler)  # unknown names fail before any sampling
+            w, h = hires_size(p.width, p.height, p.hr_scale)
+            if w < 8 or h < 8:
+                raise BakaError(f"hires scale {p.hr_scale:g}: gives {w}x{h}, too small")
+            if not 0 <= p.denoise <= 1:
+                raise BakaError(f"denoising strength {p.denoise:g}: must be from 0 to 1")
+            hr_schedule, hr_run = img2img_start(p.hr_steps or p.steps, p.denoise)
+            if hr_schedule and hr_run:  # denoise 0: upscale only
+                hr_sched = self._scheduler(p, hr_schedule)
+                hr_start = first_index(hr_sched, hr_schedule, hr_run)
+                total += len(hr_sched.timesteps) - hr_start
         freeu = FreeUPatch(p.freeu, total) if p.freeu is not None else None
         with self.patcher.patched(lora, freeu):
             self.lora_unmatched = list(lora.unmatched) + others
             enc = PromptEncoder(self.pipe.text_encoder, self.embeddings, p.clip_skip, p.emphasis)
             conds, uncond = enc.conditioning(prompt, negative, p.steps)
-            denoiser = CFGDenoiser(
-                self.pipe.unet,
-                conds,
-                uncond,
-                p.cfg,
-                p.guidance_rescale,
-                pad_with=enc.empty() if p.pad_cond_uncond else None,
-            )
-            gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(p.batch)]
-            shape = (1, self.pipe.unet.config.in_channels, p.height // 8, p.width // 8)
-            noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
-            latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
-
+            pad = enc.empty() if p.pad_cond_uncond else None
+            denoiser = CFGDenoiser(self.pipe.unet, conds, uncond, p.cfg, p.guidance_rescale, pad_with=pad)
             self._stop.clear()
+            offset = 0
 
-            def on_step(done: int, total: int) -> bool:
+            def on_step(done: int, _total: int) -> bool:
                 if freeu is not None:
-                    freeu.set_step(done)
+                    freeu.set_step(offset + done)
                 if self.on_step is not None:
-                    self.on_step(done, total)
+                    self.on_step(offset + done, total)
                 return self._stop.is_set()  # stop here, then decode what there is
 
+            noise, gen = self._noise(seed, p.batch, p.height // 8, p.width // 8)
+            latents = noise * scheduler.init_noise_sigma
             out = sample(
-                denoiser,
-                scheduler,
-                latents,
-                p.steps,
-                generator=gens if p.batch > 1 else gens[0],
-                on_step=on_step,
-                progress=self.progress,
+                denoiser, scheduler, latents, p.steps, generator=gen, on_step=on_step, progress=self.progress
             )
+            if p.hires and not self._stop.is_set():
+                offset = len(scheduler.timesteps)
+                if up.latent:
+                    out = up.apply(out, (h // 8, w // 8))
+                else:
+                    out = self.encode([up.apply(im, (w, h)) for im in self.decode(out)])
+                if hr_sched is not None:
+                    # A1111's hires prompts: the schedule counted in first-pass steps, read at hires ones
+                    conds, uncond = enc.conditioning(prompt, negative, p.steps, hires_steps=hr_run)
+                    denoiser = CFGDenoiser(
+                        self.pipe.unet, conds, uncond, p.cfg, p.guidance_rescale, pad_with=pad
+                    )
+                    noise, gen = self._noise(seed, p.batch, h // 8, w // 8)  # fresh per seed, as A1111
+                    out = sample(
+                        denoiser,
+                        hr_sched,
+                        noise_to(hr_sched, out, noise, hr_start),
+                        hr_run,
+                        generator=gen,
+                        on_step=on_step,
+                        progress=self.progress,
+                        start=hr_start,
+                    )
             images = self.decode(out)
             info = self._infotext(p, enc, lora)
         return [
             Result(img, seed + i, infotext.build(p.prompt, p.negative, {**info, "Seed": seed + i}))
             for i, img in enumerate(images)
         ]
+
+    def _scheduler(self, p: GenParams, steps: int):
+        scheduler = build_scheduler(p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def _noise(self, seed: int, batch: int, h: int, w: int):
+        """Image i's noise from its own CPU generator seeded ``seed + i`` (reproducible alone), and those
+        generators, which go on to feed the sampler's own noise (ancestral / SDE steps)."""
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+        shape = (1, self.pipe.unet.config.in_channels, h, w)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device, self.dtype)
+        return noise, (gens if batch > 1 else gens[0])
+
+    @torch.no_grad()
+    def encode(self, images: list) -> torch.Tensor:
+        """PIL images -> scaled latents (the posterior mean: deterministic; A1111 samples it)."""
+        vae = self.pipe.vae
+        x = self.pipe.image_processor.preprocess(images).to(self.device, vae.dtype)
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list:

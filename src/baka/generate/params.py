@@ -47,6 +47,14 @@ class GenParams:
     freeu: FreeU | None = None
     emphasis: str = "Original"
     pad_cond_uncond: bool = False
+    hr_scale: float = 1.0  # hires fix: off at 1
+    hr_upscaler: str = "Latent"
+    hr_steps: int = 0  # second-pass steps; 0 = as many as the first pass
+    denoise: float = 0.7  # the second pass's denoising strength
+
+    @property
+    def hires(self) -> bool:
+        return self.hr_scale != 1.0
 
     def replace(self, **kw: Any) -> GenParams:
         return dataclasses.replace(self, **kw)
@@ -192,6 +200,21 @@ class SamplerParam(Param):
         kw[self.name] = sampler
 
 
+@dataclass(frozen=True)
+class HiresParam(Param):
+    """A hires-fix field: written to infotext only when hires fix is on; from the API only with
+    ``enable_hr`` (A1111 ignores the hr_* fields otherwise)."""
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return super().write_info(p) if p.hires else {}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        if body.get("enable_hr"):
+            super().read_api(body, options, kw)
+            if self.name == "hr_scale":
+                kw.setdefault("hr_scale", 2.0)  # A1111's API default
+
+
 def _switch(name: str, flag: str, help: str, info: str, value: str) -> Param:
     """An on/off parameter: a CLI switch, written in infotext as ``info: value`` when on."""
     return Param(
@@ -280,6 +303,41 @@ PARAMS: tuple[Param, ...] = (
         show=_flag("True"),
         cli_kw={"action": "store_true"},
     ),
+    HiresParam(
+        "hr_scale",
+        ("--hr-scale",),
+        "hires fix: upscale by this factor and run a second pass (1 = off)",
+        api="hr_scale",
+        info="Hires upscale",
+        parse=float,
+        show=_show_num,
+    ),
+    HiresParam(
+        "hr_upscaler",
+        ("--hr-upscaler",),
+        "hires upscaler: Latent, Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact),"
+        " Lanczos, Nearest",
+        api="hr_upscaler",
+        info="Hires upscaler",
+    ),
+    HiresParam(
+        "hr_steps",
+        ("--hr-steps",),
+        "hires second-pass steps (0 = the first pass's)",
+        api="hr_second_pass_steps",
+        info="Hires steps",
+        parse=int,
+        show=lambda v: v or None,
+    ),
+    HiresParam(
+        "denoise",
+        ("--denoise",),
+        "denoising strength of the hires second pass",
+        api="denoising_strength",
+        info="Denoising strength",
+        parse=float,
+        show=_show_num,
+    ),
 )
 
 # where infotext keys go, A1111's order; keys the generator adds (model, hashes) are placed too
@@ -292,6 +350,7 @@ INFOTEXT_ORDER = (
     "Model hash",
     "Model",
     "VAE",
+    "Denoising strength",
     "Clip skip",
     "CFG Rescale phi",
     "Noise Schedule",
@@ -299,6 +358,9 @@ INFOTEXT_ORDER = (
     "FreeU",
     "Emphasis",
     "Pad conds",
+    "Hires upscale",
+    "Hires steps",
+    "Hires upscaler",
     "Lora hashes",
     "TI hashes",
     "Version",

@@ -17,6 +17,12 @@ class Txt2Img(BaseModel):
     height: int = Field(512, ge=64, le=2048)
     batch_size: int = Field(1, ge=1, le=8)
     n_iter: int = Field(1, ge=1, le=8)
+    # hires fix (A1111's fields; read only with enable_hr)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1, le=4)
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    denoising_strength: float = Field(0.7, ge=0, le=1)
     override_settings: dict = Field(default_factory=dict)
 
 

@@ -69,7 +69,18 @@ def schedulers() -> list[dict]:
 
 @router.get("/upscalers")
 def upscalers() -> list[dict]:
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+    """Image upscalers for hires fix (A1111 lists "None" first, then its resamplers)."""
+    from baka.generate.upscale import UPSCALERS
+
+    names = ["None", *(n for n in UPSCALERS.names() if not UPSCALERS.get(n).latent)]
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in names]
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes() -> list[dict]:
+    from baka.generate.upscale import UPSCALERS
+
+    return [{"name": n} for n in UPSCALERS.names() if UPSCALERS.get(n).latent]
 
 
 @router.get("/sd-vae")
@@ -79,13 +90,12 @@ def sd_vae(st: StateDep) -> list[dict]:
     ]
 
 
-@router.get("/latent-upscale-modes")
 @router.get("/sd-modules")
 @router.get("/hypernetworks")
 @router.get("/prompt-styles")
 @router.get("/face-restorers")
 def nothing_here() -> list:
-    """Lists of things baka does not have (no hires latent modes yet, no SDXL modules, no
+    """Lists of things baka does not have (no SDXL modules, no
     hypernetworks, no saved styles, no face restorers): empty, as A1111 answers without them."""
     return []
 

@@ -1,0 +1,70 @@
+"""Hires-fix upscalers by their A1111 names: latent interpolation modes and plain image resamplers.
+
+A1111's latent modes (``shared.latent_upscale_modes`` in 1.10) interpolate the first pass's latents with
+``torch.nn.functional.interpolate``; the image upscalers decode, resize with PIL and encode again.
+ESRGAN-style model upscalers are not here: no well-kept library loads their files offline without
+torchvision (see the #12 note).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from baka.registry import Registry
+
+
+@dataclass(frozen=True)
+class Upscaler:
+    name: str
+    latent: bool  # True: acts on latents; False: on decoded images (then re-encoded)
+    apply: Callable  # latent: (latents, (h, w)) -> latents; image: (PIL image, (w, h)) -> PIL image
+
+
+UPSCALERS: Registry[Upscaler] = Registry("hires upscaler")
+
+
+def _latent(name: str, mode: str, antialias: bool, aliases: tuple[str, ...] = ()) -> None:
+    def apply(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return torch.nn.functional.interpolate(z, size=size, mode=mode, antialias=antialias)
+
+    UPSCALERS.add(name, Upscaler(name, True, apply), aliases)
+
+
+def _image(name: str, resample: str) -> None:
+    def apply(img, size: tuple[int, int]):
+        from PIL import Image
+
+        return img.resize(size, resample=getattr(Image.Resampling, resample))
+
+    UPSCALERS.add(name, Upscaler(name, False, apply))
+
+
+# the mode / antialias pairs of A1111 1.10's latent upscalers
+_latent("Latent", "bilinear", False, ("Latent (bilinear)",))
+_latent("Latent (antialiased)", "bilinear", True)
+_latent("Latent (bicubic)", "bicubic", False)
+_latent("Latent (bicubic antialiased)", "bicubic", True)
+_latent("Latent (nearest)", "nearest", False)
+_latent("Latent (nearest-exact)", "nearest-exact", False)
+_image("Lanczos", "LANCZOS")
+_image("Nearest", "NEAREST")
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The second pass's (width, height): A1111's ``int(side * hr_scale)``, floored to a multiple of 8
+    (the latent grid; A1111's latent modes floor the same way when they divide by 8)."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
+def img2img_start(steps: int, denoise: float) -> tuple[int, int]:
+    """(schedule length, steps run) of a second pass asked for ``steps`` steps at ``denoise``: A1111's
+    ``setup_img2img_steps`` with explicit steps (its hires path): the schedule has
+    ``int(steps / min(denoise, 0.999))`` steps and the last ``steps`` of them run."""
+    d = min(denoise, 0.999)
+    return (int(steps / d) if d > 0 else 0), steps
+
+
+__all__ = ["UPSCALERS", "Upscaler", "hires_size", "img2img_start"]
