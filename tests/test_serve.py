@@ -105,6 +105,20 @@ def test_txt2img_hires_fix(client):
     assert img.size == (96, 96)
 
 
+def test_img2img(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    body = {"prompt": "a cat", "steps": 3, "seed": 1, "width": 64, "height": 64, "init_images": [b64]}
+    r = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 1, "denoising_strength": 0.4})
+    assert r.status_code == 200, r.text
+    im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert im.size == (64, 64) and "Denoising strength: 0.4" in im.info["parameters"]
+    assert "init_images" not in r.json()["parameters"]
+    assert client.post("/sdapi/v1/img2img", json={**body, "mask": b64}).status_code == 400
+    assert client.post("/sdapi/v1/img2img", json={**body, "init_images": ["nope"]}).status_code == 400
+
+
 def test_txt2img_and_png_info(client):
     body = {
         "prompt": "a (cat:1.2), badhands",

@@ -20,12 +20,28 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--from-png", help="take every parameter from this PNG's infotext")
+    p.add_argument("--init-image", help="img2img: start from this picture (see --denoise, --resize-mode)")
     p.add_argument("--xy", help="grid X axis, e.g. cfg=5,7,9 or blocks=ALL_A,GRAD_V,ALL_B")
     p.add_argument("--xy-y", help="grid Y axis")
     p.add_argument("--merge-with", help="model B for the blocks axis (runtime block merge)")
 
 
-@command("generate", "txt2img with A1111 conventions; PNGs carry A1111 infotext")
+def open_image(path: str):
+    """An input picture as RGB, or one clear error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    from baka.errors import BakaError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise BakaError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise BakaError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+
+
+@command("generate", "txt2img / img2img with A1111 conventions; PNGs carry A1111 infotext")
 @args(_gen_args)
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
@@ -34,13 +50,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from baka.generate.engine import Generator, GenParams
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    init = open_image(a.init_image) if a.init_image else None
+    if init is not None and a.xy:
+        from baka.errors import BakaError
+
+        raise BakaError("--init-image and --xy: grids are txt2img only")
     if a.from_png:
         params = GenParams.from_infotext(infotext.read_png(a.from_png))
     else:
         params = GenParams.from_cli(a)
     cfg = {k: v for k, v in vars(params).items() if k != "freeu"}
     cfg["freeu"] = params.freeu.describe() if params.freeu else "off"
-    print_config("generate", {"model": a.model, "vae": a.vae, "out": a.out, "dtype": a.dtype, **cfg})
+    run = {"model": a.model, "vae": a.vae, "init_image": a.init_image, "out": a.out, "dtype": a.dtype}
+    print_config("generate", {**run, **cfg})
     gen = Generator(
         a.model, vae=a.vae, embedding_dirs=a.embeddings, lora_dirs=a.lora_dir, dtype=dtype, device=a.device
     )
@@ -63,7 +85,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 r.save(out / f"{start:05d}-{r.seed}.png")
         print(f"wrote {path}")
         return 0
-    results = gen(params)
+    results = gen(params, init_image=init)
     for i, r in enumerate(results):
         path = r.save(out / f"{start + i:05d}-{r.seed}.png")
         print(f"wrote {path}")

@@ -27,7 +27,7 @@ from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network
 from baka.generate.params import GenParams, ordered_infotext
 from baka.generate.prompt import extract_networks
 from baka.generate.samplers import build_scheduler
-from baka.generate.upscale import UPSCALERS, hires_size, img2img_start
+from baka.generate.upscale import RESIZE_MODES, UPSCALERS, hires_size, img2img_start, img2img_steps
 from baka.models.patch import ModelPatcher
 
 
@@ -118,7 +118,11 @@ class Generator:
         return self._networks[name]
 
     @torch.no_grad()
-    def __call__(self, p: GenParams) -> list[Result]:
+    def __call__(self, p: GenParams, init_image=None) -> list[Result]:
+        """txt2img, or img2img from ``init_image`` (a PIL image, resized to the size by
+        ``p.resize_mode``, denoised at ``p.denoise`` with A1111's step rule)."""
+        if init_image is not None and p.hires:
+            raise BakaError("hires fix is for txt2img; img2img takes the size it is given")
         if p.width % 8 or p.height % 8:
             raise BakaError(f"size {p.width}x{p.height}: width and height must be multiples of 8")
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
@@ -136,7 +140,15 @@ class Generator:
         # second-order samplers (Heun, DPM2) evaluate the UNet ~2N-1 times for N steps: FreeU's
         # schedule and progress count the denoising loop's real iterations
         scheduler = self._scheduler(p, p.steps)
-        total = len(scheduler.timesteps)
+        run, start = p.steps, 0
+        if init_image is not None:
+            if not 0 <= p.denoise <= 1:
+                raise BakaError(f"denoising strength {p.denoise:g}: must be from 0 to 1")
+            resize = RESIZE_MODES.get(str(p.resize_mode))
+            init_image = resize(init_image.convert("RGB"), p.width, p.height)
+            run = img2img_steps(p.steps, p.denoise)
+            start = first_index(scheduler, p.steps, run)
+        total = len(scheduler.timesteps) - start
         hr_sched, hr_start, hr_run = None, 0, 0
         if p.hires:
             up = UPSCALERS.get(p.hr_upscaler)  # unknown names fail before any sampling
@@ -168,9 +180,19 @@ class Generator:
                 return self._stop.is_set()  # stop here, then decode what there is
 
             noise, gen = self._noise(seed, p.batch, p.height // 8, p.width // 8)
-            latents = noise * scheduler.init_noise_sigma
+            if init_image is None:
+                latents = noise * scheduler.init_noise_sigma
+            else:
+                latents = noise_to(scheduler, self.encode([init_image] * p.batch), noise, start)
             out = sample(
-                denoiser, scheduler, latents, p.steps, generator=gen, on_step=on_step, progress=self.progress
+                denoiser,
+                scheduler,
+                latents,
+                run,  # img2img: the prompt schedule counts from the first step run, as A1111's
+                generator=gen,
+                on_step=on_step,
+                progress=self.progress,
+                start=start,
             )
             if p.hires and not self._stop.is_set():
                 offset = len(scheduler.timesteps)
@@ -197,6 +219,8 @@ class Generator:
                     )
             images = self.decode(out)
             info = self._infotext(p, enc, lora)
+            if init_image is not None:
+                info = ordered_infotext({**info, "Denoising strength": f"{p.denoise:g}"})
         return [
             Result(img, seed + i, infotext.build(p.prompt, p.negative, {**info, "Seed": seed + i}))
             for i, img in enumerate(images)

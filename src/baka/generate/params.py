@@ -50,7 +50,8 @@ class GenParams:
     hr_scale: float = 1.0  # hires fix: off at 1
     hr_upscaler: str = "Latent"
     hr_steps: int = 0  # second-pass steps; 0 = as many as the first pass
-    denoise: float = 0.7  # the second pass's denoising strength
+    denoise: float = 0.7  # denoising strength: the hires second pass's, or img2img's
+    resize_mode: str = "Just resize"  # img2img: how the init image meets the size
 
     @property
     def hires(self) -> bool:
@@ -201,12 +202,17 @@ class SamplerParam(Param):
 
 
 @dataclass(frozen=True)
-class HiresParam(Param):
-    """A hires-fix field: written to infotext only when hires fix is on; from the API only with
-    ``enable_hr`` (A1111 ignores the hr_* fields otherwise)."""
+class DenoiseParam(Param):
+    """Denoising strength: in txt2img infotext only with hires fix (the engine adds it for img2img)."""
 
     def write_info(self, p: GenParams) -> dict[str, object]:
         return super().write_info(p) if p.hires else {}
+
+
+@dataclass(frozen=True)
+class HiresParam(DenoiseParam):
+    """A hires-fix field: written to infotext only when hires fix is on; from the API only with
+    ``enable_hr`` (A1111 ignores the hr_* fields otherwise)."""
 
     def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
         if body.get("enable_hr"):
@@ -329,14 +335,20 @@ PARAMS: tuple[Param, ...] = (
         parse=int,
         show=lambda v: v or None,
     ),
-    HiresParam(
+    DenoiseParam(
         "denoise",
         ("--denoise",),
-        "denoising strength of the hires second pass",
+        "denoising strength of img2img or of the hires second pass",
         api="denoising_strength",
         info="Denoising strength",
         parse=float,
         show=_show_num,
+    ),
+    Param(
+        "resize_mode",
+        ("--resize-mode",),
+        "img2img: Just resize | Crop and resize | Resize and fill (or A1111's 0 / 1 / 2)",
+        api="resize_mode",
     ),
 )
 

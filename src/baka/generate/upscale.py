@@ -67,4 +67,66 @@ def img2img_start(steps: int, denoise: float) -> tuple[int, int]:
     return (int(steps / d) if d > 0 else 0), steps
 
 
-__all__ = ["UPSCALERS", "Upscaler", "hires_size", "img2img_start"]
+__all__ = ["RESIZE_MODES", "UPSCALERS", "Upscaler", "hires_size", "img2img_start", "img2img_steps"]
+
+
+# -- img2img input resizing ---------------------------------------------------------------------------
+# A1111's resize modes (``images.resize_image``): the picture is scaled with Lanczos, then cropped
+# (centred) or padded with its own stretched edge rows / columns.
+
+RESIZE_MODES: Registry[Callable] = Registry("resize mode")
+
+
+def _lanczos(img, size: tuple[int, int]):
+    from PIL import Image
+
+    return img.resize(size, resample=Image.Resampling.LANCZOS)
+
+
+@RESIZE_MODES.register("Just resize", aliases=("0",))
+def just_resize(img, w: int, h: int):
+    return _lanczos(img, (w, h))
+
+
+@RESIZE_MODES.register("Crop and resize", aliases=("1",))
+def crop_and_resize(img, w: int, h: int):
+    """Scale to cover w x h keeping the aspect ratio, crop the centre."""
+    from PIL import Image
+
+    wider = w / h > img.width / img.height
+    sw = w if wider else img.width * h // img.height
+    sh = h if not wider else img.height * w // img.width
+    out = Image.new("RGB", (w, h))
+    out.paste(_lanczos(img, (sw, sh)), box=(w // 2 - sw // 2, h // 2 - sh // 2))
+    return out
+
+
+@RESIZE_MODES.register("Resize and fill", aliases=("2",))
+def resize_and_fill(img, w: int, h: int):
+    """Scale to fit inside w x h keeping the aspect ratio; fill the bands by stretching the edge rows
+    (or columns) of the scaled picture (PIL's default filter, as A1111)."""
+    from PIL import Image
+
+    taller = w / h < img.width / img.height  # the picture is relatively wider: bands above and below
+    sw = w if taller else img.width * h // img.height
+    sh = h if not taller else img.height * w // img.width
+    small = _lanczos(img, (sw, sh))
+    out = Image.new("RGB", (w, h))
+    out.paste(small, box=(w // 2 - sw // 2, h // 2 - sh // 2))
+    if taller:
+        fill = h // 2 - sh // 2
+        if fill > 0:
+            out.paste(small.resize((w, fill), box=(0, 0, w, 0)), box=(0, 0))
+            out.paste(small.resize((w, fill), box=(0, sh, w, sh)), box=(0, fill + sh))
+    else:
+        fill = w // 2 - sw // 2
+        if fill > 0:
+            out.paste(small.resize((fill, h), box=(0, 0, 0, h)), box=(0, 0))
+            out.paste(small.resize((fill, h), box=(sw, 0, sw, h)), box=(fill + sw, 0))
+    return out
+
+
+def img2img_steps(steps: int, denoise: float) -> int:
+    """Steps an img2img run makes of a ``steps``-step schedule (A1111's default, ``img2img_fix_steps``
+    off): ``int(min(denoise, 0.999) * steps) + 1``, the schedule's last ones."""
+    return int(min(denoise, 0.999) * steps) + 1

@@ -26,6 +26,13 @@ class Txt2Img(BaseModel):
     override_settings: dict = Field(default_factory=dict)
 
 
+class Img2Img(Txt2Img):
+    init_images: list[str] = Field(default_factory=list)  # base64 / data: URLs; the first is used
+    resize_mode: int = Field(0, ge=0, le=2)  # Just resize, Crop and resize, Resize and fill
+    denoising_strength: float = Field(0.75, ge=0, le=1)  # A1111's img2img default
+    mask: str | None = None
+
+
 class PngInfo(BaseModel):
     image: str
 

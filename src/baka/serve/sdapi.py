@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 
 from baka.errors import BakaError
 from baka.serve.jobs import Job
-from baka.serve.schemas import PngInfo, Txt2Img
+from baka.serve.schemas import Img2Img, PngInfo, Txt2Img
 from baka.serve.state import NO_VAE, State, get_state
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -226,8 +226,8 @@ def progress(st: StateDep) -> dict:
     }
 
 
-def _decode_image_text(image: str) -> str:
-    """The "parameters" text of a base64 (or data: URL) image; BakaError if it is not an image."""
+def _decode_image(image: str):
+    """A base64 (or data: URL) image, loaded; BakaError if it is not an image."""
     from PIL import Image
 
     head, comma, rest = image.partition(",")
@@ -235,10 +235,16 @@ def _decode_image_text(image: str) -> str:
         raise BakaError("not an image: a data: URL without a comma")
     data = rest if image.startswith("data:") else image
     try:
-        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
-            return im.info.get("parameters", "")
+        im = Image.open(io.BytesIO(base64.b64decode(data)))
+        im.load()
+        return im
     except (ValueError, OSError, Image.DecompressionBombError) as e:
         raise BakaError(f"not an image: {e}") from None
+
+
+def _decode_image_text(image: str) -> str:
+    """The "parameters" text of a base64 (or data: URL) image; BakaError if it is not an image."""
+    return _decode_image(image).info.get("parameters", "")
 
 
 @router.post("/png-info")
@@ -276,8 +282,7 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
     }
 
 
-@router.post("/txt2img")
-def txt2img(req: Txt2Img, st: StateDep) -> dict:
+def _generate(req: Txt2Img, st, kind: str, init=None) -> dict:
     st.check_prompts(req.prompt, req.negative_prompt)
     opts = {**st.options, **req.override_settings}
     if not opts.get("sd_model_checkpoint"):
@@ -293,14 +298,31 @@ def txt2img(req: Txt2Img, st: StateDep) -> dict:
             if job.interrupted:
                 break
             job.skipped = False
-            batch = gen(p)
+            batch = gen(p, init_image=init)
             results += batch
             p = p.replace(seed=batch[-1].seed + 1)
         return results
 
-    results = st.run("txt2img", work)
+    results = st.run(kind, work)
+    body = req.model_dump()
+    body.pop("init_images", None)  # A1111 does not echo the input pictures back
     return {
         "images": [png_b64(r) for r in results],
-        "parameters": req.model_dump(),
+        "parameters": body,
         "info": json.dumps(_txt2img_info(req, opts, results)),
     }
+
+
+@router.post("/txt2img")
+def txt2img(req: Txt2Img, st: StateDep) -> dict:
+    return _generate(req, st, "txt2img")
+
+
+@router.post("/img2img")
+def img2img(req: Img2Img, st: StateDep) -> dict:
+    """A1111's img2img with the first of ``init_images`` (no mask: inpainting is not built yet)."""
+    if not req.init_images:
+        raise BakaError("img2img: init_images is empty")
+    if req.mask:
+        raise BakaError("img2img: masks (inpainting) are not supported yet")
+    return _generate(req, st, "img2img", _decode_image(req.init_images[0]))
