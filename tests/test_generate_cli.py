@@ -136,3 +136,13 @@ def test_grid_prompt_sr(tiny_files):
     ]
     with pytest.raises(BakaError, match="'purple' is not in the prompt"):
         run_grid(GridContext(gen), base, "prompt_sr=purple|red", progress=False)
+
+
+def test_cli_batch_count_goes_on_from_the_last_seed(tiny_files, tmp_path, run_cli):
+    out = tmp_path / "n"
+    argv = ["generate", tiny_files[0], "-p", "a cat", "--steps", "2", "-W", "64", "-H", "64", "--seed", "5"]
+    code, _, err = run_cli(*argv, "--batch", "2", "--n-iter", "2", "-o", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.png")) == [f"0000{i}-{5 + i}.png" for i in range(4)]
+    code, _, err = run_cli(*argv, "--n-iter", "0", "-o", out)
+    assert code != 0 and "--n-iter 0" in err

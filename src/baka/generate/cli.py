@@ -20,6 +20,7 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--from-png", help="take every parameter from this PNG's infotext")
+    p.add_argument("--n-iter", type=int, default=1, help="batch count: batches one after another")
     p.add_argument("--init-image", help="img2img: start from this picture (see --denoise, --resize-mode)")
     p.add_argument("--xy", help="grid X axis, e.g. cfg=5,7,9 or blocks=ALL_A,GRAD_V,ALL_B")
     p.add_argument("--xy-y", help="grid Y axis")
@@ -85,7 +86,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 r.save(out / f"{start:05d}-{r.seed}.png")
         print(f"wrote {path}")
         return 0
-    results = gen(params, init_image=init)
+    if a.n_iter < 1:
+        from baka.errors import BakaError
+
+        raise BakaError(f"--n-iter {a.n_iter}: must be at least 1")
+    results, p = [], params
+    for _ in range(a.n_iter):  # A1111's batch count: each batch goes on from the last seed
+        batch = gen(p, init_image=init)
+        results += batch
+        p = p.replace(seed=batch[-1].seed + 1)
     for i, r in enumerate(results):
         path = r.save(out / f"{start + i:05d}-{r.seed}.png")
         print(f"wrote {path}")
