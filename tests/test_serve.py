@@ -419,7 +419,8 @@ def test_sd_models_carry_hashes_once_hashed(client, a1111_root):
 
 
 def test_connect_routes(client):
-    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras"]
+    labels = [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert labels == ["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform"]
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes and "Lanczos" not in modes

@@ -227,7 +227,9 @@ class Generator:
         ]
 
     def _scheduler(self, p: GenParams, steps: int):
-        scheduler = build_scheduler(p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred)
+        scheduler = build_scheduler(
+            p.sampler, self.base_scheduler, zero_snr=p.zero_snr, v_pred=p.v_pred, schedule=p.schedule
+        )
         scheduler.set_timesteps(steps)
         return scheduler
 

@@ -35,6 +35,7 @@ class GenParams:
     _: KW_ONLY
     steps: int = 20
     sampler: str = "Euler a"
+    schedule: str = "Automatic"  # A1111's Schedule type; Automatic: the sampler's own
     cfg: float = 7.0
     seed: int = -1
     width: int = 512
@@ -184,8 +185,11 @@ class SamplerParam(Param):
 
         sampler = fields.get("Sampler", self.default())
         sched = fields.get("Schedule type", "Automatic")
-        if sched and sched != "Automatic" and f"{sampler} {sched}" in SAMPLERS:
-            sampler = f"{sampler} {sched}"
+        if sched and sched != "Automatic":
+            if f"{sampler} {sched}" in SAMPLERS:
+                sampler = f"{sampler} {sched}"
+            else:  # a pair with no combined name: kept as a pair, never dropped
+                kw["schedule"] = sched
         kw[self.name] = sampler
 
     def write_info(self, p: GenParams) -> dict[str, object]:
@@ -194,10 +198,15 @@ class SamplerParam(Param):
         return {"Sampler": SAMPLERS.canonical(p.sampler)}
 
     def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        from baka.generate.samplers import SAMPLERS
+
         sampler = body.get("sampler_name", self.default())
         sched = body.get("scheduler")
         if sched and str(sched).lower() not in ("automatic", ""):
-            sampler = f"{sampler} {sched}"
+            if f"{sampler} {sched}" in SAMPLERS:
+                sampler = f"{sampler} {sched}"
+            else:
+                kw["schedule"] = str(sched)
         kw[self.name] = sampler
 
 
@@ -219,6 +228,15 @@ class HiresParam(DenoiseParam):
             super().read_api(body, options, kw)
             if self.name == "hr_scale":
                 kw.setdefault("hr_scale", 2.0)  # A1111's API default
+
+
+@dataclass(frozen=True)
+class ScheduleParam(Param):
+    """``Schedule type``: written here, read by :class:`SamplerParam` (which folds a pair that has a
+    combined sampler name into it)."""
+
+    def read_info(self, fields: Mapping[str, str], kw: dict[str, Any]) -> None:
+        pass
 
 
 def _switch(name: str, flag: str, help: str, info: str, value: str) -> Param:
@@ -244,6 +262,13 @@ PARAMS: tuple[Param, ...] = (
     Param("negative", ("-n", "--negative"), "negative prompt", api="negative_prompt"),
     Param("steps", ("--steps",), "sampling steps", api="steps", info="Steps", parse=int),
     SamplerParam("sampler", ("--sampler",), "A1111 sampler name (see `baka samplers`)", api="sampler_name"),
+    ScheduleParam(
+        "schedule",
+        ("--schedule",),
+        "A1111 schedule type: Automatic | Karras | Exponential | Beta | SGM Uniform",
+        info="Schedule type",
+        show=lambda v: v if v != "Automatic" else None,
+    ),
     Param("cfg", ("--cfg",), "CFG scale", api="cfg_scale", info="CFG scale", parse=float, show=_show_num),
     Param(
         "seed",
@@ -356,6 +381,7 @@ PARAMS: tuple[Param, ...] = (
 INFOTEXT_ORDER = (
     "Steps",
     "Sampler",
+    "Schedule type",
     "CFG scale",
     "Seed",
     "Size",

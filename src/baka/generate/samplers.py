@@ -47,13 +47,33 @@ _add("DEIS", "DEISMultistepScheduler")
 _add("LCM", "LCMScheduler")
 
 
+# A1111 1.9+ "Schedule type" (chosen beside the sampler) -> diffusers options; None: A1111 has it,
+# baka does not yet (a clear error, never a silent substitute)
+SCHEDULES: Registry[dict | None] = Registry("schedule type")
+_SIGMA_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+SCHEDULES.add("Automatic", {})
+SCHEDULES.add("Karras", {"use_karras_sigmas": True})  # Karras et al. 2022, rho 7
+SCHEDULES.add("Exponential", {"use_exponential_sigmas": True})
+SCHEDULES.add("Beta", {"use_beta_sigmas": True})  # alpha = beta = 0.6, A1111's defaults
+SCHEDULES.add("SGM Uniform", {"timestep_spacing": "trailing"}, ("sgm_uniform",))
+for _name in ("Uniform", "Polyexponential", "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM"):
+    SCHEDULES.add(_name, None)
+
+
 def build_scheduler(
-    name: str, base_config: dict, *, zero_snr: bool = False, v_pred: bool = False, spacing: str | None = None
+    name: str,
+    base_config: dict,
+    *,
+    zero_snr: bool = False,
+    v_pred: bool = False,
+    spacing: str | None = None,
+    schedule: str = "Automatic",
 ):
     """A diffusers scheduler for A1111 sampler ``name`` over the model's training schedule.
 
     ``zero_snr`` rescales betas to zero terminal SNR (Lin et al. 2023) and uses trailing timestep
-    spacing unless ``spacing`` says otherwise; ``v_pred`` sets v-prediction.
+    spacing unless ``spacing`` says otherwise; ``v_pred`` sets v-prediction; ``schedule`` (an A1111
+    schedule type) replaces the sampler's own sigma spacing unless it is ``Automatic``.
     """
     import diffusers
 
@@ -62,6 +82,15 @@ def build_scheduler(
     cfg = {k: v for k, v in base_config.items() if not k.startswith("_")}
     cfg.update(s.options)
     accepted = set(inspect.signature(cls.__init__).parameters)
+    sched = SCHEDULES.get(schedule)
+    if sched is None:
+        raise BakaError(f"schedule type {schedule!r}: A1111 has it, baka does not yet")
+    if sched:
+        if not set(sched) <= accepted:
+            raise BakaError(f"sampler {s.name!r} cannot use schedule type {schedule!r}")
+        for k in _SIGMA_KEYS:
+            cfg.pop(k, None)
+        cfg.update(sched)
     if zero_snr:
         if "rescale_betas_zero_snr" not in accepted:
             raise BakaError(

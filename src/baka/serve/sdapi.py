@@ -54,16 +54,19 @@ def sd_models(st: StateDep) -> list[dict]:
 
 @router.get("/schedulers")
 def schedulers() -> list[dict]:
-    # baka folds the schedule into the sampler name ("DPM++ 2M Karras"); these two pair with any
+    """The schedule types baka builds (A1111's shape; its names are the labels, lowercased, _ for space)."""
+    from baka.generate.samplers import SCHEDULES
+
+    names = [n for n in SCHEDULES.names() if SCHEDULES.get(n) is not None]
     return [
         {
-            "name": "automatic",
-            "label": "Automatic",
+            "name": n.lower().replace(" ", "_"),
+            "label": n,
             "aliases": None,
-            "default_rho": -1,
+            "default_rho": 7.0 if n == "Karras" else -1,
             "need_inner_model": False,
-        },
-        {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+        }
+        for n in names
     ]
 
 
