@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -115,8 +116,36 @@ def test_img2img(client):
     im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert im.size == (64, 64) and "Denoising strength: 0.4" in im.info["parameters"]
     assert "init_images" not in r.json()["parameters"]
-    assert client.post("/sdapi/v1/img2img", json={**body, "mask": b64}).status_code == 400
     assert client.post("/sdapi/v1/img2img", json={**body, "init_images": ["nope"]}).status_code == 400
+
+
+def test_img2img_inpaint(client):
+    """A mask makes img2img inpaint, with A1111's API defaults (Only masked, fill, padding 0, blur 4)."""
+
+    def b64(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    pic = Image.new("RGB", (64, 64), (30, 30, 200))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 40, 40))
+    body = {"prompt": "a cat", "steps": 3, "seed": 1, "width": 64, "height": 64, "init_images": [b64(pic)]}
+    r = client.post("/sdapi/v1/img2img", json={**body, "mask": b64(mask)})
+    assert r.status_code == 200, r.text
+    im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    info = im.info["parameters"]
+    defaults = ("Mask blur: 4", "Inpaint area: Only masked", "Masked area padding: 0", "Masked content: fill")
+    assert all(field in info for field in defaults), info
+    assert np.array_equal(np.asarray(im.convert("RGB"))[:4, :4], np.asarray(pic)[:4, :4])
+    r = client.post(
+        "/sdapi/v1/img2img",
+        json={**body, "mask": b64(mask), "inpainting_fill": 1, "inpaint_full_res": False, "mask_blur": 0},
+    )
+    info = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).info["parameters"]
+    assert "Inpaint area" not in info and "Masked content" not in info and "Mask blur" not in info
+    r = client.post("/sdapi/v1/img2img", json={**body, "mask": b64(mask), "mask_blur_x": 2, "mask_blur_y": 3})
+    assert r.status_code == 400 and "mask_blur_x" in r.text
 
 
 def test_txt2img_and_png_info(client):

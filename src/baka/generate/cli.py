@@ -22,20 +22,27 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", help="take every parameter from this PNG's infotext")
     p.add_argument("--n-iter", type=int, default=1, help="batch count: batches one after another")
     p.add_argument("--init-image", help="img2img: start from this picture (see --denoise, --resize-mode)")
+    p.add_argument(
+        "--mask",
+        help="inpainting: white (or transparent in an RGBA picture) is repainted; needs --init-image"
+        " (see --mask-blur, --inpaint-area, --masked-content)",
+    )
     p.add_argument("--xy", help="grid X axis, e.g. cfg=5,7,9 or blocks=ALL_A,GRAD_V,ALL_B")
     p.add_argument("--xy-y", help="grid Y axis")
     p.add_argument("--merge-with", help="model B for the blocks axis (runtime block merge)")
 
 
-def open_image(path: str):
-    """An input picture as RGB, or one clear error naming the file."""
+def open_image(path: str, *, keep_alpha: bool = False):
+    """An input picture as RGB (RGBA when ``keep_alpha`` and it has an alpha channel: masks), or one
+    clear error naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     from baka.errors import BakaError
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            alpha = keep_alpha and ("A" in im.getbands() or "transparency" in im.info)
+            return im.convert("RGBA" if alpha else "RGB")
     except FileNotFoundError:
         raise BakaError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -51,10 +58,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from baka.generate.engine import Generator, GenParams
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    init = open_image(a.init_image) if a.init_image else None
-    if init is not None and a.xy:
-        from baka.errors import BakaError
+    from baka.errors import BakaError
 
+    if a.mask and not a.init_image:
+        raise BakaError("--mask needs --init-image: inpainting is img2img with a mask")
+    init = open_image(a.init_image) if a.init_image else None
+    mask = open_image(a.mask, keep_alpha=True) if a.mask else None
+    if init is not None and a.xy:
         raise BakaError("--init-image and --xy: grids are txt2img only")
     if a.from_png:
         params = GenParams.from_infotext(infotext.read_png(a.from_png))
@@ -62,7 +72,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         params = GenParams.from_cli(a)
     cfg = {k: v for k, v in vars(params).items() if k != "freeu"}
     cfg["freeu"] = params.freeu.describe() if params.freeu else "off"
-    run = {"model": a.model, "vae": a.vae, "init_image": a.init_image, "out": a.out, "dtype": a.dtype}
+    run = {"model": a.model, "vae": a.vae, "init_image": a.init_image, "mask": a.mask}
+    run.update(out=a.out, dtype=a.dtype)
     print_config("generate", {**run, **cfg})
     gen = Generator(
         a.model, vae=a.vae, embedding_dirs=a.embeddings, lora_dirs=a.lora_dir, dtype=dtype, device=a.device
@@ -87,17 +98,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     if a.n_iter < 1:
-        from baka.errors import BakaError
-
         raise BakaError(f"--n-iter {a.n_iter}: must be at least 1")
     results, p = [], params
     for _ in range(a.n_iter):  # A1111's batch count: each batch goes on from the last seed
-        batch = gen(p, init_image=init)
+        batch = gen(p, init_image=init, mask=mask)
         results += batch
         p = p.replace(seed=batch[-1].seed + 1)
     for i, r in enumerate(results):
         path = r.save(out / f"{start + i:05d}-{r.seed}.png")
         print(f"wrote {path}")
+    for note in gen.notes:
+        print(f"note: {note}")
     if gen.lora_unmatched:
         print(
             f"warning: {len(gen.lora_unmatched)} LoRA modules matched no layer, e.g. {gen.lora_unmatched[0]}"

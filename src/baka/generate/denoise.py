@@ -52,8 +52,16 @@ class CFGDenoiser:
     cfg: float
     guidance_rescale: float = 0.0
     pad_with: torch.Tensor | None = None  # A1111's pad_cond_uncond: the empty prompt's chunk
+    # inpainting: (guided prediction, x, t) -> prediction, see baka.generate.inpaint.LatentBlend
+    blend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # 9-channel inpainting models: [b, 5, h, w] (mask, masked-picture latents) beside each input
+    image_cond: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        guided = self._guided(x, t, step)
+        return guided if self.blend is None else self.blend(guided, x, t)
+
+    def _guided(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         b = x.shape[0]
         conds = pad_tokens([at_step(s, step) for s, _ in self.conds])
         weights = [w for _, w in self.conds]
@@ -91,6 +99,9 @@ class CFGDenoiser:
     def _unet(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, b: int) -> torch.Tensor:
         # each conditioning row serves the b images of the batch
         c = cond.repeat_interleave(b, dim=0).to(x.device, x.dtype)
+        if self.image_cond is not None:  # the batch is k copies of the b images: one row each
+            ic = self.image_cond.to(x.device, x.dtype)
+            x = torch.cat([x, ic.repeat(x.shape[0] // ic.shape[0], 1, 1, 1)], 1)
         return self.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
 
 

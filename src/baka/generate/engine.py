@@ -18,7 +18,7 @@ import torch
 
 from baka import __version__
 from baka.errors import BakaError
-from baka.generate import infotext
+from baka.generate import infotext, inpaint
 from baka.generate.conditioning import PromptEncoder
 from baka.generate.denoise import CFGDenoiser, first_index, noise_to, sample
 from baka.generate.embeddings import EmbeddingDB
@@ -70,7 +70,7 @@ class Generator:
             from baka.models.io import load_checkpoint
             from baka.models.pipeline import build_pipeline
 
-            self.ckpt = load_checkpoint(self.model, vae=self.vae)
+            self.ckpt = load_checkpoint(self.model, vae=self.vae, inpaint=True)
             self.sd_config = self.ckpt.config
             self.pipe = build_pipeline(self.ckpt, self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=not self.progress, leave=False)
@@ -88,6 +88,7 @@ class Generator:
         self.base_scheduler = dict(self.sd_config.scheduler)
         self.lora_unmatched: list[str] = []
         self._stop = threading.Event()
+        self.notes: list[str] = []  # what the last call could not do as asked (A1111's comments)
 
     def interrupt(self) -> None:
         """Stop the running generation after its current sampler step (A1111's Interrupt): the call
@@ -117,14 +118,23 @@ class Generator:
             self._networks[name] = load_network(find_network(name, [Path(d) for d in self.lora_dirs]))
         return self._networks[name]
 
+    @property
+    def inpainting_model(self) -> bool:
+        """A 9-channel inpainting UNet (latents + mask + masked-picture latents)."""
+        return self.pipe.unet.config.in_channels > self.pipe.vae.config.latent_channels
+
     @torch.no_grad()
-    def __call__(self, p: GenParams, init_image=None) -> list[Result]:
+    def __call__(self, p: GenParams, init_image=None, mask=None) -> list[Result]:
         """txt2img, or img2img from ``init_image`` (a PIL image, resized to the size by
-        ``p.resize_mode``, denoised at ``p.denoise`` with A1111's step rule)."""
+        ``p.resize_mode``, denoised at ``p.denoise`` with A1111's step rule), or inpainting with
+        ``mask`` (a PIL image, white = repaint; see :mod:`baka.generate.inpaint`)."""
         if init_image is not None and p.hires:
             raise BakaError("hires fix is for txt2img; img2img takes the size it is given")
+        if mask is not None and init_image is None:
+            raise BakaError("a mask needs an init image: inpainting is img2img with a mask")
         if p.width % 8 or p.height % 8:
             raise BakaError(f"size {p.width}x{p.height}: width and height must be multiples of 8")
+        self.notes = []
         seed = p.seed if p.seed >= 0 else random.randrange(2**32)
         prompt, tags = extract_networks(p.prompt)
         negative, neg_tags = extract_networks(p.negative)
@@ -141,11 +151,16 @@ class Generator:
         # schedule and progress count the denoising loop's real iterations
         scheduler = self._scheduler(p, p.steps)
         run, start = p.steps, 0
+        masked = None
         if init_image is not None:
             if not 0 <= p.denoise <= 1:
                 raise BakaError(f"denoising strength {p.denoise:g}: must be from 0 to 1")
-            resize = RESIZE_MODES.get(str(p.resize_mode))
-            init_image = resize(init_image.convert("RGB"), p.width, p.height)
+            if mask is not None:
+                masked = inpaint.prepare(init_image, mask, p)
+                init_image = masked.image
+            else:
+                resize = RESIZE_MODES.get(str(p.resize_mode))
+                init_image = resize(init_image.convert("RGB"), p.width, p.height)
             run = img2img_steps(p.steps, p.denoise)
             start = first_index(scheduler, p.steps, run)
         total = len(scheduler.timesteps) - start
@@ -168,7 +183,30 @@ class Generator:
             enc = PromptEncoder(self.pipe.text_encoder, self.embeddings, p.clip_skip, p.emphasis)
             conds, uncond = enc.conditioning(prompt, negative, p.steps)
             pad = enc.empty() if p.pad_cond_uncond else None
-            denoiser = CFGDenoiser(self.pipe.unet, conds, uncond, p.cfg, p.guidance_rescale, pad_with=pad)
+            noise, gen = self._noise(seed, p.batch, p.height // 8, p.width // 8)
+            blend = None
+            if init_image is None:
+                latents = noise * scheduler.init_noise_sigma
+            else:
+                init = self.encode([init_image] * p.batch)
+                if masked is not None and masked.mask is not None:
+                    keep = inpaint.latent_keep(masked.mask, p.height // 8, p.width // 8)
+                    content = inpaint.MASKED_CONTENT.get(str(p.masked_content))
+                    if content.latent is not None:  # A1111 draws this noise from the same seeds
+                        init = content.latent(init, keep.to(init), noise)
+                    v_pred = scheduler.config.prediction_type == "v_prediction"
+                    blend = inpaint.LatentBlend(init, keep, scheduler.alphas_cumprod, v_pred)
+                latents = noise_to(scheduler, init, noise, start)
+            denoiser = CFGDenoiser(
+                self.pipe.unet,
+                conds,
+                uncond,
+                p.cfg,
+                p.guidance_rescale,
+                pad_with=pad,
+                blend=blend,
+                image_cond=self._image_cond(p, init_image, masked, p.height, p.width),
+            )
             self._stop.clear()
             offset = 0
 
@@ -179,11 +217,6 @@ class Generator:
                     self.on_step(offset + done, total)
                 return self._stop.is_set()  # stop here, then decode what there is
 
-            noise, gen = self._noise(seed, p.batch, p.height // 8, p.width // 8)
-            if init_image is None:
-                latents = noise * scheduler.init_noise_sigma
-            else:
-                latents = noise_to(scheduler, self.encode([init_image] * p.batch), noise, start)
             out = sample(
                 denoiser,
                 scheduler,
@@ -204,7 +237,13 @@ class Generator:
                     # A1111's hires prompts: the schedule counted in first-pass steps, read at hires ones
                     conds, uncond = enc.conditioning(prompt, negative, p.steps, hires_steps=hr_run)
                     denoiser = CFGDenoiser(
-                        self.pipe.unet, conds, uncond, p.cfg, p.guidance_rescale, pad_with=pad
+                        self.pipe.unet,
+                        conds,
+                        uncond,
+                        p.cfg,
+                        p.guidance_rescale,
+                        pad_with=pad,
+                        image_cond=self._image_cond(p, None, None, h, w),
                     )
                     noise, gen = self._noise(seed, p.batch, h // 8, w // 8)  # fresh per seed, as A1111
                     out = sample(
@@ -217,14 +256,37 @@ class Generator:
                         progress=self.progress,
                         start=hr_start,
                     )
+            if blend is not None:
+                out = blend.final(out)
             images = self.decode(out)
             info = self._infotext(p, enc, lora)
             if init_image is not None:
-                info = ordered_infotext({**info, "Denoising strength": f"{p.denoise:g}"})
+                img2img = {"Denoising strength": f"{p.denoise:g}"}
+                if self.inpainting_model:
+                    img2img["Conditional mask weight"] = f"{p.inpaint_weight:g}"
+                info = ordered_infotext({**info, **img2img})
+            if masked is not None:
+                images = [masked.composite(im) for im in images]
+                info = ordered_infotext({**info, **masked.info})
+                self.notes = list(masked.notes)
         return [
             Result(img, seed + i, infotext.build(p.prompt, p.negative, {**info, "Seed": seed + i}))
             for i, img in enumerate(images)
         ]
+
+    def _image_cond(self, p: GenParams, image, masked, height: int, width: int) -> torch.Tensor | None:
+        """A 9-channel model's extra input [batch, 5, h, w]: the rounded mask on the latent grid and
+        the latents of the picture with its masked part blanked (A1111's inpainting conditioning;
+        txt2img and plain img2img: mask all ones, picture all grey). None for a plain model."""
+        if not self.inpainting_model:
+            return None
+        m = masked.mask if masked is not None else None
+        x = inpaint.conditioning_image(image if m is not None else None, m, p.inpaint_weight, height, width)
+        vae = self.pipe.vae
+        lat = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        cm = inpaint.conditioning_mask(m, height, width).to(lat)
+        cm = torch.nn.functional.interpolate(cm, size=lat.shape[-2:])
+        return torch.cat([cm, lat], 1).expand(p.batch, -1, -1, -1).to(self.dtype)
 
     def _scheduler(self, p: GenParams, steps: int):
         scheduler = build_scheduler(
@@ -237,7 +299,7 @@ class Generator:
         """Image i's noise from its own CPU generator seeded ``seed + i`` (reproducible alone), and those
         generators, which go on to feed the sampler's own noise (ancestral / SDE steps)."""
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-        shape = (1, self.pipe.unet.config.in_channels, h, w)
+        shape = (1, self.pipe.vae.config.latent_channels, h, w)
         noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device, self.dtype)
         return noise, (gens if batch > 1 else gens[0])
 

@@ -53,6 +53,13 @@ class GenParams:
     hr_steps: int = 0  # second-pass steps; 0 = as many as the first pass
     denoise: float = 0.7  # denoising strength: the hires second pass's, or img2img's
     resize_mode: str = "Just resize"  # img2img: how the init image meets the size
+    # inpainting (img2img with a mask); the CLI's defaults are A1111's UI ones, the API's its API ones
+    mask_blur: int = 4
+    mask_invert: bool = False  # A1111's "Inpaint not masked"
+    inpaint_area: str = "Whole picture"  # or "Only masked"
+    inpaint_padding: int = 32  # "Only masked" padding, pixels
+    masked_content: str = "original"  # fill | original | latent noise | latent nothing
+    inpaint_weight: float = 1.0  # 9-channel models: A1111's "Conditional mask weight"
 
     @property
     def hires(self) -> bool:
@@ -231,6 +238,39 @@ class HiresParam(DenoiseParam):
 
 
 @dataclass(frozen=True)
+class InpaintParam(Param):
+    """An inpainting field: written to infotext by the generator when there is a mask (see
+    :mod:`baka.generate.inpaint`); API values are converted by ``from_api``. A1111's API defaults
+    differ from its UI's (GenParams'): the server's img2img schema carries them."""
+
+    from_api: Callable[[Any], Any] = lambda v: v
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return {}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        if self.api and self.api in body:
+            try:
+                kw[self.name] = self.from_api(body[self.api])
+            except (TypeError, ValueError, BakaError):
+                raise BakaError(f"{self.api}: bad value {body[self.api]!r}") from None
+        elif self.option and self.option in options:
+            super().read_api(body, options, kw)
+
+
+def _masked_content(v: Any) -> str:
+    from baka.generate.inpaint import MASKED_CONTENT
+
+    return MASKED_CONTENT.canonical(str(v))
+
+
+def _inpaint_area(v: Any) -> str:
+    from baka.generate.inpaint import INPAINT_AREAS
+
+    return INPAINT_AREAS.canonical(str(v))
+
+
+@dataclass(frozen=True)
 class ScheduleParam(Param):
     """``Schedule type``: written here, read by :class:`SamplerParam` (which folds a pair that has a
     combined sampler name into it)."""
@@ -375,6 +415,61 @@ PARAMS: tuple[Param, ...] = (
         "img2img: Just resize | Crop and resize | Resize and fill (or A1111's 0 / 1 / 2)",
         api="resize_mode",
     ),
+    InpaintParam(
+        "mask_blur",
+        ("--mask-blur",),
+        "inpainting: Gaussian blur of the mask, pixels",
+        api="mask_blur",
+        info="Mask blur",
+        parse=int,
+        from_api=int,
+    ),
+    InpaintParam(
+        "mask_invert",
+        ("--mask-invert",),
+        "inpainting: repaint what is not masked (A1111's 'Inpaint not masked')",
+        api="inpainting_mask_invert",
+        info="Mask mode",
+        parse=lambda s: s == "Inpaint not masked",
+        cli_kw={"action": "store_true"},
+        from_api=lambda v: bool(int(v)),
+    ),
+    InpaintParam(
+        "inpaint_area",
+        ("--inpaint-area",),
+        "inpainting: Whole picture | Only masked (the mask's box, padded, generated at full size)",
+        api="inpaint_full_res",
+        info="Inpaint area",
+        parse=_inpaint_area,
+        from_api=_inpaint_area,
+    ),
+    InpaintParam(
+        "inpaint_padding",
+        ("--inpaint-padding",),
+        "inpainting: 'Only masked' padding around the mask, pixels",
+        api="inpaint_full_res_padding",
+        info="Masked area padding",
+        parse=int,
+        from_api=int,
+    ),
+    InpaintParam(
+        "masked_content",
+        ("--masked-content",),
+        "inpainting: what the masked part starts from: fill | original | latent noise | latent nothing",
+        api="inpainting_fill",
+        info="Masked content",
+        parse=_masked_content,
+        from_api=_masked_content,
+    ),
+    InpaintParam(
+        "inpaint_weight",
+        ("--inpaint-weight",),
+        "9-channel inpainting models: how much of the picture the model is shown (A1111's"
+        " 'Conditional mask weight')",
+        option="inpainting_mask_weight",
+        info="Conditional mask weight",
+        parse=float,
+    ),
 )
 
 # where infotext keys go, A1111's order; keys the generator adds (model, hashes) are placed too
@@ -389,6 +484,7 @@ INFOTEXT_ORDER = (
     "Model",
     "VAE",
     "Denoising strength",
+    "Conditional mask weight",
     "Clip skip",
     "CFG Rescale phi",
     "Noise Schedule",
@@ -399,6 +495,11 @@ INFOTEXT_ORDER = (
     "Hires upscale",
     "Hires steps",
     "Hires upscaler",
+    "Mask mode",
+    "Mask blur",
+    "Inpaint area",
+    "Masked area padding",
+    "Masked content",
     "Lora hashes",
     "TI hashes",
     "Version",

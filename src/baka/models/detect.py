@@ -75,11 +75,12 @@ _WRONG = {
 }
 
 
-def require_sd1(path: str | Path, kind: Kind, *, need_unet: bool = True) -> None:
-    """Raise a one-line :class:`ModelFileError` unless ``kind`` is a usable SD1.x checkpoint."""
+def require_sd1(path: str | Path, kind: Kind, *, need_unet: bool = True, inpaint: bool = False) -> None:
+    """Raise a one-line :class:`ModelFileError` unless ``kind`` is a usable SD1.x checkpoint
+    (``inpaint``: 9-channel inpainting checkpoints are usable too, e.g. for generation)."""
     if kind.name == "unknown" and kind.detail != "no SD1.x keys":
         raise ModelFileError(path, f"not a Stable Diffusion checkpoint ({kind.detail})")
-    if kind.name != "sd1":
+    if kind.name != "sd1" and not (inpaint and kind.name == "sd1-inpaint"):
         raise ModelFileError(path, _WRONG[kind.name])
     if need_unet and "unet" not in kind.components:
         raise ModelFileError(path, "checkpoint has no UNet (model.diffusion_model.*) keys")

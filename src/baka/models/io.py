@@ -58,18 +58,24 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    path: str | Path, *, ema: bool = False, vae: str | Path | None = None, keep_extra: bool = False
+    path: str | Path,
+    *,
+    ema: bool = False,
+    vae: str | Path | None = None,
+    keep_extra: bool = False,
+    inpaint: bool = False,
 ) -> Checkpoint:
     """Load an SD1.x checkpoint (single file or diffusers folder), validated and split.
 
     ``ema`` takes the UNet's EMA weights; ``vae`` replaces the VAE from a separate file. Keys outside
-    the model (EMA copies, schedule buffers) are dropped unless ``keep_extra``.
+    the model (EMA copies, schedule buffers) are dropped unless ``keep_extra``. ``inpaint`` accepts
+    9-channel inpainting checkpoints (the generator drives them; merging and training do not yet).
     """
     path = resolve(path)
     raw, meta = read_raw(path)
     raw = normalize_ldm_keys(raw)
     kind = detect.classify({k: tuple(v.shape) for k, v in raw.items()})
-    detect.require_sd1(path, kind)
+    detect.require_sd1(path, kind, inpaint=inpaint)
     if ema:
         try:
             raw = extract_ema(raw)

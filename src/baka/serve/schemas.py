@@ -30,7 +30,28 @@ class Img2Img(Txt2Img):
     init_images: list[str] = Field(default_factory=list)  # base64 / data: URLs; the first is used
     resize_mode: int = Field(0, ge=0, le=2)  # Just resize, Crop and resize, Resize and fill
     denoising_strength: float = Field(0.75, ge=0, le=1)  # A1111's img2img default
+    # inpainting, with A1111's API defaults (they differ from its UI's)
     mask: str | None = None
+    mask_blur: int | None = Field(None, ge=0, le=64)  # sets both axes when given
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(0, ge=0, le=3)  # fill, original, latent noise, latent nothing
+    inpaint_full_res: bool = True  # "Only masked"
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+
+    def blur(self) -> int:
+        """The one mask blur baka applies to both axes (A1111: ``mask_blur`` sets x and y)."""
+        if self.mask_blur is not None:
+            return self.mask_blur
+        if self.mask_blur_x != self.mask_blur_y:
+            from baka.errors import BakaError
+
+            raise BakaError(
+                f"mask_blur_x {self.mask_blur_x} and mask_blur_y {self.mask_blur_y} differ:"
+                " baka blurs both axes by one value (send mask_blur)"
+            )
+        return self.mask_blur_x
 
 
 class PngInfo(BaseModel):

@@ -266,7 +266,10 @@ def png_info(body: PngInfo) -> dict:
 def _gen_params(req: Txt2Img, opts: dict):
     from baka.generate.params import GenParams
 
-    return GenParams.from_api(req.model_dump(), opts)
+    body = req.model_dump()
+    if isinstance(req, Img2Img):
+        body["mask_blur"] = req.blur()
+    return GenParams.from_api(body, opts)
 
 
 def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
@@ -285,7 +288,7 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
     }
 
 
-def _generate(req: Txt2Img, st, kind: str, init=None) -> dict:
+def _generate(req: Txt2Img, st, kind: str, init=None, mask=None) -> dict:
     st.check_prompts(req.prompt, req.negative_prompt)
     opts = {**st.options, **req.override_settings}
     if not opts.get("sd_model_checkpoint"):
@@ -301,7 +304,7 @@ def _generate(req: Txt2Img, st, kind: str, init=None) -> dict:
             if job.interrupted:
                 break
             job.skipped = False
-            batch = gen(p, init_image=init)
+            batch = gen(p, init_image=init, mask=mask)
             results += batch
             p = p.replace(seed=batch[-1].seed + 1)
         return results
@@ -323,9 +326,8 @@ def txt2img(req: Txt2Img, st: StateDep) -> dict:
 
 @router.post("/img2img")
 def img2img(req: Img2Img, st: StateDep) -> dict:
-    """A1111's img2img with the first of ``init_images`` (no mask: inpainting is not built yet)."""
+    """A1111's img2img with the first of ``init_images``; inpainting when ``mask`` is given."""
     if not req.init_images:
         raise BakaError("img2img: init_images is empty")
-    if req.mask:
-        raise BakaError("img2img: masks (inpainting) are not supported yet")
-    return _generate(req, st, "img2img", _decode_image(req.init_images[0]))
+    mask = _decode_image(req.mask) if req.mask else None
+    return _generate(req, st, "img2img", _decode_image(req.init_images[0]), mask)
