@@ -160,7 +160,8 @@ def test_infotext_and_from_png_reproduce(gen, tmp_path):
     text = infotext.read_png(path)
     prompt, neg, params = infotext.parse(text)
     assert prompt == p.prompt and neg == p.negative
-    assert params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "5.5"
+    assert params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M" and params["CFG scale"] == "5.5"
+    assert params["Schedule type"] == "Karras"  # A1111 1.10 writes the pair
     assert params["Seed"] == "11" and params["Size"] == "64x64" and params["Clip skip"] == "2"
     assert params["Model hash"] == gen.model_hash and len(gen.model_hash) == 10
     q = GenParams.from_infotext(text)

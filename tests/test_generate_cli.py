@@ -38,7 +38,7 @@ def test_cli_generate_and_from_png(tiny_files, tmp_path, run_cli):
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["00000-7.png", "00001-8.png"]
     text = infotext.read_png(files[1])
-    assert "Seed: 8" in text and "Sampler: DPM++ 2M Karras" in text and "FreeU: " in text
+    assert "Seed: 8" in text and "Sampler: DPM++ 2M, Schedule type: Karras" in text and "FreeU: " in text
     again = tmp_path / "again"
     assert run_cli("generate", tiny_files[0], "--from-png", files[0], "-o", again)[0] == 0
     a = np.asarray(Image.open(files[0])).astype(int)

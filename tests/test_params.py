@@ -56,7 +56,8 @@ def test_cli_builds_the_same_params():
 
 def test_infotext_round_trip_through_a1111_keys():
     fields = FULL.infotext_fields()
-    assert fields["Size"] == "600x896" and fields["Sampler"] == "DPM++ 2M Karras"
+    assert fields["Size"] == "600x896"
+    assert (fields["Sampler"], fields["Schedule type"]) == ("DPM++ 2M", "Karras")
     assert fields["CFG scale"] == "5.5" and fields["Clip skip"] == 2
     assert fields["Noise Schedule"] == "Zero Terminal SNR" and fields["Prediction"] == "v_prediction"
     assert fields["Pad conds"] == "True"

@@ -167,7 +167,7 @@ def test_txt2img_and_png_info(client):
     info = json.loads(out["info"])
     assert len(out["images"]) == 2 and info["all_seeds"] == [42, 43]
     im = Image.open(io.BytesIO(base64.b64decode(out["images"][0])))
-    assert im.size == (64, 64) and "Sampler: DPM++ 2M Karras" in im.info["parameters"]
+    assert im.size == (64, 64) and "Sampler: DPM++ 2M, Schedule type: Karras" in im.info["parameters"]
     assert "Clip skip: 2" in info["infotexts"][0] and "TI hashes" in info["infotexts"][0]
     pi = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + out["images"][1]}).json()
     assert pi["parameters"]["Seed"] == "43" and pi["parameters"]["Prompt"] == body["prompt"]
@@ -448,8 +448,14 @@ def test_sd_models_carry_hashes_once_hashed(client, a1111_root):
 
 
 def test_connect_routes(client):
-    labels = [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
-    assert labels == ["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform"]
+    scheds = client.get("/sdapi/v1/schedulers").json()
+    labels = [s["label"] for s in scheds]
+    # A1111 1.10's twelve, in its order
+    assert labels == [
+        *("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal"),
+        *("Align Your Steps", "Simple", "Normal", "DDIM", "Beta"),
+    ]
+    assert {s["name"]: s["default_rho"] for s in scheds}["karras"] == 7.0
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes and "Lanczos" not in modes

@@ -122,5 +122,6 @@ def cmd_samplers(a: argparse.Namespace) -> int:
 
     for name in SAMPLERS.names():
         s = SAMPLERS.get(name)
-        print(f"{name:<22} {s.scheduler} {s.options or ''}")
+        auto = f"(Automatic schedule: {s.auto})" if s.auto else ""
+        print(f"{name:<22} {s.scheduler} {s.options or ''} {auto}".rstrip())
     return 0

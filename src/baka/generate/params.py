@@ -200,9 +200,16 @@ class SamplerParam(Param):
         kw[self.name] = sampler
 
     def write_info(self, p: GenParams) -> dict[str, object]:
-        from baka.generate.samplers import SAMPLERS
+        """A1111 1.10's form: the sampler's own name and, apart, the schedule type it ran with
+        ("DPM++ 2M Karras" -> ``Sampler: DPM++ 2M, Schedule type: Karras``; plain "DPM++ 2M" too, since
+        Automatic means Karras for it)."""
+        from baka.generate.samplers import SAMPLERS, SCHEDULES, split_name
 
-        return {"Sampler": SAMPLERS.canonical(p.sampler)}
+        sampler, named = split_name(p.sampler)
+        sched = SCHEDULES.canonical(p.schedule)
+        if sched == "Automatic":  # zero-terminal SNR keeps diffusers' spacing, not A1111's default
+            sched = named or ("Automatic" if p.zero_snr else SAMPLERS.get(sampler).auto or "Automatic")
+        return {"Sampler": sampler, "Schedule type": sched if sched != "Automatic" else None}
 
     def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
         from baka.generate.samplers import SAMPLERS
@@ -272,11 +279,14 @@ def _inpaint_area(v: Any) -> str:
 
 @dataclass(frozen=True)
 class ScheduleParam(Param):
-    """``Schedule type``: written here, read by :class:`SamplerParam` (which folds a pair that has a
+    """``Schedule type``: read and written by :class:`SamplerParam` (which folds a pair that has a
     combined sampler name into it)."""
 
     def read_info(self, fields: Mapping[str, str], kw: dict[str, Any]) -> None:
         pass
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return {}
 
 
 def _switch(name: str, flag: str, help: str, info: str, value: str) -> Param:
@@ -305,7 +315,8 @@ PARAMS: tuple[Param, ...] = (
     ScheduleParam(
         "schedule",
         ("--schedule",),
-        "A1111 schedule type: Automatic | Karras | Exponential | Beta | SGM Uniform",
+        "A1111 schedule type: Automatic (the sampler's A1111 default) | Uniform | Karras | Exponential |"
+        " Polyexponential | SGM Uniform | KL Optimal | Align Your Steps | Simple | Normal | DDIM | Beta",
         info="Schedule type",
         show=lambda v: v if v != "Automatic" else None,
     ),

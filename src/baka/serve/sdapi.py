@@ -57,16 +57,16 @@ def schedulers() -> list[dict]:
     """The schedule types baka builds (A1111's shape; its names are the labels, lowercased, _ for space)."""
     from baka.generate.samplers import SCHEDULES
 
-    names = [n for n in SCHEDULES.names() if SCHEDULES.get(n) is not None]
     return [
         {
             "name": n.lower().replace(" ", "_"),
             "label": n,
             "aliases": None,
-            "default_rho": 7.0 if n == "Karras" else -1,
-            "need_inner_model": False,
+            "default_rho": SCHEDULES.get(n).rho,
+            # A1111's flag: the schedule reads the model's own sigmas, not only their range
+            "need_inner_model": n in ("Uniform", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta"),
         }
-        for n in names
+        for n in SCHEDULES.names()
     ]
 
 
