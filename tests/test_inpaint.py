@@ -11,6 +11,7 @@ from PIL import Image
 
 from baka.errors import BakaError
 from baka.generate import infotext, inpaint
+from baka.generate.denoise import Prediction
 from baka.generate.engine import Generator, GenParams
 
 DATA = Path(__file__).parent / "data"
@@ -144,7 +145,7 @@ def test_blend_gives_init_as_the_estimate(v_pred):
     keep[..., :4, :] = 1
     ac = torch.linspace(0.999, 0.001, 1000)
     t = torch.tensor(400.0)
-    out = inpaint.LatentBlend(init, keep, ac, v_pred)(pred, x, t)
+    out = inpaint.LatentBlend(init, keep, Prediction(ac, v_pred))(pred, x, t)
     a = ac[400].double()
     sa, s1 = a.sqrt(), (1 - a).sqrt()
     x0 = sa * x - s1 * out if v_pred else (x - s1 * out) / sa
@@ -158,7 +159,7 @@ def test_blend_finite_at_zero_terminal_snr():
     ac[-1] = 2**-24  # diffusers' zero-terminal-SNR floor
     init, x, pred = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
     for v in (False, True):
-        out = inpaint.LatentBlend(init, torch.ones(1, 1, 4, 4), ac, v)(pred, x, torch.tensor(999))
+        out = inpaint.LatentBlend(init, torch.ones(1, 1, 4, 4), Prediction(ac, v))(pred, x, torch.tensor(999))
         assert torch.isfinite(out).all()
 
 

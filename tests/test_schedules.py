@@ -228,3 +228,27 @@ def test_pairs_from_infotext_and_api():
     assert GenParams("a").infotext_fields()["Schedule type"] is None
     q = GenParams.from_api({"prompt": "a", "sampler_name": "Euler a", "scheduler": "Exponential"}, {})
     assert (q.sampler, q.schedule) == ("Euler a", "Exponential")
+
+
+def test_any_sampler_schedule_name_is_read():
+    from baka.generate.samplers import split_name
+
+    # A1111 1.6-1.8 combined names that baka does not register are split as A1111 1.10 splits them
+    assert split_name("DPM++ 3M SDE Karras") == ("DPM++ 3M SDE", "Karras")
+    assert split_name("euler a exponential") == ("Euler a", "Exponential")
+    assert split_name("DPM++ 2M SDE Heun") == ("DPM++ 2M SDE Heun", None)
+    a = build_scheduler("DPM++ 3M SDE Karras", SD)
+    b = build_scheduler("DPM++ 3M SDE", SD, schedule="Karras")
+    a.set_timesteps(7)
+    b.set_timesteps(7)
+    assert torch.equal(a.sigmas, b.sigmas)
+    with pytest.raises(BakaError, match="unknown sampler"):
+        split_name("DPM++ 4M Karras")
+
+
+def test_sde_variants():
+    heun = build_scheduler("DPM++ 2M SDE Heun", SD)
+    three = build_scheduler("DPM++ 3M SDE", SD)
+    assert (heun.config.algorithm_type, heun.config.solver_type) == ("sde-dpmsolver++", "heun")
+    assert (three.config.algorithm_type, three.config.solver_order) == ("sde-dpmsolver++", 3)
+    assert GenParams("a", sampler="DPM++ 3M SDE").infotext_fields()["Schedule type"] == "Exponential"

@@ -72,6 +72,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         params = GenParams.from_cli(a)
     cfg = {k: v for k, v in vars(params).items() if k != "freeu"}
     cfg["freeu"] = params.freeu.describe() if params.freeu else "off"
+    cfg["dynthresh"] = params.dynthresh or "off"
     run = {"model": a.model, "vae": a.vae, "init_image": a.init_image, "mask": a.mask}
     run.update(out=a.out, dtype=a.dtype)
     print_config("generate", {**run, **cfg})

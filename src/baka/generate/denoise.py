@@ -26,6 +26,42 @@ import torch
 Schedule = list[tuple[int, torch.Tensor]]  # (end step, conditioning [1, tokens, width]) pairs
 
 
+def alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at a (possibly fractional) timestep: log-sigma interpolated between the integer
+    steps, as k-diffusion's ``DiscreteSchedule.t_to_sigma`` (the noise level the UNet is told)."""
+    ac = alphas_cumprod.double()
+    log_sigma = ((1 - ac) / ac).sqrt().log()
+    t = t.double().clamp(0, len(ac) - 1)
+    lo = t.floor().long()
+    hi = t.ceil().long()
+    w = t - lo
+    sigma = ((1 - w) * log_sigma[lo] + w * log_sigma[hi]).exp()
+    return 1 / (1 + sigma**2)
+
+
+@dataclass
+class Prediction:
+    """What the UNet predicts (eps or v) over its training schedule, and the denoised estimate x0 it
+    implies for its input x = sqrt(a) x0 + sqrt(1 - a) eps (the space A1111's k-diffusion denoiser,
+    inpainting blend and dynamic thresholding work in)."""
+
+    alphas_cumprod: torch.Tensor
+    v_pred: bool = False
+
+    def _coeffs(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = alpha_at(self.alphas_cumprod, torch.as_tensor(t).reshape(-1)[:1]).to(x.device)
+        return a.sqrt().to(x.dtype), (1 - a).sqrt().to(x.dtype)
+
+    def to_x0(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sa, s1 = self._coeffs(x, t)
+        return sa * x - s1 * pred if self.v_pred else (x - s1 * pred) / sa
+
+    def from_x0(self, x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The prediction whose estimate is ``x0`` (finite at a = 0, zero-terminal SNR)."""
+        sa, s1 = self._coeffs(x, t)
+        return (sa * x - x0) / s1 if self.v_pred else (x - sa * x0) / s1
+
+
 def at_step(schedule: Schedule, step: int) -> torch.Tensor:
     """The conditioning a schedule gives sampler step ``step`` (0-based; A1111's rule)."""
     for end, cond in schedule:
@@ -56,6 +92,10 @@ class CFGDenoiser:
     blend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # 9-channel inpainting models: [b, 5, h, w] (mask, masked-picture latents) beside each input
     image_cond: torch.Tensor | None = None
+    # dynamic thresholding (baka.generate.dynthresh.DynThresh), on the x0 estimates of `prediction`
+    dynthresh: object | None = None
+    prediction: Prediction | None = None
+    steps: int = 1  # the run's step count, for the thresholding's scale schedules
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         guided = self._guided(x, t, step)
@@ -65,7 +105,7 @@ class CFGDenoiser:
         b = x.shape[0]
         conds = pad_tokens([at_step(s, step) for s, _ in self.conds])
         weights = [w for _, w in self.conds]
-        if self.cfg == 1 and weights == [1.0]:  # guidance is the identity: skip the negative's pass
+        if self.cfg == 1 and weights == [1.0] and self.dynthresh is None:  # guidance is the identity
             return self._unet(x, t, conds[0], b)
         uncond = at_step(self.uncond, step)
         if self.pad_with is not None and uncond.shape[1] != conds[0].shape[1]:
@@ -78,9 +118,17 @@ class CFGDenoiser:
         else:
             u = self._unet(x, t, uncond, b)
             cs = list(self._unet(torch.cat([x] * k), t, torch.cat(conds), b).chunk(k))
-        guided = u.clone()
-        for c, w in zip(cs, weights, strict=True):
-            guided += (c - u) * (w * self.cfg)
+        if self.dynthresh is not None:
+            pr = self.prediction
+            assert pr is not None, "dynamic thresholding needs the model's prediction type"
+            x0 = self.dynthresh.combine(  # type: ignore[attr-defined]
+                [pr.to_x0(c, x, t) for c in cs], pr.to_x0(u, x, t), weights, self.cfg, step, self.steps
+            )
+            guided = pr.from_x0(x0, x, t)
+        else:
+            guided = u.clone()
+            for c, w in zip(cs, weights, strict=True):
+                guided += (c - u) * (w * self.cfg)
         if self.guidance_rescale > 0:
             from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 

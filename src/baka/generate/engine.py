@@ -20,7 +20,7 @@ from baka import __version__
 from baka.errors import BakaError
 from baka.generate import infotext, inpaint
 from baka.generate.conditioning import PromptEncoder
-from baka.generate.denoise import CFGDenoiser, first_index, noise_to, sample
+from baka.generate.denoise import CFGDenoiser, Prediction, first_index, noise_to, sample
 from baka.generate.embeddings import EmbeddingDB
 from baka.generate.freeu import FreeUPatch
 from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network, target_names
@@ -184,6 +184,8 @@ class Generator:
             conds, uncond = enc.conditioning(prompt, negative, p.steps)
             pad = enc.empty() if p.pad_cond_uncond else None
             noise, gen = self._noise(seed, p.batch, p.height // 8, p.width // 8)
+            v_pred = scheduler.config.prediction_type == "v_prediction"
+            prediction = Prediction(scheduler.alphas_cumprod, v_pred)
             blend = None
             if init_image is None:
                 latents = noise * scheduler.init_noise_sigma
@@ -194,8 +196,7 @@ class Generator:
                     content = inpaint.MASKED_CONTENT.get(str(p.masked_content))
                     if content.latent is not None:  # A1111 draws this noise from the same seeds
                         init = content.latent(init, keep.to(init), noise)
-                    v_pred = scheduler.config.prediction_type == "v_prediction"
-                    blend = inpaint.LatentBlend(init, keep, scheduler.alphas_cumprod, v_pred)
+                    blend = inpaint.LatentBlend(init, keep, prediction)
                 latents = noise_to(scheduler, init, noise, start)
             denoiser = CFGDenoiser(
                 self.pipe.unet,
@@ -206,6 +207,9 @@ class Generator:
                 pad_with=pad,
                 blend=blend,
                 image_cond=self._image_cond(p, init_image, masked, p.height, p.width),
+                dynthresh=p.dynthresh,
+                prediction=prediction,
+                steps=run,
             )
             self._stop.clear()
             offset = 0
@@ -244,6 +248,9 @@ class Generator:
                         p.guidance_rescale,
                         pad_with=pad,
                         image_cond=self._image_cond(p, None, None, h, w),
+                        dynthresh=p.dynthresh,
+                        prediction=Prediction(hr_sched.alphas_cumprod, v_pred),
+                        steps=hr_run,
                     )
                     noise, gen = self._noise(seed, p.batch, h // 8, w // 8)  # fresh per seed, as A1111
                     out = sample(

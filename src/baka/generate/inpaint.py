@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from baka.errors import BakaError
+from baka.generate.denoise import Prediction, alpha_at
 from baka.registry import Registry
 
 # -- the mask ----------------------------------------------------------------------------------------
@@ -292,38 +293,19 @@ def latent_keep(mask, height: int, width: int) -> torch.Tensor:
 # -- the blend during sampling -------------------------------------------------------------------------
 
 
-def alpha_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alpha_bar at a (possibly fractional) timestep: log-sigma interpolated between the integer
-    steps, as k-diffusion's ``DiscreteSchedule.t_to_sigma`` (the noise level the UNet is told)."""
-    ac = alphas_cumprod.double()
-    log_sigma = ((1 - ac) / ac).sqrt().log()
-    t = t.double().clamp(0, len(ac) - 1)
-    lo = t.floor().long()
-    hi = t.ceil().long()
-    w = t - lo
-    sigma = ((1 - w) * log_sigma[lo] + w * log_sigma[hi]).exp()
-    return 1 / (1 + sigma**2)
-
-
 @dataclass
 class LatentBlend:
     """A1111's inpainting blend on a noise / v prediction: where ``keep`` is 1 the prediction is
     replaced by the one whose denoised estimate is ``init`` (A1111 blends the estimate itself:
-    ``denoised = init * mask + nmask * denoised``; for x = sqrt(a) x0 + sqrt(1-a) eps that estimate is
-    x0, and the prediction giving x0 = init is eps = (x - sqrt(a) init) / sqrt(1-a), or
-    v = (sqrt(a) x - init) / sqrt(1-a)). Finite at a = 0 (zero-terminal SNR) and for every scheduler,
-    since it works on the UNet's own input ``x``."""
+    ``denoised = init * mask + nmask * denoised``). Works under every scheduler, since it acts on the
+    UNet's own input ``x`` (see :class:`baka.generate.denoise.Prediction`)."""
 
     init: torch.Tensor  # clean init latents [b, 4, h, w]
     keep: torch.Tensor  # [1, 1, h, w]
-    alphas_cumprod: torch.Tensor
-    v_pred: bool = False
+    prediction: Prediction
 
     def __call__(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = alpha_at(self.alphas_cumprod, torch.as_tensor(t).reshape(-1)[:1]).to(x.device)
-        sa, s1 = a.sqrt().to(x.dtype), (1 - a).sqrt().to(x.dtype)
-        init = self.init.to(x.device, x.dtype)
-        target = (sa * x - init) / s1 if self.v_pred else (x - sa * init) / s1
+        target = self.prediction.from_x0(self.init.to(x.device, x.dtype), x, t)
         keep = self.keep.to(x.device, x.dtype)
         return pred + keep * (target - pred)
 
@@ -360,6 +342,7 @@ __all__ = [
     "MASKED_CONTENT",
     "LatentBlend",
     "Masked",
+    "Prediction",
     "alpha_at",
     "binary_mask",
     "blur_mask",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from baka.errors import BakaError
 
 if TYPE_CHECKING:  # the CLI builds its parser from this table: importing FreeU would load torch
+    from baka.generate.dynthresh import DynThresh
     from baka.generate.freeu import FreeU
 
 
@@ -43,6 +44,7 @@ class GenParams:
     batch: int = 1
     clip_skip: int = 1
     guidance_rescale: float = 0.0
+    dynthresh: DynThresh | None = None  # dynamic thresholding (CFG scale fix); None = off
     zero_snr: bool = False
     v_pred: bool = False
     freeu: FreeU | None = None
@@ -100,6 +102,12 @@ class GenParams:
         for row in PARAMS:
             row.read_api(body, options, kw)
         return cls(**kw)
+
+
+def parse_dynthresh(spec: str | None) -> DynThresh | None:
+    from baka.generate.dynthresh import parse_dynthresh as parse
+
+    return parse(spec)
 
 
 def _show_num(v: float) -> str:
@@ -245,6 +253,35 @@ class HiresParam(DenoiseParam):
 
 
 @dataclass(frozen=True)
+class DynThreshParam(Param):
+    """Dynamic thresholding: the extension's infotext keys (several); in the API its
+    ``alwayson_scripts`` entry, as A1111 clients send it."""
+
+    script = "dynamic thresholding (cfg scale fix)"
+
+    def read_info(self, fields: Mapping[str, str], kw: dict[str, Any]) -> None:
+        from baka.generate.dynthresh import DynThresh
+
+        kw[self.name] = DynThresh.from_infotext(dict(fields))
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return p.dynthresh.infotext() if p.dynthresh is not None else {}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        from baka.generate.dynthresh import DynThresh
+
+        scripts = {str(k).lower(): v for k, v in (body.get("alwayson_scripts") or {}).items()}
+        entry = scripts.get(self.script)
+        if entry is None:
+            return
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        try:
+            kw[self.name] = DynThresh.from_script_args(list(args))
+        except (TypeError, ValueError) as e:
+            raise BakaError(f"alwayson_scripts {self.script!r}: bad args ({e})") from None
+
+
+@dataclass(frozen=True)
 class InpaintParam(Param):
     """An inpainting field: written to infotext by the generator when there is a mask (see
     :mod:`baka.generate.inpaint`); API values are converted by ``from_api``. A1111's API defaults
@@ -348,6 +385,14 @@ PARAMS: tuple[Param, ...] = (
         info="CFG Rescale phi",
         parse=float,
         show=lambda v: f"{v:g}" if v else None,
+    ),
+    DynThreshParam(
+        "dynthresh",
+        ("--dynthresh",),
+        "dynamic thresholding (CFG scale fix): off, a mimic scale (7), or 7,percentile=99.5,"
+        "cfg_mode=Cosine Down,mimic_mode=...,startpoint=MEAN|ZERO,variability=AD|STD,phi=1,...",
+        parse=parse_dynthresh,
+        cli_kw={"default": None},
     ),
     _switch(
         "zero_snr",
@@ -511,6 +556,18 @@ INFOTEXT_ORDER = (
     "Inpaint area",
     "Masked area padding",
     "Masked content",
+    "Dynamic thresholding enabled",
+    "Mimic scale",
+    "Separate Feature Channels",
+    "Scaling Startpoint",
+    "Variability Measure",
+    "Interpolate Phi",
+    "Threshold percentile",
+    "Mimic mode",
+    "Mimic scale minimum",
+    "CFG mode",
+    "CFG scale minimum",
+    "Scheduler value",
     "Lora hashes",
     "TI hashes",
     "Version",

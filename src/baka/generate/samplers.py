@@ -41,6 +41,10 @@ _add("DPM++ 2M", "DPMSolverMultistepScheduler", ("dpmpp_2m",), auto="Karras")
 _add("DPM++ 2M Karras", "DPMSolverMultistepScheduler", ("dpmpp_2m_karras",), **_KARRAS)
 _add("DPM++ 2M SDE", "DPMSolverMultistepScheduler", auto="Exponential", algorithm_type="sde-dpmsolver++")
 _add("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", **_KARRAS)
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+# diffusers' SDE variants of DPM-Solver++ (its Heun-type correction, its third-order step)
+_add("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", auto="Exponential", solver_type="heun", **_SDE)
+_add("DPM++ 3M SDE", "DPMSolverMultistepScheduler", auto="Exponential", solver_order=3, **_SDE)
 _add("DPM++ SDE", "DPMSolverSDEScheduler", auto="Karras")
 _add("DPM++ SDE Karras", "DPMSolverSDEScheduler", ("dpmpp_sde_karras",), **_KARRAS)
 _add("DPM++ 2S a", "DPMSolverSinglestepScheduler", auto="Karras")
@@ -229,12 +233,13 @@ def with_sigmas(cls: type, schedule: Schedule) -> type:
 def split_name(name: str) -> tuple[str, str | None]:
     """A sampler name as A1111 1.9+ splits it: (sampler, the schedule type in the name or None);
     "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"), "Euler a" -> ("Euler a", None)."""
-    canon = SAMPLERS.canonical(name)
+    # any "<sampler> <schedule type>" is read, registered or not (A1111 1.6-1.8 wrote e.g.
+    # "DPM++ 3M SDE Karras", "Euler Karras")
     for sched in SCHEDULES.names():
-        base = canon[: -len(sched) - 1]
-        if canon.endswith(" " + sched) and base in SAMPLERS:
+        base = name.strip()[: -len(sched) - 1]
+        if name.strip().lower().endswith(" " + sched.lower()) and base in SAMPLERS:
             return SAMPLERS.canonical(base), sched
-    return canon, None
+    return SAMPLERS.canonical(name), None
 
 
 def build_scheduler(

@@ -24,6 +24,8 @@ class Txt2Img(BaseModel):
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
     denoising_strength: float = Field(0.7, ge=0, le=1)
     override_settings: dict = Field(default_factory=dict)
+    # A1111 extensions' arguments by script title; baka reads "Dynamic Thresholding (CFG Scale Fix)"
+    alwayson_scripts: dict = Field(default_factory=dict)
 
 
 class Img2Img(Txt2Img):
