@@ -151,7 +151,13 @@ class LoraPatch(Patch):
                 continue
             w = mod.weight
             self._backup.keep(w)
-            w.copy_((w.float() + mult * m.delta_weight(w.shape)).to(w.dtype))
+            # IA3 / GLoRA scale the layer's own weight: the original one, as A1111 (not what
+            # networks applied before this one made of it)
+            w.copy_((w.float() + mult * m.delta_weight(w.shape, self._backup.original(w))).to(w.dtype))
+            bias = m.bias_delta()
+            if bias is not None and getattr(mod, "bias", None) is not None:
+                self._backup.keep(mod.bias)
+                mod.bias.copy_((mod.bias.float() + mult * bias.reshape(mod.bias.shape)).to(mod.bias.dtype))
         self.applied.append(use)
 
     def remove(self) -> None:

@@ -4,8 +4,10 @@ adapters). Generation applies the deltas as a reversible patch; merge tools can 
 
 Deltas (scale = alpha / rank, alpha defaulting to rank):
 - LoRA / LoCon: up @ down (conv kernels flattened; Tucker ``lora_mid`` supported)
+  (all three equal lycoris-lora's own ``diff_weight``, plain and Tucker: tests/test_lycoris_parity.py)
 - LoHa: (w1a @ w1b) * (w2a @ w2b)  (Hadamard product; Tucker ``hada_t1/t2`` supported)
 - LoKr: kron(w1, w2), each factor full or a low-rank product (scale 1 unless a factor is decomposed)
+- IA3: W * w per channel; GLoRA: W a1 a2 + b1 b2 (both need the layer's weight); Full: diff (+ bias)
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ Tensors = dict[str, torch.Tensor]
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # core [r, r, k, k], b (down) [r, in], a (up) [out, r] -> [out, in, k, k]
-    return torch.einsum("ijkl,jr,ip->prkl", core, b.flatten(1), a.flatten(1))
+    # LyCORIS's rebuild_tucker: core [r1, r2, k, k], a [r1, out], b [r2, in] -> [out, in, k, k]
+    return torch.einsum("ijkl,jr,ip->prkl", core, b.flatten(1), a.flatten(1)).contiguous()
 
 
 class NetworkFormat:
@@ -34,6 +36,7 @@ class NetworkFormat:
     name: ClassVar[str]
     marker: ClassVar[str]  # prefix of a tensor suffix that identifies the format
     keys: ClassVar[frozenset[str]]
+    needs_orig: ClassVar[bool] = False  # the delta depends on the layer's own weight (IA3, GLoRA)
 
     @classmethod
     def matches(cls, tensors: Tensors) -> bool:
@@ -45,10 +48,28 @@ class NetworkFormat:
         raise NotImplementedError
 
     @classmethod
-    def delta_weight(cls, tensors: Tensors, shape: torch.Size) -> torch.Tensor:
-        """The weight delta of one module for a layer of ``shape`` (scale included, multiplier not)."""
+    def raw_delta_orig(cls, t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """As :meth:`raw_delta` for formats whose delta depends on the layer's weight ``orig``."""
+        raise NotImplementedError
+
+    @classmethod
+    def bias_delta(cls, t: Tensors) -> torch.Tensor | None:
+        """The layer's bias delta, for formats that carry one (full diff)."""
+        return None
+
+    @classmethod
+    def delta_weight(
+        cls, tensors: Tensors, shape: torch.Size, orig: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weight delta of one module for a layer of ``shape`` (scale included, multiplier not);
+        ``orig``: the layer's weight, for the formats that need it."""
         t = {k: v.float() for k, v in tensors.items()}
-        delta, rank = cls.raw_delta(t)
+        if cls.needs_orig:
+            if orig is None:
+                raise BakaError(f"{cls.name} modules need the layer's own weight")
+            delta, rank = cls.raw_delta_orig(t, orig.float())
+        else:
+            delta, rank = cls.raw_delta(t)
         alpha = t.get("alpha")
         scale = 1.0 if rank is None or alpha is None else float(alpha) / rank
         if delta.numel() != shape.numel():
@@ -74,8 +95,8 @@ class LoRA(NetworkFormat):
     @classmethod
     def raw_delta(cls, t: Tensors) -> tuple[torch.Tensor, int | None]:
         up, down = t["lora_up.weight"], t["lora_down.weight"]
-        if "lora_mid.weight" in t:
-            return _tucker(t["lora_mid.weight"], up, down), down.shape[0]
+        if "lora_mid.weight" in t:  # LoCon's up is [out, r]: the Tucker product wants [r, out]
+            return _tucker(t["lora_mid.weight"], up.flatten(1).T, down), down.shape[0]
         return up.flatten(1) @ down.flatten(1), down.shape[0]
 
 
@@ -92,9 +113,9 @@ class LoHa(NetworkFormat):
         if "hada_t1" in t:
             w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
             w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
-        else:
-            w1 = t["hada_w1_a"] @ t["hada_w1_b"]
-            w2 = t["hada_w2_a"] @ t["hada_w2_b"]
+        else:  # conv factors [r, in, k, k] are flattened to [r, in * k * k]
+            w1 = t["hada_w1_a"].flatten(1) @ t["hada_w1_b"].flatten(1)
+            w2 = t["hada_w2_a"].flatten(1) @ t["hada_w2_b"].flatten(1)
         return w1 * w2, t["hada_w1_b"].shape[0]
 
 
@@ -110,21 +131,75 @@ class LoKr(NetworkFormat):
 
     @classmethod
     def raw_delta(cls, t: Tensors) -> tuple[torch.Tensor, int | None]:
-        rank = None
+        # the rank alpha divides: lokr_w1_b's rows, else lokr_w2_b's (A1111's network_lokr)
+        rank = next((t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t), None)
         w1 = t.get("lokr_w1")
         if w1 is None:
-            w1, rank = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
+            w1 = t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = t.get("lokr_w2")
         if w2 is None:
-            rank = t["lokr_w2_b"].shape[0]
-            w2 = (
-                _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-                if "lokr_t2" in t
-                else t["lokr_w2_a"] @ t["lokr_w2_b"]
-            )
-        if w2.ndim == 4 and w1.ndim == 2:
-            w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2), rank
+            a, b = t["lokr_w2_a"], t["lokr_w2_b"]
+            if "lokr_t2" in t:  # Tucker: a [r, out], b [r, in], core [r, r, k, k]
+                w2 = _tucker(t["lokr_t2"], a, b)
+            else:  # conv: b [r, in, k, k]
+                w2 = (a @ b.flatten(1)).reshape(a.shape[0], *b.shape[1:])
+        while w1.ndim < w2.ndim:  # kron over the kernel axes: w1 broadcasts along them
+            w1 = w1[..., None]
+        return torch.kron(w1, w2.contiguous()), rank
+
+
+@_format
+class IA3(NetworkFormat):
+    """(IA)^3: the layer's weight scaled per output channel (per input channel with ``on_input``);
+    delta = W * w (LyCORIS's ``IA3Module``, A1111's network_ia3). No alpha."""
+
+    name = "IA3"
+    marker = "on_input"
+    keys = frozenset({"weight", "on_input"})
+    needs_orig = True
+
+    @classmethod
+    def raw_delta_orig(cls, t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        w = t["weight"].flatten()
+        ones = [1] * (orig.ndim - 2)
+        scale = w.view(1, -1, *ones) if bool(t["on_input"].flatten()[0]) else w.view(-1, 1, *ones)
+        return orig * scale, None
+
+
+@_format
+class GLoRA(NetworkFormat):
+    """GLoRA: delta = W a1 a2 + b1 b2, scaled by alpha / rank (LyCORIS's ``GLoRAModule``)."""
+
+    name = "GLoRA"
+    marker = "a1."
+    keys = frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"})
+    needs_orig = True
+
+    @classmethod
+    def raw_delta_orig(cls, t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        a1, a2 = t["a1.weight"].flatten(1), t["a2.weight"].flatten(1)
+        b1, b2 = t["b1.weight"].flatten(1), t["b2.weight"].flatten(1)
+        # W (out, in, k...) contracted with a1 on its input axis, then a2
+        wa = torch.einsum("oi...,ij->oj...", torch.einsum("oi...,ij->oj...", orig, a1), a2)
+        return (b1 @ b2).reshape(orig.shape) + wa, b2.shape[0]
+
+
+@_format
+class Full(NetworkFormat):
+    """A full weight difference (LyCORIS "full" / A1111 network_full): ``diff``, and ``diff_b`` for
+    the bias."""
+
+    name = "Full"
+    marker = "diff"
+    keys = frozenset({"diff", "diff_b"})
+
+    @classmethod
+    def raw_delta(cls, t: Tensors) -> tuple[torch.Tensor, int | None]:
+        return t["diff"], None
+
+    @classmethod
+    def bias_delta(cls, t: Tensors) -> torch.Tensor | None:
+        return t["diff_b"].float() if "diff_b" in t else None
 
 
 @dataclass
@@ -144,14 +219,18 @@ class Module:
         fmt = self.format
         return sorted(set(self.tensors) - (fmt.keys if fmt else set()))
 
-    def delta_weight(self, shape: torch.Size) -> torch.Tensor:
+    def delta_weight(self, shape: torch.Size, orig: torch.Tensor | None = None) -> torch.Tensor:
         fmt = self.format
         if fmt is None:
             raise BakaError(f"{self.name}: unsupported network module (keys {sorted(self.tensors)})")
         try:
-            return fmt.delta_weight(self.tensors, shape)
+            return fmt.delta_weight(self.tensors, shape, orig)
         except BakaError as e:
             raise BakaError(f"{self.name}: {e}") from None
+
+    def bias_delta(self) -> torch.Tensor | None:
+        fmt = self.format
+        return fmt.bias_delta(self.tensors) if fmt is not None else None
 
 
 @dataclass
@@ -187,4 +266,16 @@ def load_network(path: str | Path) -> Network:
     return Network(path.stem, path, modules, digest[:12])
 
 
-__all__ = ["NETWORK_FORMATS", "NetworkFormat", "Module", "Network", "load_network", "LoRA", "LoHa", "LoKr"]
+__all__ = [
+    "NETWORK_FORMATS",
+    "Full",
+    "GLoRA",
+    "IA3",
+    "LoHa",
+    "LoKr",
+    "LoRA",
+    "Module",
+    "Network",
+    "NetworkFormat",
+    "load_network",
+]

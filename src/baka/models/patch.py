@@ -47,6 +47,10 @@ class WeightBackup:
         if id(param) not in self._saved:
             self._saved[id(param)] = (param, param.detach().clone())
 
+    def original(self, param: torch.Tensor) -> torch.Tensor:
+        """The value ``param`` had when it was first kept (the tensor itself if never kept)."""
+        return self._saved[id(param)][1] if id(param) in self._saved else param
+
     @torch.no_grad()
     def restore(self) -> None:
         for param, original in self._saved.values():

@@ -1,0 +1,69 @@
+"""LoRA / LoCon, LoHa and LoKr deltas, plain and Tucker-decomposed, linear and conv, and the IA3 /
+GLoRA deltas that depend on the layer's weight, against lycoris-lora's own code (tables it produced:
+tests/data/lycoris_deltas.json, tests/data/lycoris_orig_deltas.json); full diffs and their bias
+applied through the LoRA patch and removed again."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from baka.models.networks import NETWORK_FORMATS
+
+DATA = Path(__file__).parent / "data"
+TABLE = json.loads((DATA / "lycoris_deltas.json").read_text())["cases"]
+ORIG = json.loads((DATA / "lycoris_orig_deltas.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_delta_equals_lycoris(name):
+    case = TABLE[name]
+    tensors = {k: torch.tensor(v) for k, v in case["tensors"].items()}
+    fmt = next(f for n in NETWORK_FORMATS.names() if (f := NETWORK_FORMATS.get(n)).matches(tensors))
+    delta, _rank = fmt.raw_delta({k: v.float() for k, v in tensors.items()})
+    want = torch.tensor(case["delta"]).reshape(case["shape"])
+    assert delta.numel() == want.numel(), (tuple(delta.shape), case["shape"])
+    assert torch.allclose(delta.reshape(want.shape), want, atol=2e-4), name
+
+
+def test_lokr_scale_is_a1111s():
+    """A1111's network_lokr divides alpha by lokr_w1_b's rows, else lokr_w2_b's (Tucker included)."""
+    case = TABLE["lokr conv tucker"]["tensors"]
+    t = {k: torch.tensor(v) for k, v in case.items()}
+    fmt = NETWORK_FORMATS.get("LoKr")
+    _, rank = fmt.raw_delta(t)
+    assert rank == t["lokr_w2_b"].shape[0]
+    both = {k: torch.tensor(v) for k, v in TABLE["lokr conv both tucker"]["tensors"].items()}
+    assert fmt.raw_delta(both)[1] == both["lokr_w1_b"].shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(ORIG))
+def test_weight_dependent_delta_equals_lycoris(name):
+    case = ORIG[name]
+    tensors = {k: torch.tensor(v) for k, v in case["tensors"].items()}
+    fmt = next(f for n in NETWORK_FORMATS.names() if (f := NETWORK_FORMATS.get(n)).matches(tensors))
+    assert fmt.name == ("IA3" if name.startswith("ia3") else "GLoRA")
+    orig = torch.tensor(case["orig"])
+    delta = fmt.delta_weight(tensors, orig.shape, orig)  # no alpha: scale 1
+    assert torch.allclose(delta, torch.tensor(case["delta"]).reshape(case["shape"]), atol=2e-4), name
+
+
+def test_full_diff_with_bias_is_a_reversible_patch():
+    from baka.generate.lora import LoraPatch, NetworkUse
+    from baka.models.networks import Module, Network
+
+    lin = torch.nn.Linear(6, 5)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    diff, diff_b = torch.randn(5, 6), torch.randn(5)
+    net = Network(
+        "full",
+        Path("full.safetensors"),
+        {"lora_unet_x": Module("lora_unet_x", {"diff": diff, "diff_b": diff_b})},
+    )
+    patch = LoraPatch([NetworkUse(net, 1.0, 0.5, None)], {"lora_unet_x": ("unet", lin, "IN01")})
+    patch.apply({})
+    assert torch.allclose(lin.weight, w0 + 0.5 * diff) and torch.allclose(lin.bias, b0 + 0.5 * diff_b)
+    assert not patch.unmatched
+    patch.remove()
+    assert torch.equal(lin.weight, w0) and torch.equal(lin.bias, b0)
