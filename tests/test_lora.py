@@ -159,7 +159,7 @@ def test_unsupported_module_keys_are_reported_not_applied(gen, tmp_path):
         {
             f"{name}.lora_down.weight": torch.ones(R, 32),
             f"{name}.lora_up.weight": torch.ones(32, R),
-            f"{name}.dora_scale": torch.ones(32, 1),
+            f"{name}.bias_scale": torch.ones(32, 1),  # a key no format defines
         },
         tmp_path / "dora.safetensors",
     )
@@ -167,5 +167,5 @@ def test_unsupported_module_keys_are_reported_not_applied(gen, tmp_path):
     before = targets[name][1].weight.clone()
     patch = LoraPatch()
     patch.add(load_network(tmp_path / "dora.safetensors"), targets)
-    assert patch.unmatched == [f"dora: {name} (unsupported dora_scale)"]
+    assert patch.unmatched == [f"dora: {name} (unsupported bias_scale)"]
     assert torch.equal(targets[name][1].weight, before)

@@ -67,3 +67,32 @@ def test_full_diff_with_bias_is_a_reversible_patch():
     assert not patch.unmatched
     patch.remove()
     assert torch.equal(lin.weight, w0) and torch.equal(lin.bias, b0)
+
+
+def test_dora_as_a1111():
+    """A1111 1.10's apply_weight_decompose, restated per input channel: column j of W + delta is
+    rescaled to length dora_scale[j], W is taken away, then alpha / rank scales the result."""
+    from baka.models.networks import LoRA
+
+    g = torch.Generator().manual_seed(3)
+    orig, up, down = (
+        torch.randn(5, 6, generator=g),
+        torch.randn(5, 2, generator=g),
+        torch.randn(2, 6, generator=g),
+    )
+    mag = torch.rand(1, 6, generator=g) + 0.5
+    t = {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0), "dora_scale": mag}
+    got = LoRA.delta_weight(t, orig.shape, orig)
+    merged = orig + up @ down
+    want = torch.stack([merged[:, j] * mag[0, j] / merged[:, j].norm() for j in range(6)], 1) - orig
+    assert torch.allclose(got, want * 0.5, atol=1e-5)  # alpha 1 / rank 2
+    conv = torch.randn(4, 3, 3, 3, generator=g)
+    t = {
+        "lora_up.weight": torch.randn(4, 2, 1, 1, generator=g),
+        "lora_down.weight": torch.randn(2, 3, 3, 3, generator=g),
+    }
+    mag = torch.rand(1, 3, 1, 1, generator=g) + 0.5
+    got = LoRA.delta_weight({**t, "dora_scale": mag}, conv.shape, conv)
+    merged = conv + (t["lora_up.weight"].flatten(1) @ t["lora_down.weight"].flatten(1)).reshape(conv.shape)
+    norms = torch.stack([merged[:, j].norm() for j in range(3)]).reshape(1, 3, 1, 1)
+    assert torch.allclose(got, merged * mag / norms - conv, atol=1e-5)

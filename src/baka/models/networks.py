@@ -74,7 +74,23 @@ class NetworkFormat:
         scale = 1.0 if rank is None or alpha is None else float(alpha) / rank
         if delta.numel() != shape.numel():
             raise BakaError(f"network delta {tuple(delta.shape)} does not fit layer {tuple(shape)}")
-        return delta.reshape(shape) * scale
+        delta = delta.reshape(shape)
+        if "dora_scale" in t:
+            if orig is None:
+                raise BakaError("DoRA modules need the layer's own weight")
+            delta = dora(delta, orig.float().reshape(shape), t["dora_scale"])
+        return delta * scale
+
+
+def dora(delta: torch.Tensor, orig: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's weight decomposition (Liu et al. 2024) as A1111 1.10 applies it
+    (``apply_weight_decompose``): W + delta is normalised per input channel (the norm over every other
+    axis), scaled by ``dora_scale`` and W taken away again. A1111 does this before the alpha / rank
+    scale and the multiplier, so a multiplier scales the whole change."""
+    merged = orig + delta
+    ones = [1] * (merged.ndim - 1)
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(merged.shape[1], *ones)
+    return merged * (magnitude.reshape(norm.transpose(0, 1).shape) / norm.transpose(0, 1)) - orig
 
 
 NETWORK_FORMATS: Registry[type[NetworkFormat]] = Registry("network format")
@@ -217,7 +233,7 @@ class Module:
         """Tensors this module carries that its format does not apply (e.g. DoRA's dora_scale, bias
         diffs); applying the rest alone would be silently wrong."""
         fmt = self.format
-        return sorted(set(self.tensors) - (fmt.keys if fmt else set()))
+        return sorted(set(self.tensors) - (fmt.keys | {"dora_scale"} if fmt else set()))
 
     def delta_weight(self, shape: torch.Size, orig: torch.Tensor | None = None) -> torch.Tensor:
         fmt = self.format
