@@ -144,3 +144,56 @@ def test_api_fields_need_enable_hr():
     on = GenParams.from_api({**body, "enable_hr": True, "hr_second_pass_steps": 5}, {})
     assert (on.hr_scale, on.hr_upscaler, on.hr_steps, on.denoise) == (3, "Lanczos", 5, 0.3)
     assert GenParams.from_api({"prompt": "a", "enable_hr": True}, {}).hr_scale == 2.0
+
+
+def test_second_pass_sampler_and_prompt(gen, monkeypatch):
+    """Hires sampler / schedule / prompt / negative: the second pass is built and conditioned with
+    them (A1111's hr_sampler_name, hr_scheduler, hr_prompt, hr_negative_prompt)."""
+    import baka.generate.engine as engine
+
+    built, texts = [], []
+    real_build = engine.build_scheduler
+    monkeypatch.setattr(
+        engine,
+        "build_scheduler",
+        lambda name, *a, **kw: (built.append((name, kw["schedule"])), real_build(name, *a, **kw))[1],
+    )
+    real_cond = PromptEncoder.conditioning
+    monkeypatch.setattr(
+        PromptEncoder,
+        "conditioning",
+        lambda self, a, b, *r, **kw: (texts.append((a, b)), real_cond(self, a, b, *r, **kw))[1],
+    )
+    p = GenParams(
+        "a cat", "ugly", hr_scale=1.5, denoise=0.5, sampler="Euler a", hr_sampler="DPM++ 2M",
+        hr_schedule="Exponential", hr_prompt="a cat, detailed", **P,
+    )  # fmt: skip
+    (r,) = gen(p)
+    assert built == [("Euler a", "Automatic"), ("DPM++ 2M", "Exponential")]
+    assert texts == [("a cat", "ugly"), ("a cat, detailed", "ugly")]
+    info = infotext.parse(r.infotext)[2]
+    assert info["Hires sampler"] == "DPM++ 2M" and info["Hires schedule type"] == "Exponential"
+    assert info["Hires prompt"] == "a cat, detailed" and "Hires negative prompt" not in info
+    back = GenParams.from_infotext(r.infotext)
+    assert (back.hr_sampler, back.hr_schedule, back.hr_prompt) == (
+        "DPM++ 2M",
+        "Exponential",
+        "a cat, detailed",
+    )
+    # the same as the first pass: not written (A1111)
+    same = GenParams("a", hr_scale=1.5, hr_sampler="Euler a", hr_prompt="a", **P).infotext_fields()
+    assert "Hires sampler" not in same and "Hires prompt" not in same
+
+
+def test_second_pass_prompt_cannot_change_networks(gen):
+    with pytest.raises(BakaError, match="extra networks"):
+        gen(GenParams("a cat", hr_scale=1.5, hr_prompt="a cat <lora:other:1>", **P))
+
+
+def test_second_pass_fields_from_the_api():
+    body = {"prompt": "a", "enable_hr": True, "hr_sampler_name": "Use same sampler", "hr_prompt": ""}
+    p = GenParams.from_api(body, {})
+    assert (p.hr_sampler, p.hr_prompt) == ("", "")
+    p = GenParams.from_api({**body, "hr_sampler_name": "Euler", "hr_negative_prompt": "bad"}, {})
+    assert (p.hr_sampler, p.hr_negative) == ("Euler", "bad")
+    assert GenParams.from_api({**body, "enable_hr": False, "hr_sampler_name": "Euler"}, {}).hr_sampler == ""

@@ -174,9 +174,16 @@ class Generator:
                 raise BakaError(f"denoising strength {p.denoise:g}: must be from 0 to 1")
             hr_schedule, hr_run = img2img_start(p.hr_steps or p.steps, p.denoise)
             if hr_schedule and hr_run:  # denoise 0: upscale only
-                hr_sched = self._scheduler(p, hr_schedule)
+                hr_p = p.replace(sampler=p.hr_sampler or p.sampler, schedule=p.hr_schedule or p.schedule)
+                hr_sched = self._scheduler(hr_p, hr_schedule)
                 hr_start = first_index(hr_sched, hr_schedule, hr_run)
                 total += len(hr_sched.timesteps) - hr_start
+        hr_text, hr_neg = prompt, negative
+        if p.hires and (p.hr_prompt or p.hr_negative):
+            hr_text, hr_tags = extract_networks(p.hr_prompt) if p.hr_prompt else (prompt, tags)
+            hr_neg, hr_neg_tags = extract_networks(p.hr_negative) if p.hr_negative else (negative, neg_tags)
+            if sorted(map(repr, hr_tags + hr_neg_tags)) != sorted(map(repr, tags + neg_tags)):
+                raise BakaError("hires prompt: its extra networks (<lora:...>) must be the first pass's")
         freeu = FreeUPatch(p.freeu, total) if p.freeu is not None else None
         with self.patcher.patched(lora, freeu):
             self.lora_unmatched = list(lora.unmatched) + others
@@ -239,7 +246,7 @@ class Generator:
                     out = self.encode([up.apply(im, (w, h)) for im in self.decode(out)])
                 if hr_sched is not None:
                     # A1111's hires prompts: the schedule counted in first-pass steps, read at hires ones
-                    conds, uncond = enc.conditioning(prompt, negative, p.steps, hires_steps=hr_run)
+                    conds, uncond = enc.conditioning(hr_text, hr_neg, p.steps, hires_steps=hr_run)
                     denoiser = CFGDenoiser(
                         self.pipe.unet,
                         conds,

@@ -53,6 +53,10 @@ class GenParams:
     hr_scale: float = 1.0  # hires fix: off at 1
     hr_upscaler: str = "Latent"
     hr_steps: int = 0  # second-pass steps; 0 = as many as the first pass
+    hr_sampler: str = ""  # second-pass sampler; "" = the first pass's
+    hr_schedule: str = ""  # second-pass schedule type; "" = the first pass's
+    hr_prompt: str = ""  # second-pass prompt; "" = the first pass's
+    hr_negative: str = ""  # second-pass negative prompt; "" = the first pass's
     denoise: float = 0.7  # denoising strength: the hires second pass's, or img2img's
     resize_mode: str = "Just resize"  # img2img: how the init image meets the size
     # inpainting (img2img with a mask); the CLI's defaults are A1111's UI ones, the API's its API ones
@@ -314,6 +318,29 @@ def _inpaint_area(v: Any) -> str:
     return INPAINT_AREAS.canonical(str(v))
 
 
+# what A1111's UI and API send for "the first pass's" (its dropdown's first entry)
+_SAME = ("", "use same sampler", "use same scheduler")
+
+
+@dataclass(frozen=True)
+class HiresSameParam(HiresParam):
+    """A second-pass choice written only when it differs from the first pass's ``same_as`` field
+    (A1111 writes "Hires sampler", "Hires prompt", ... only then)."""
+
+    same_as: str = ""
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        v = getattr(p, self.name)
+        if not p.hires or not v or v == getattr(p, self.same_as):
+            return {}
+        return {self.info: v} if self.info else {}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        super().read_api(body, options, kw)
+        if str(kw.get(self.name) or "").strip().lower() in _SAME:
+            kw.pop(self.name, None)
+
+
 @dataclass(frozen=True)
 class ScheduleParam(Param):
     """``Schedule type``: read and written by :class:`SamplerParam` (which folds a pair that has a
@@ -456,6 +483,38 @@ PARAMS: tuple[Param, ...] = (
         parse=int,
         show=lambda v: v or None,
     ),
+    HiresSameParam(
+        "hr_sampler",
+        ("--hr-sampler",),
+        "hires second-pass sampler (default: the first pass's)",
+        api="hr_sampler_name",
+        info="Hires sampler",
+        same_as="sampler",
+    ),
+    HiresSameParam(
+        "hr_schedule",
+        ("--hr-schedule",),
+        "hires second-pass schedule type (default: the first pass's)",
+        api="hr_scheduler",
+        info="Hires schedule type",
+        same_as="schedule",
+    ),
+    HiresSameParam(
+        "hr_prompt",
+        ("--hr-prompt",),
+        "hires second-pass prompt (default: the first pass's; same LoRA tags)",
+        api="hr_prompt",
+        info="Hires prompt",
+        same_as="prompt",
+    ),
+    HiresSameParam(
+        "hr_negative",
+        ("--hr-negative",),
+        "hires second-pass negative prompt (default: the first pass's)",
+        api="hr_negative_prompt",
+        info="Hires negative prompt",
+        same_as="negative",
+    ),
     DenoiseParam(
         "denoise",
         ("--denoise",),
@@ -551,6 +610,10 @@ INFOTEXT_ORDER = (
     "Hires upscale",
     "Hires steps",
     "Hires upscaler",
+    "Hires sampler",
+    "Hires schedule type",
+    "Hires prompt",
+    "Hires negative prompt",
     "Mask mode",
     "Mask blur",
     "Inpaint area",

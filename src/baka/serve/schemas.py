@@ -22,6 +22,10 @@ class Txt2Img(BaseModel):
     hr_scale: float = Field(2.0, ge=1, le=4)
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_sampler_name: str | None = None  # None / "" / "Use same sampler": the first pass's
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     denoising_strength: float = Field(0.7, ge=0, le=1)
     override_settings: dict = Field(default_factory=dict)
     # A1111 extensions' arguments by script title; baka reads "Dynamic Thresholding (CFG Scale Fix)"
