@@ -9,7 +9,7 @@ from baka.generate import infotext
 from baka.generate.conditioning import PromptEncoder
 from baka.generate.engine import Generator, GenParams
 from baka.generate.samplers import build_scheduler
-from baka.generate.upscale import UPSCALERS, hires_size, img2img_start
+from baka.generate.upscale import UPSCALERS, crop_latents, hires_size, hires_target, img2img_start
 
 P = dict(steps=4, width=64, height=64, seed=3)
 
@@ -197,3 +197,49 @@ def test_second_pass_fields_from_the_api():
     p = GenParams.from_api({**body, "hr_sampler_name": "Euler", "hr_negative_prompt": "bad"}, {})
     assert (p.hr_sampler, p.hr_negative) == ("Euler", "bad")
     assert GenParams.from_api({**body, "enable_hr": False, "hr_sampler_name": "Euler"}, {}).hr_sampler == ""
+
+
+# A1111 1.10 calculate_target_resolution (hand-computed): one side 0 keeps the aspect; both sides
+# upscale to cover the box (side = other * w // h), then (over // 8) latent columns / rows are cut
+@pytest.mark.parametrize(
+    ("w", "h", "resize", "want"),
+    [
+        (512, 768, (1024, 0), ((1024, 1536), (0, 0))),
+        (512, 768, (0, 1000), ((664, 1000), (0, 0))),  # 1000 * 512 // 768 = 666, floored to the grid
+        (512, 768, (1000, 1000), ((1000, 1496), (0, 62))),  # 1500 tall: (1500 - 1000) // 8
+        (768, 512, (1000, 1000), ((1496, 1000), (62, 0))),
+        (600, 896, (900, 1400), ((936, 1400), (4, 0))),  # 1400 * 600 // 896 = 937: (937 - 900) // 8
+        (512, 512, (0, 0), ((1024, 1024), (0, 0))),  # no resize: by the scale (2 here)
+    ],
+)
+def test_hires_resize_target(w, h, resize, want):
+    assert hires_target(w, h, 2, resize) == want
+
+
+def test_crop_latents_centre():
+    lat = torch.arange(10 * 7).reshape(1, 1, 10, 7)
+    out = crop_latents(lat, (3, 4))  # A1111: cut 3 // 2 = 1 column before, 2 after; 2 rows each side
+    assert out.shape[-2:] == (6, 4) and out[0, 0, 0, 0] == lat[0, 0, 2, 1]
+
+
+@pytest.mark.parametrize(("resize", "size"), [((96, 0), (96, 96)), ((96, 80), (96, 80)), ((0, 72), (72, 72))])
+def test_hires_resize_gives_the_size(gen, resize, size):
+    (r,) = gen(GenParams("a cat", hr_resize=resize, denoise=0.5, **P))
+    assert r.image.size == size
+    info = infotext.parse(r.infotext)[2]
+    assert info["Hires resize"] == "{}x{}".format(*resize) and "Hires upscale" not in info
+    assert GenParams.from_infotext(r.infotext).hr_resize == resize
+
+
+def test_hires_resize_to_the_same_size_is_no_second_pass(gen):
+    (r,) = gen(GenParams("a cat", hr_resize=(64, 64), denoise=0.5, **P))
+    assert "Hires resize" not in r.infotext and "Denoising strength" not in r.infotext
+
+
+def test_hires_resize_from_the_api_and_cli():
+    body = {"prompt": "a", "enable_hr": True, "hr_resize_x": 1024, "hr_resize_y": 0}
+    p = GenParams.from_api(body, {})
+    assert p.hr_resize == (1024, 0) and p.hires
+    assert GenParams.from_api({**body, "enable_hr": False}, {}).hr_resize == (0, 0)
+    with pytest.raises(BakaError, match="WIDTHxHEIGHT"):
+        GenParams.from_infotext("a\nSteps: 4, Sampler: Euler, Hires resize: 1024")

@@ -27,7 +27,14 @@ from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network
 from baka.generate.params import GenParams, ordered_infotext
 from baka.generate.prompt import extract_networks
 from baka.generate.samplers import build_scheduler
-from baka.generate.upscale import RESIZE_MODES, UPSCALERS, hires_size, img2img_start, img2img_steps
+from baka.generate.upscale import (
+    RESIZE_MODES,
+    UPSCALERS,
+    crop_latents,
+    hires_target,
+    img2img_start,
+    img2img_steps,
+)
 from baka.models.patch import ModelPatcher
 
 
@@ -165,11 +172,18 @@ class Generator:
             start = first_index(scheduler, p.steps, run)
         total = len(scheduler.timesteps) - start
         hr_sched, hr_start, hr_run = None, 0, 0
+        if p.hires and hires_target(p.width, p.height, p.hr_scale, p.hr_resize) == (
+            (p.width, p.height),
+            (0, 0),
+        ):
+            p = p.replace(hr_scale=1.0, hr_resize=(0, 0))  # A1111: a second pass at the same size is none
         if p.hires:
             up = UPSCALERS.get(p.hr_upscaler)  # unknown names fail before any sampling
-            w, h = hires_size(p.width, p.height, p.hr_scale)
+            (w, h), cut = hires_target(p.width, p.height, p.hr_scale, p.hr_resize)
             if w < 8 or h < 8:
-                raise BakaError(f"hires scale {p.hr_scale:g}: gives {w}x{h}, too small")
+                raise BakaError(
+                    f"hires scale {p.hr_scale:g} / resize {p.hr_resize}: gives {w}x{h}, too small"
+                )
             if not 0 <= p.denoise <= 1:
                 raise BakaError(f"denoising strength {p.denoise:g}: must be from 0 to 1")
             hr_schedule, hr_run = img2img_start(p.hr_steps or p.steps, p.denoise)
@@ -244,6 +258,8 @@ class Generator:
                     out = up.apply(out, (h // 8, w // 8))
                 else:
                     out = self.encode([up.apply(im, (w, h)) for im in self.decode(out)])
+                out = crop_latents(out, cut)
+                h, w = out.shape[-2] * 8, out.shape[-1] * 8
                 if hr_sched is not None:
                     # A1111's hires prompts: the schedule counted in first-pass steps, read at hires ones
                     conds, uncond = enc.conditioning(hr_text, hr_neg, p.steps, hires_steps=hr_run)

@@ -51,6 +51,7 @@ class GenParams:
     emphasis: str = "Original"
     pad_cond_uncond: bool = False
     hr_scale: float = 1.0  # hires fix: off at 1
+    hr_resize: tuple[int, int] = (0, 0)  # hires fix to this size instead of by hr_scale; 0 = by aspect
     hr_upscaler: str = "Latent"
     hr_steps: int = 0  # second-pass steps; 0 = as many as the first pass
     hr_sampler: str = ""  # second-pass sampler; "" = the first pass's
@@ -69,7 +70,7 @@ class GenParams:
 
     @property
     def hires(self) -> bool:
-        return self.hr_scale != 1.0
+        return self.hr_scale != 1.0 or self.hr_resize != (0, 0)
 
     def replace(self, **kw: Any) -> GenParams:
         return dataclasses.replace(self, **kw)
@@ -254,6 +255,37 @@ class HiresParam(DenoiseParam):
             super().read_api(body, options, kw)
             if self.name == "hr_scale":
                 kw.setdefault("hr_scale", 2.0)  # A1111's API default
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        if self.name == "hr_scale" and p.hr_resize != (0, 0):
+            return {}  # A1111 writes Hires resize instead
+        return super().write_info(p)
+
+
+def parse_resize(text: str) -> tuple[int, int]:
+    """``WxH`` (either side 0: from the other by the first pass's aspect ratio), as A1111's
+    ``Hires resize`` infotext."""
+    w, x, h = text.strip().lower().partition("x")
+    try:
+        size = int(w), int(h)
+    except ValueError:
+        raise BakaError(f"hires resize {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1536") from None
+    if not x or min(size) < 0:
+        raise BakaError(f"hires resize {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1536")
+    return size
+
+
+@dataclass(frozen=True)
+class HiresResizeParam(HiresParam):
+    """``Hires resize: WxH`` (A1111 writes it instead of ``Hires upscale``); the API's
+    ``hr_resize_x`` / ``hr_resize_y``."""
+
+    def write_info(self, p: GenParams) -> dict[str, object]:
+        return {self.info: "{}x{}".format(*p.hr_resize)} if p.hr_resize != (0, 0) else {}
+
+    def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
+        if body.get("enable_hr") and (body.get("hr_resize_x") or body.get("hr_resize_y")):
+            kw[self.name] = int(body.get("hr_resize_x") or 0), int(body.get("hr_resize_y") or 0)
 
 
 @dataclass(frozen=True)
@@ -466,6 +498,15 @@ PARAMS: tuple[Param, ...] = (
         parse=float,
         show=_show_num,
     ),
+    HiresResizeParam(
+        "hr_resize",
+        ("--hr-resize",),
+        "hires fix to WIDTHxHEIGHT instead of by --hr-scale (one side 0: kept to the aspect ratio;"
+        " both: cropped to fit, as A1111)",
+        info="Hires resize",
+        parse=parse_resize,
+        cli_kw={"default": "0x0"},
+    ),
     HiresParam(
         "hr_upscaler",
         ("--hr-upscaler",),
@@ -608,6 +649,7 @@ INFOTEXT_ORDER = (
     "Emphasis",
     "Pad conds",
     "Hires upscale",
+    "Hires resize",
     "Hires steps",
     "Hires upscaler",
     "Hires sampler",

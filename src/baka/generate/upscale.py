@@ -59,6 +59,35 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 
 
+def hires_target(
+    width: int, height: int, scale: float, resize: tuple[int, int] = (0, 0)
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The second pass's upscale size (w, h) and the latent columns / rows then cut off (x, y): A1111
+    1.10's ``calculate_target_resolution``. By ``scale`` unless ``resize`` is set; a resize with one
+    side 0 keeps the aspect ratio; with both, the picture is upscaled to cover the box and the latents
+    are centre-cropped to it (A1111 cuts ``(over // 8) // 2`` before, the rest after)."""
+    rx, ry = resize
+    if (rx, ry) == (0, 0):
+        return hires_size(width, height, scale), (0, 0)
+    if ry == 0:
+        up = rx, rx * height // width
+    elif rx == 0:
+        up = ry * width // height, ry
+    elif width / height < rx / ry:
+        up = rx, rx * height // width
+    else:
+        up = ry * width // height, ry
+    cut = ((up[0] - rx) // 8, (up[1] - ry) // 8) if rx and ry else (0, 0)
+    return (up[0] // 8 * 8, up[1] // 8 * 8), cut  # the latent grid, as hires_size
+
+
+def crop_latents(latents, cut: tuple[int, int]):
+    """Centre-crop [.., h, w] latents by ``cut`` = (columns, rows), A1111's hires truncation."""
+    cx, cy = cut
+    h, w = latents.shape[-2:]
+    return latents[..., cy // 2 : h - (cy + 1) // 2, cx // 2 : w - (cx + 1) // 2]
+
+
 def img2img_start(steps: int, denoise: float) -> tuple[int, int]:
     """(schedule length, steps run) of a second pass asked for ``steps`` steps at ``denoise``: A1111's
     ``setup_img2img_steps`` with explicit steps (its hires path): the schedule has
@@ -67,7 +96,16 @@ def img2img_start(steps: int, denoise: float) -> tuple[int, int]:
     return (int(steps / d) if d > 0 else 0), steps
 
 
-__all__ = ["RESIZE_MODES", "UPSCALERS", "Upscaler", "hires_size", "img2img_start", "img2img_steps"]
+__all__ = [
+    "RESIZE_MODES",
+    "UPSCALERS",
+    "Upscaler",
+    "crop_latents",
+    "hires_size",
+    "hires_target",
+    "img2img_start",
+    "img2img_steps",
+]
 
 
 # -- img2img input resizing ---------------------------------------------------------------------------

@@ -22,6 +22,8 @@ class Txt2Img(BaseModel):
     hr_scale: float = Field(2.0, ge=1, le=4)
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_resize_x: int = Field(0, ge=0, le=4096)  # hires to this size instead of hr_scale; 0 = by aspect
+    hr_resize_y: int = Field(0, ge=0, le=4096)
     hr_sampler_name: str | None = None  # None / "" / "Use same sampler": the first pass's
     hr_scheduler: str | None = None
     hr_prompt: str = ""
