@@ -172,14 +172,11 @@ class Generator:
             start = first_index(scheduler, p.steps, run)
         total = len(scheduler.timesteps) - start
         hr_sched, hr_start, hr_run = None, 0, 0
-        if p.hires and hires_target(p.width, p.height, p.hr_scale, p.hr_resize) == (
-            (p.width, p.height),
-            (0, 0),
-        ):
+        (w, h), cut = hires_target(p.width, p.height, p.hr_scale, p.hr_resize)
+        if p.hires and ((w, h), cut) == ((p.width, p.height), (0, 0)):
             p = p.replace(hr_scale=1.0, hr_resize=(0, 0))  # A1111: a second pass at the same size is none
         if p.hires:
             up = UPSCALERS.get(p.hr_upscaler)  # unknown names fail before any sampling
-            (w, h), cut = hires_target(p.width, p.height, p.hr_scale, p.hr_resize)
             if w < 8 or h < 8:
                 raise BakaError(
                     f"hires scale {p.hr_scale:g} / resize {p.hr_resize}: gives {w}x{h}, too small"
