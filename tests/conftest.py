@@ -45,3 +45,39 @@ def assert_same_tensors(x: dict, y: dict):
     for k in x:
         assert x[k].dtype == y[k].dtype, k
         assert torch.equal(x[k], y[k]), k
+
+
+@pytest.fixture
+def live_server():
+    """Start ``baka serve``'s app for a Settings on a free loopback port (uvicorn in a thread):
+    ``url = live_server(settings)``; every server started is stopped when the test ends."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from baka.serve.app import create_app
+
+    started = []
+
+    def start(settings) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        srv = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
+        )
+        t = threading.Thread(target=srv.run, daemon=True)
+        t.start()
+        started.append((srv, t))
+        deadline = time.monotonic() + 30
+        while not srv.started:
+            assert time.monotonic() < deadline, "the server did not start in 30 s"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for srv, t in started:
+        srv.should_exit = True
+        t.join(10)

@@ -511,3 +511,103 @@ def test_interrupt_stops_within_a_step(client):
     job = client.app.state.baka.queue
     last = list(job.jobs.values())[-1]
     assert last.interrupted and last.step < 150
+
+
+# A1111 1.10's own defaults for the request fields baka does not build (StableDiffusionProcessing,
+# its txt2img / img2img subclasses and the API models): a body carrying them asks for nothing.
+A1111_DEFAULTS = {
+    "styles": None,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "restore_faces": None,
+    "tiling": None,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": None,
+    "s_min_uncond": None,
+    "s_churn": None,
+    "s_tmax": None,
+    "s_tmin": None,
+    "s_noise": None,
+    "refiner_checkpoint": None,
+    "refiner_switch_at": None,
+    "disable_extra_networks": False,
+    "comments": None,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_checkpoint_name": None,
+    "script_name": None,
+    "script_args": [],
+    "force_task_id": None,
+    "infotext": None,
+    "image_cfg_scale": None,
+    "mask_round": True,
+    "initial_noise_multiplier": None,
+    "latent_mask": None,
+}
+
+
+def test_a1111_defaults_ask_for_nothing_and_every_unbuilt_field_is_listed():
+    from baka.serve.fields import UNBUILT, check
+
+    assert check(A1111_DEFAULTS, A1111_DEFAULTS, lenient=False) == []
+    assert sorted(UNBUILT.names()) == sorted(A1111_DEFAULTS)  # the table is A1111's field list
+
+
+@pytest.mark.parametrize(
+    ("extra", "body", "refused"),
+    [
+        ({"eta": 1.0}, {"sampler_name": "DDIM"}, ["eta"]),  # DDIM runs at eta 0 here
+        ({"eta": 0.0}, {"sampler_name": "DDIM"}, []),
+        ({"eta": 1.0}, {"sampler_name": "DPM++ 2M SDE Karras"}, []),
+        ({"eta": 0.5}, {"sampler_name": "DPM++ 2M Karras"}, []),  # no eta: any value is moot
+        ({"eta": 0.5}, {"sampler_name": None, "sampler_index": "Euler a"}, ["eta"]),
+        ({"s_tmin": 3.0, "s_tmax": 9.0}, {"s_churn": 0}, []),  # bounds of a churn that is off
+        ({"s_tmin": 3.0}, {"s_churn": 0.5}, ["s_tmin"]),
+        ({"subseed": 1234}, {"subseed_strength": 0}, []),
+        ({"subseed": 1234}, {"subseed_strength": 0.1}, ["subseed"]),
+        ({"script_args": [1, 2]}, {"script_name": ""}, []),
+        ({"hr_checkpoint_name": "Use same checkpoint"}, {}, []),
+        ({"hr_checkpoint_name": "other.safetensors"}, {}, ["hr_checkpoint_name"]),
+        ({"s_noise": True}, {}, ["s_noise"]),  # a bool is not A1111's number
+        ({"mask_round": False}, {}, ["mask_round"]),
+        ({"restore_faces": False, "tiling": 0, "styles": []}, {}, []),
+        ({"seed_resize_from_h": 768}, {}, ["seed_resize_from_h"]),
+        ({"sampler": "Euler"}, {}, ["sampler"]),  # not an A1111 field at all
+        ({}, {"alwayson_scripts": {"Dynamic Thresholding (CFG Scale Fix)": {"args": [True, 7]}}}, []),
+        (
+            {},
+            {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}},
+            ["alwayson_scripts.controlnet"],
+        ),
+        ({}, {"alwayson_scripts": {"controlnet": {"args": []}}}, []),
+    ],
+)
+def test_unbuilt_field_rules(extra, body, refused):
+    from baka.serve.fields import Unsupported, check
+
+    full = {**body, **extra}
+    assert check(full, extra, lenient=True) == refused
+    if refused:
+        with pytest.raises(Unsupported, match=refused[0].split(".")[-1]):
+            check(full, extra, lenient=False)
+
+
+def test_outputs_number_on_from_the_folder_and_never_overwrite(tmp_path):
+    from baka.generate.engine import Result
+    from baka.serve.outputs import Outputs
+
+    out = Outputs(tmp_path)
+    day = out.folder("txt2img")
+    day.mkdir(parents=True)
+    (day / "00041-99.png").write_bytes(b"old")
+    (day / "notes.txt").write_text("not numbered")
+    img = Image.new("RGB", (8, 8), (200, 10, 10))
+    saved = out.save("txt2img", [Result(img, s, f"x\nSeed: {s}") for s in (5, 6)])
+    assert [p.name for p in saved] == ["00042-5.png", "00043-6.png"]
+    assert (day / "00041-99.png").read_bytes() == b"old"
+    assert Image.open(saved[1]).info["parameters"] == "x\nSeed: 6"
+    assert set(out.history()) == {day / "00041-99.png", *saved}
+    assert not list(day.glob("*.part"))

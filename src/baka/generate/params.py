@@ -227,7 +227,8 @@ class SamplerParam(Param):
     def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
         from baka.generate.samplers import SAMPLERS
 
-        sampler = body.get("sampler_name", self.default())
+        # A1111 runs ``sampler_name or sampler_index``
+        sampler = body.get("sampler_name") or body.get("sampler_index") or self.default()
         sched = body.get("scheduler")
         if sched and str(sched).lower() not in ("automatic", ""):
             if f"{sampler} {sched}" in SAMPLERS:

@@ -18,37 +18,62 @@ class Sampler:
     scheduler: str  # diffusers class name
     options: dict = field(default_factory=dict)
     auto: str | None = None  # the schedule type "Automatic" means for it (A1111 1.9+'s 'scheduler' option)
+    # the eta it runs at (A1111's eta: DDIM's sigma scale, the ancestral / SDE noise scale); None: no eta
+    eta: float | None = None
 
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 
 
-def _add(name: str, scheduler: str, aliases: tuple[str, ...] = (), auto: str | None = None, **opts) -> None:
-    SAMPLERS.add(name, Sampler(name, scheduler, opts, auto), aliases)
+def _add(
+    name: str,
+    scheduler: str,
+    aliases: tuple[str, ...] = (),
+    auto: str | None = None,
+    eta: float | None = None,
+    **opts,
+) -> None:
+    SAMPLERS.add(name, Sampler(name, scheduler, opts, auto, eta), aliases)
 
 
 _KARRAS = {"use_karras_sigmas": True}
 _add("Euler", "EulerDiscreteScheduler")
-_add("Euler a", "EulerAncestralDiscreteScheduler", ("euler_a", "Euler Ancestral"))
+_add("Euler a", "EulerAncestralDiscreteScheduler", ("euler_a", "Euler Ancestral"), eta=1.0)
 _add("Heun", "HeunDiscreteScheduler")
 _add("LMS", "LMSDiscreteScheduler")
 _add("LMS Karras", "LMSDiscreteScheduler", **_KARRAS)
 _add("DPM2", "KDPM2DiscreteScheduler", auto="Karras")
 _add("DPM2 Karras", "KDPM2DiscreteScheduler", **_KARRAS)
-_add("DPM2 a", "KDPM2AncestralDiscreteScheduler", auto="Karras")
-_add("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", **_KARRAS)
+_add("DPM2 a", "KDPM2AncestralDiscreteScheduler", auto="Karras", eta=1.0)
+_add("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", eta=1.0, **_KARRAS)
 _add("DPM++ 2M", "DPMSolverMultistepScheduler", ("dpmpp_2m",), auto="Karras")
 _add("DPM++ 2M Karras", "DPMSolverMultistepScheduler", ("dpmpp_2m_karras",), **_KARRAS)
-_add("DPM++ 2M SDE", "DPMSolverMultistepScheduler", auto="Exponential", algorithm_type="sde-dpmsolver++")
-_add("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++", **_KARRAS)
+_add(
+    "DPM++ 2M SDE",
+    "DPMSolverMultistepScheduler",
+    auto="Exponential",
+    eta=1.0,
+    algorithm_type="sde-dpmsolver++",
+)
+_add(
+    "DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", eta=1.0, algorithm_type="sde-dpmsolver++", **_KARRAS
+)
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 # diffusers' SDE variants of DPM-Solver++ (its Heun-type correction, its third-order step)
-_add("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", auto="Exponential", solver_type="heun", **_SDE)
-_add("DPM++ 3M SDE", "DPMSolverMultistepScheduler", auto="Exponential", solver_order=3, **_SDE)
-_add("DPM++ SDE", "DPMSolverSDEScheduler", auto="Karras")
-_add("DPM++ SDE Karras", "DPMSolverSDEScheduler", ("dpmpp_sde_karras",), **_KARRAS)
-_add("DPM++ 2S a", "DPMSolverSinglestepScheduler", auto="Karras")
-_add("DDIM", "DDIMScheduler", set_alpha_to_one=False)
+_add(
+    "DPM++ 2M SDE Heun",
+    "DPMSolverMultistepScheduler",
+    auto="Exponential",
+    eta=1.0,
+    solver_type="heun",
+    **_SDE,
+)
+_add("DPM++ 3M SDE", "DPMSolverMultistepScheduler", auto="Exponential", eta=1.0, solver_order=3, **_SDE)
+_add("DPM++ SDE", "DPMSolverSDEScheduler", auto="Karras", eta=1.0)
+_add("DPM++ SDE Karras", "DPMSolverSDEScheduler", ("dpmpp_sde_karras",), eta=1.0, **_KARRAS)
+# diffusers' single-step DPM-Solver++ adds no noise: A1111's "2S a" at eta 0
+_add("DPM++ 2S a", "DPMSolverSinglestepScheduler", auto="Karras", eta=0.0)
+_add("DDIM", "DDIMScheduler", eta=0.0, set_alpha_to_one=False)
 _add("PLMS", "PNDMScheduler", skip_prk_steps=True)
 _add("UniPC", "UniPCMultistepScheduler")
 _add("DEIS", "DEISMultistepScheduler")

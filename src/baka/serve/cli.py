@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from baka._cli import args, command, print_config
 
@@ -22,6 +23,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", type=int, default=8, help="at most this many jobs waiting")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (413 above)")
     p.add_argument("--max-prompt", type=int, default=20_000, help="longest prompt in characters (400 above)")
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        help="ignore A1111 request fields baka does not build (default: 422 naming them); info lists them",
+    )
+    p.add_argument("--outputs", default="outputs", help="where save_images and the web UI save pictures")
 
 
 def _credentials(spec: str | None) -> tuple[str, ...]:
@@ -59,6 +66,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "queue": a.queue,
             "max_body_mb": a.max_body_mb,
             "max_prompt": a.max_prompt,
+            "lenient": a.lenient,
+            "outputs": a.outputs,
             **{k: [str(p) for p in v] for k, v in folders.folders.items()},
         },
     )
@@ -69,6 +78,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_body=int(a.max_body_mb * 1024 * 1024),
         max_prompt=a.max_prompt,
         api_auth=_credentials(a.api_auth),
+        lenient=a.lenient,
+        outputs=Path(a.outputs),
     )
     serve(settings, a.host, a.port)
     return 0

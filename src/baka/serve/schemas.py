@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Txt2Img(BaseModel):
+    """A1111 1.10's txt2img body, with its API defaults (50 steps, sampler "Euler" through
+    ``sampler_index``). Fields it has and baka does not build are checked by
+    :mod:`baka.serve.fields` (kept as pydantic extras), never dropped in silence."""
+
+    model_config = ConfigDict(extra="allow")
+
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1, le=150)
-    sampler_name: str = "Euler a"
+    steps: int = Field(50, ge=1, le=150)
+    sampler_name: str | None = None  # A1111 runs ``sampler_name or sampler_index``
+    sampler_index: str = "Euler"
     scheduler: str | None = None
     cfg_scale: float = 7.0
     seed: int = Field(-1, ge=-1, le=2**32 - 1)
@@ -30,12 +37,20 @@ class Txt2Img(BaseModel):
     hr_negative_prompt: str = ""
     denoising_strength: float = Field(0.7, ge=0, le=1)
     override_settings: dict = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True  # False: the overrides stay as the options
+    send_images: bool = True  # False: the response carries no images
+    save_images: bool = False  # True: also saved under the outputs folder, A1111's layout
     # A1111 extensions' arguments by script title; baka reads "Dynamic Thresholding (CFG Scale Fix)"
     alwayson_scripts: dict = Field(default_factory=dict)
+
+    def sampler(self) -> str:
+        """The sampler A1111 runs: ``sampler_name``, else ``sampler_index``."""
+        return self.sampler_name or self.sampler_index
 
 
 class Img2Img(Txt2Img):
     init_images: list[str] = Field(default_factory=list)  # base64 / data: URLs; the first is used
+    include_init_images: bool = False  # echo init_images and mask back in "parameters"
     resize_mode: int = Field(0, ge=0, le=2)  # Just resize, Crop and resize, Resize and fill
     denoising_strength: float = Field(0.75, ge=0, le=1)  # A1111's img2img default
     # inpainting, with A1111's API defaults (they differ from its UI's)

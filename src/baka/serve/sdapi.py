@@ -103,6 +103,25 @@ def nothing_here() -> list:
     return []
 
 
+@router.get("/scripts")
+def scripts() -> dict:
+    """The scripts baka runs (A1111 lists titles lowercased): the alwayson ones it builds."""
+    from baka.serve.fields import BUILT_SCRIPTS
+
+    return {"txt2img": list(BUILT_SCRIPTS), "img2img": list(BUILT_SCRIPTS)}
+
+
+@router.get("/script-info")
+def script_info() -> list[dict]:
+    from baka.serve.fields import BUILT_SCRIPTS
+
+    return [
+        {"name": n, "is_alwayson": True, "is_img2img": img, "args": []}
+        for n in BUILT_SCRIPTS
+        for img in (False, True)
+    ]
+
+
 @router.get("/cmd-flags")
 def cmd_flags(st: StateDep) -> dict:
     s = st.settings
@@ -267,6 +286,7 @@ def _gen_params(req: Txt2Img, opts: dict):
     from baka.generate.params import GenParams
 
     body = req.model_dump()
+    body["sampler_name"] = req.sampler()
     if isinstance(req, Img2Img):
         body["mask_blur"] = req.blur()
     return GenParams.from_api(body, opts)
@@ -280,7 +300,7 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
         "all_seeds": [r.seed for r in results],
         "infotexts": [r.infotext for r in results],
         "sd_model_name": Path(opts["sd_model_checkpoint"]).stem,
-        "sampler_name": req.sampler_name,
+        "sampler_name": req.sampler(),
         "steps": req.steps,
         "cfg_scale": req.cfg_scale,
         "width": req.width,
@@ -288,7 +308,10 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
     }
 
 
-def _generate(req: Txt2Img, st, kind: str, init=None, mask=None) -> dict:
+def _generate(req: Txt2Img, st: State, kind: str, init=None, mask=None) -> dict:
+    from baka.serve.fields import check
+
+    ignored = check(req.model_dump(), req.model_extra or {}, lenient=st.settings.lenient)
     st.check_prompts(req.prompt, req.negative_prompt)
     opts = {**st.options, **req.override_settings}
     if not opts.get("sd_model_checkpoint"):
@@ -307,15 +330,24 @@ def _generate(req: Txt2Img, st, kind: str, init=None, mask=None) -> dict:
             batch = gen(p, init_image=init, mask=mask)
             results += batch
             p = p.replace(seed=batch[-1].seed + 1)
+        if req.save_images:
+            st.outputs.save(kind, results)
         return results
 
     results = st.run(kind, work)
+    if not req.override_settings_restore_afterwards:  # A1111: the overrides become the options
+        st.options.update({k: v for k, v in req.override_settings.items() if k in st.options})
     body = req.model_dump()
-    body.pop("init_images", None)  # A1111 does not echo the input pictures back
+    if not getattr(req, "include_init_images", False):
+        body.pop("init_images", None)  # A1111 echoes the input pictures only when asked
+        body.pop("mask", None)
+    info = _txt2img_info(req, opts, results)
+    if ignored:
+        info["ignored_fields"] = ignored
     return {
-        "images": [png_b64(r) for r in results],
+        "images": [png_b64(r) for r in results] if req.send_images else [],
         "parameters": body,
-        "info": json.dumps(_txt2img_info(req, opts, results)),
+        "info": json.dumps(info),
     }
 
 

@@ -12,12 +12,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from baka.errors import BakaError, NotFound
+from baka.serve.fields import Unsupported
 from baka.serve.folders import ModelFolders
 from baka.serve.hashcache import HashCache
 from baka.serve.jobs import Job, JobQueue, QueueFull
+from baka.serve.outputs import Outputs
 
 # The one place where errors become status codes; the most specific class in an error's MRO wins.
-ERROR_STATUS: dict[type[Exception], int] = {NotFound: 404, BakaError: 400, QueueFull: 503}
+ERROR_STATUS: dict[type[Exception], int] = {NotFound: 404, BakaError: 400, Unsupported: 422, QueueFull: 503}
 NO_VAE = ("Automatic", "None")  # sd_vae values that mean "the checkpoint's own VAE"
 
 
@@ -36,6 +38,9 @@ class Settings:
     keep_jobs: int = 64
     job_max_age: float = 3600.0
     api_auth: tuple[str, ...] = ()  # A1111 --api-auth: "user:pass" pairs for HTTP Basic
+    # A1111 request fields baka does not build: refused (422) unless lenient (then listed in "info")
+    lenient: bool = False
+    outputs: Path = Path("outputs")  # where save_images (and the web UI) save, A1111's layout
 
 
 @dataclass
@@ -47,10 +52,12 @@ class State:
     generator_key: tuple | None = None
     preview: object | None = None  # (key, Generator, RuntimeBlockMerge)
     hashes: HashCache = field(default_factory=HashCache)
+    outputs: Outputs = field(default_factory=lambda: Outputs("outputs"))
 
     @classmethod
     def create(cls, settings: Settings) -> State:
         st = cls(settings, JobQueue(settings.queue_size, settings.keep_jobs, settings.job_max_age))
+        st.outputs = Outputs(settings.outputs)
         st.options = {
             "sd_model_checkpoint": settings.model or next(iter(settings.folders.list("checkpoints")), None),
             "CLIP_stop_at_last_layers": 1,
