@@ -152,3 +152,39 @@ def test_interrupt_stops_the_loop():
 
     out = sample(lambda x, t, i: calls.append(i) or x, S(), torch.zeros(1), 5, on_step=lambda d, n: d == 2)
     assert calls == [0, 1] and out.item() == 2
+
+
+def test_on_latents_gets_the_schedulers_clean_estimate():
+    """The live preview's latents: diffusers' ``pred_original_sample`` where the scheduler gives one."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    for cls, has_x0 in ((EulerDiscreteScheduler, True), (DPMSolverMultistepScheduler, False)):
+        sched = cls()
+        sched.set_timesteps(4)
+        x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+        seen = []
+        ref = cls()
+        ref.set_timesteps(4)
+        want, xr = [], x.clone()
+        for t in ref.timesteps:
+            ref.scale_model_input(xr, t)  # as sample() does (Euler marks its input scaled)
+            o = ref.step(torch.full_like(xr, 0.1), t, xr)
+            xr = o.prev_sample
+            want.append(o.pred_original_sample if has_x0 else xr)
+        out = sample(lambda xi, t, i: torch.full_like(xi, 0.1), sched, x, 4, on_latents=seen.append)
+        assert len(seen) == 4 and torch.equal(out, xr)
+        for a, b in zip(seen, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_cheap_preview_is_a1111s_linear_map():
+    from baka.generate.preview import preview_image
+
+    z = torch.zeros(1, 4, 2, 3)
+    z[0, 0, 0, 0] = 1.0  # channel 0 alone: (1 + (0.298, 0.207, 0.208)) / 2
+    z[0, 3, 1, 2] = 2.0  # channel 3 twice: (1 + 2 * (-0.184, -0.271, -0.473)) / 2
+    img = preview_image(z)
+    assert img.size == (3, 2)
+    assert img.getpixel((0, 0)) == tuple(round((1 + c) / 2 * 255) for c in (0.298, 0.207, 0.208))
+    assert img.getpixel((2, 1)) == tuple(round((1 + 2 * c) / 2 * 255) for c in (-0.184, -0.271, -0.473))
+    assert img.getpixel((1, 0)) == (128, 128, 128)  # zero latents: mid grey (127.5 rounds to 128)

@@ -611,3 +611,29 @@ def test_outputs_number_on_from_the_folder_and_never_overwrite(tmp_path):
     assert Image.open(saved[1]).info["parameters"] == "x\nSeed: 6"
     assert set(out.history()) == {day / "00041-99.png", *saved}
     assert not list(day.glob("*.part"))
+
+
+def test_progress_reports_the_model_load(client):
+    st = client.app.state.baka
+    gate, real = threading.Event(), st.generator_for
+
+    def slow_load(*a):
+        gate.wait(30)  # the model "loads" until the test has looked at /progress
+        return real(*a)
+
+    st.generator_for = slow_load
+    try:
+        body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+        t = threading.Thread(target=lambda: client.post("/sdapi/v1/txt2img", json=body))
+        t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and st.queue.current is None:
+            time.sleep(0.01)
+        prog = client.get("/sdapi/v1/progress").json()
+        assert prog["textinfo"] == "Loading alpha.safetensors" and prog["state"]["job_count"] == 1
+        assert prog["progress"] == 0 and prog["current_image"] is None
+    finally:
+        gate.set()
+        t.join(60)
+        st.generator_for = real
+    assert client.get("/sdapi/v1/progress").json()["textinfo"] is None

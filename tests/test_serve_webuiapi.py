@@ -2,6 +2,8 @@
 HTTP on loopback: connect with Basic auth, models and options, txt2img, png-info, img2img and
 inpainting, refresh, interrupt, and the 422 / --lenient rule for fields baka does not build."""
 
+import base64
+import io
 import shutil
 import threading
 import time
@@ -103,7 +105,13 @@ def test_webuiapi_interrupt(root, tmp_path, live_server):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and api.get_progress()["state"]["sampling_step"] < 2:
         time.sleep(0.05)
+    prog = api.get_progress()
     api.interrupt()
+    # mid-run: a third of a third at most (batch 1 of 3), seconds left, a latent-sized live preview
+    assert 0 < prog["progress"] < 1 / 3 and prog["state"]["job_no"] == 0
+    assert prog["eta_relative"] > 0
+    preview = Image.open(io.BytesIO(base64.b64decode(prog["current_image"])))
+    assert preview.size == (8, 8) and preview.mode == "RGB"
     t.join(60)
     r = out["r"]
     assert len(r.images) == 1  # the first batch as far as it got; the other two never ran

@@ -163,6 +163,7 @@ def sample(
     on_step: Callable[[int, int], bool] | None = None,
     progress: bool = False,
     start: int = 0,
+    on_latents: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run ``scheduler`` (already ``set_timesteps``) from ``latents`` (noise scaled by
     ``init_noise_sigma``). ``steps`` is the user's step count: second-order samplers make ~2 model
@@ -170,7 +171,10 @@ def sample(
     True stops the loop (interrupt); the latents as far as they got are returned.
 
     ``start`` > 0 (img2img, a hires second pass) starts at that index of ``scheduler.timesteps`` (the
-    latents already noised to it, see :func:`noise_to`); the prompt schedule then counts from 0."""
+    latents already noised to it, see :func:`noise_to`); the prompt schedule then counts from 0.
+
+    ``on_latents`` gets, after each step, the scheduler's estimate of the clean latents where it gives
+    one (``pred_original_sample``), else the latents: what a live preview shows."""
     import inspect
 
     from tqdm import tqdm
@@ -186,7 +190,11 @@ def sample(
     for i, t in enumerate(tqdm(timesteps, disable=not progress, leave=False, desc="sampling")):
         x_in = scheduler.scale_model_input(latents, t)
         pred = denoiser(x_in, t, i * steps // total)
-        latents = scheduler.step(pred, t, latents, **kw, return_dict=False)[0]
+        out = scheduler.step(pred, t, latents, **kw, return_dict=True)
+        latents = out[0]  # prev_sample (diffusers' outputs index like tuples)
+        if on_latents is not None:
+            x0 = getattr(out, "pred_original_sample", None)
+            on_latents(latents if x0 is None else x0)
         if on_step is not None and on_step(i + 1, total):
             break
     return latents

@@ -70,6 +70,7 @@ class Generator:
     pipe: object | None = None  # given by from_modules; otherwise built from ``model``
     sd_config: object | None = None
     on_step: object | None = None  # callable(step, total), e.g. for a progress endpoint
+    on_preview: object | None = None  # callable(latents): each step's clean-latent estimate (live preview)
 
     def __post_init__(self) -> None:
         self.ckpt = None
@@ -248,6 +249,7 @@ class Generator:
                 on_step=on_step,
                 progress=self.progress,
                 start=start,
+                on_latents=self.on_preview,
             )
             if p.hires and not self._stop.is_set():
                 offset = len(scheduler.timesteps)
@@ -282,6 +284,7 @@ class Generator:
                         on_step=on_step,
                         progress=self.progress,
                         start=hr_start,
+                        on_latents=self.on_preview,
                     )
             if blend is not None:
                 out = blend.final(out)

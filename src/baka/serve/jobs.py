@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -28,10 +29,32 @@ class Job:
     interrupted: bool = False  # /interrupt: stop the job after the current step
     skipped: bool = False  # /skip: stop the current batch, go on with the next
     on_interrupt: Callable[[], None] | None = None  # stops the generator that runs this job
+    started_at: float | None = None  # time.monotonic() when the worker took it
+    textinfo: str | None = None  # what it is doing ("Loading alpha.safetensors"), for /progress
+    batch_no: int = 0  # A1111's job_no / job_count: the batch (of batch count) running now
+    batch_count: int = 1
+    latents: Any = None  # the last step's clean-latent estimate, for the live preview
 
     def set_progress(self, step: int, total: int) -> None:
         """A generator's ``on_step`` callback: what /sdapi/v1/progress reports."""
         self.step, self.total = step, total
+
+    def set_latents(self, latents: Any) -> None:
+        """A generator's ``on_preview`` callback: keeps a reference, rendered only when asked for."""
+        self.latents = latents
+
+    def fraction(self) -> float:
+        """A1111's progress: finished batches plus the running one's share of its steps."""
+        inner = self.step / self.total if self.total else 0.0
+        return min((self.batch_no + inner) / max(self.batch_count, 1), 1.0)
+
+    def eta_relative(self, now: float) -> float:
+        """A1111's estimate of the seconds left: elapsed / progress - elapsed (0 before any progress)."""
+        frac = self.fraction()
+        if self.started_at is None or frac <= 0:
+            return 0.0
+        elapsed = now - self.started_at
+        return max(elapsed / frac - elapsed, 0.0)
 
     def interrupt(self, *, skip: bool = False) -> None:
         """A1111's Interrupt (the whole job) or Skip (the current batch only)."""
@@ -84,12 +107,14 @@ class JobQueue:
             if job is None:
                 return
             self.current = job
+            job.started_at = time.monotonic()
             if job.future.set_running_or_notify_cancel():
                 try:
                     job.future.set_result(fn(job))
                 except BaseException as e:  # reported to the client, the worker goes on
                     job.future.set_exception(e)
             job.finished_at = time.monotonic()
+            job.latents = job.on_interrupt = None  # a finished job holds no tensors or generator
             self.current = None
             with self._lock:
                 self._expire()

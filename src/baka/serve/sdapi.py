@@ -225,21 +225,35 @@ def set_options(body: dict, st: StateDep) -> dict:
 
 
 @router.get("/progress")
-def progress(st: StateDep) -> dict:
+def progress(st: StateDep, skip_current_image: bool = False) -> dict:
+    """A1111's progress: the running job's share done, the seconds left (``eta_relative``), its
+    state, and a ``current_image`` preview (A1111's cheap latent approximation, latent-sized)."""
+    import time
+
     job = st.queue.current
+    current_image, textinfo = None, None
     if job is None:
-        frac, job_id, job_count, step, total = 0.0, "", st.queue.pending(), 0, 0
+        frac, eta, job_id, job_count, step, total = 0.0, 0.0, "", st.queue.pending(), 0, 0
     else:
-        frac = job.step / job.total if job.total else 0.0
+        frac, eta = job.fraction(), job.eta_relative(time.monotonic())
         job_id, job_count, step, total = job.id, st.queue.pending() + 1, job.step, job.total
+        textinfo = job.textinfo
+        latents = job.latents
+        if latents is not None and not skip_current_image:
+            from baka.generate.preview import preview_image
+
+            buf = io.BytesIO()
+            preview_image(latents).save(buf, format="PNG")
+            current_image = base64.b64encode(buf.getvalue()).decode()
     return {
         "progress": frac,
-        "eta_relative": 0.0,
-        "current_image": None,
-        "textinfo": None,
+        "eta_relative": eta,
+        "current_image": current_image,
+        "textinfo": textinfo,
         "state": {
             "job": job_id,
             "job_count": job_count,
+            "job_no": job.batch_no if job else 0,
             "sampling_step": step,
             "sampling_steps": total,
             "interrupted": bool(job and job.interrupted),
@@ -319,17 +333,23 @@ def _generate(req: Txt2Img, st: State, kind: str, init=None, mask=None) -> dict:
     params = _gen_params(req, opts)
 
     def work(job: Job) -> list:
+        job.textinfo = f"Loading {opts['sd_model_checkpoint']}"
         gen = st.generator_for(opts["sd_model_checkpoint"], opts.get("sd_vae"))
-        gen.on_step = job.set_progress
+        job.textinfo = None
+        gen.on_step, gen.on_preview = job.set_progress, job.set_latents
         job.on_interrupt = gen.interrupt
+        job.batch_count = req.n_iter
         results, p = [], params
-        for _ in range(req.n_iter):  # A1111's batch count: each batch goes on from the last seed
-            if job.interrupted:
-                break
-            job.skipped = False
-            batch = gen(p, init_image=init, mask=mask)
-            results += batch
-            p = p.replace(seed=batch[-1].seed + 1)
+        try:
+            for i in range(req.n_iter):  # A1111's batch count: each batch goes on from the last seed
+                if job.interrupted:
+                    break
+                job.skipped, job.batch_no = False, i
+                batch = gen(p, init_image=init, mask=mask)
+                results += batch
+                p = p.replace(seed=batch[-1].seed + 1)
+        finally:
+            gen.on_step = gen.on_preview = None  # the loaded generator keeps no finished job alive
         if req.save_images:
             st.outputs.save(kind, results)
         return results
