@@ -81,6 +81,10 @@ def test_webuiapi_session(root, tmp_path, live_server):
     out, before = r3.images[0].convert("RGB"), init.convert("RGB")
     assert out.getpixel((1, 1)) == before.getpixel((1, 1))  # outside the mask: the picture itself
 
+    # the Extras upscale, as webuiapi sends it
+    up = api.extra_single_image(image=init, upscaler_1="Lanczos", upscaling_resize=2)
+    assert up.image.size == (128, 128)
+
     # send_images=False: the job runs, no pictures come back
     assert api.txt2img(prompt="x", send_images=False, **SMALL).images == []
 

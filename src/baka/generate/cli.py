@@ -126,3 +126,52 @@ def cmd_samplers(a: argparse.Namespace) -> int:
         auto = f"(Automatic schedule: {s.auto})" if s.auto else ""
         print(f"{name:<22} {s.scheduler} {s.options or ''} {auto}".rstrip())
     return 0
+
+
+def _upscale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="pictures (or folders of them) to upscale")
+    p.add_argument("--upscaler", default="Lanczos", help="Lanczos, Nearest or None (default: Lanczos)")
+    p.add_argument("--scale", type=float, default=2.0, help="scale by this factor (default: 2)")
+    p.add_argument("--to", help="scale to WxH instead (the larger ratio, then the centre cropped)")
+    p.add_argument("--no-crop", action="store_true", help="with --to: keep the scaled picture uncropped")
+    p.add_argument("--upscaler-2", default="None", help="a second upscaler blended over the first")
+    p.add_argument("--visibility-2", type=float, default=0.0, help="the second upscaler's weight, 0-1")
+    p.add_argument("-o", "--out", default="outputs/extras-images", help="output folder")
+
+
+@command("upscale", "A1111's Extras upscale (scale by / scale to, two upscalers blended)")
+@args(_upscale_args)
+def cmd_upscale(a: argparse.Namespace) -> int:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from baka.errors import BakaError
+    from baka.generate.extras import Upscale, upscale
+    from baka.generate.params import parse_resize
+    from baka.models.safetensors_io import atomic_output
+
+    to = parse_resize(a.to) if a.to else None
+    if to is not None and min(to) <= 0:
+        raise BakaError(f"--to {a.to}: both sides must be positive")
+    u = Upscale(a.upscaler, a.scale, to, not a.no_crop, a.upscaler_2, a.visibility_2)
+    files = [f for p in map(Path, a.images) for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+    print_config("upscale", {**vars(u), "inputs": len(files), "out": a.out})
+    done = 0
+    for f in files:
+        try:
+            img = open_image(str(f))
+        except BakaError as e:
+            if len(files) == 1:
+                raise
+            print(f"warning: skipped {e}")  # one bad file never takes the rest down
+            continue
+        out = Path(a.out) / f"{f.stem}.png"
+        info = PngInfo()
+        with Image.open(f) as src:
+            if "parameters" in src.info:  # the generation parameters travel with the picture
+                info.add_text("parameters", src.info["parameters"])
+        with atomic_output(out, protect=files) as tmp:
+            upscale(img, u).save(tmp, format="PNG", pnginfo=info)
+        print(f"{f} -> {out}")
+        done += 1
+    return 0 if done else 1

@@ -77,6 +77,25 @@ class Img2Img(Txt2Img):
         return self.mask_blur_x
 
 
+class ExtrasSingle(BaseModel):
+    """A1111's /extra-single-image body (its defaults); face restoration is not built (422 above 0)."""
+
+    image: str
+    resize_mode: int = Field(0, ge=0, le=1)  # 0: scale by upscaling_resize, 1: scale to w x h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, gt=0, le=8)
+    upscaling_resize_w: int = Field(512, ge=1, le=8192)
+    upscaling_resize_h: int = Field(512, ge=1, le=8192)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False  # the order against face restoration, which baka does not run
+
+
 class PngInfo(BaseModel):
     image: str
 

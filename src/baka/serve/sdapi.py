@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 
 from baka.errors import BakaError
 from baka.serve.jobs import Job
-from baka.serve.schemas import Img2Img, PngInfo, Txt2Img
+from baka.serve.schemas import ExtrasSingle, Img2Img, PngInfo, Txt2Img
 from baka.serve.state import NO_VAE, State, get_state
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -281,6 +281,30 @@ def _decode_image(image: str):
 def _decode_image_text(image: str) -> str:
     """The "parameters" text of a base64 (or data: URL) image; BakaError if it is not an image."""
     return _decode_image(image).info.get("parameters", "")
+
+
+@router.post("/extra-single-image")
+def extra_single_image(body: ExtrasSingle, st: StateDep) -> dict:
+    """A1111's Extras upscale with baka's image upscalers; face restorers are not built (422)."""
+    from baka.generate.extras import Upscale, upscale
+    from baka.serve.fields import Unsupported
+
+    if body.gfpgan_visibility or body.codeformer_visibility:
+        raise Unsupported("gfpgan_visibility / codeformer_visibility: baka has no face restorers (send 0)")
+    to = (body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None
+    u = Upscale(
+        body.upscaler_1,
+        body.upscaling_resize,
+        to,
+        body.upscaling_crop,
+        body.upscaler_2,
+        body.extras_upscaler_2_visibility,
+    )
+    img = _decode_image(body.image)
+    out = st.run("extras", lambda job: upscale(img, u))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return {"html_info": "", "image": base64.b64encode(buf.getvalue()).decode()}
 
 
 @router.post("/png-info")
