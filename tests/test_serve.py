@@ -637,3 +637,64 @@ def test_progress_reports_the_model_load(client):
         t.join(60)
         st.generator_for = real
     assert client.get("/sdapi/v1/progress").json()["textinfo"] is None
+
+
+def test_one_worker_per_device_runs_jobs_side_by_side(a1111_root):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    client = TestClient(create_app(Settings(folders, devices=("cpu", "cpu"), queue_size=4)))
+    st = client.app.state.baka
+    assert st.queue.devices == ("cpu", "cpu")
+    both, real = threading.Barrier(2, timeout=30), st.generator_for
+    seen = []
+
+    def load(*a):
+        seen.append(len(st.queue.running_jobs()))
+        both.wait()  # passes only when the two jobs are running at once
+        return real(*a)
+
+    st.generator_for = load
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    out: list = []
+    threads = [
+        threading.Thread(target=lambda: out.append(client.post("/sdapi/v1/txt2img", json=body))) for _ in "ab"
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in out] == [200, 200]
+    assert len(st.generators) == 2  # each worker its own loaded model: no two jobs share one
+    workers = {j.worker for j in st.queue.jobs.values()}
+    assert workers == {0, 1}
+
+
+def test_default_devices():
+    from baka.serve.state import default_devices
+
+    folders = ModelFolders()
+    want = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())) or ("cpu",)
+    assert default_devices(Settings(folders)) == want
+    assert default_devices(Settings(folders, devices=("cuda:1",))) == ("cuda:1",)
+
+
+def test_models_load_in_two_threads_at_once(tiny_files):
+    """Two workers loading at once: accelerate's meta patch is process-wide, baka serialises it
+    (without that, both loads end with parameters left on the meta device)."""
+    from baka.models.io import load_checkpoint
+    from baka.models.pipeline import build_pipeline
+
+    metas: list = []
+
+    def load(path):
+        pipe = build_pipeline(load_checkpoint(path), torch.float32)
+        mods = (pipe.unet, pipe.vae, pipe.text_encoder)
+        metas.append([n for m in mods for n, p in [*m.named_parameters(), *m.named_buffers()] if p.is_meta])
+
+    for _ in range(3):
+        threads = [threading.Thread(target=load, args=(p,)) for p in tiny_files[:2]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert metas == [[]] * 6

@@ -145,9 +145,9 @@ MAKERS = {"unet": make_unet, "vae": make_vae, "text_encoder": make_text_encoder}
 
 @functools.cache
 def _module_keys(component: str, cfg_json: str) -> tuple[str, ...]:
-    from accelerate import init_empty_weights
+    from baka.models.meta import empty_weights
 
-    with init_empty_weights():
+    with empty_weights():
         model = MAKERS[component](json.loads(cfg_json))
     return tuple(model.state_dict().keys())
 

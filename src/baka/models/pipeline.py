@@ -14,9 +14,16 @@ from baka.models.io import Checkpoint, save_checkpoint
 
 def build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tensor], dtype=None):
     """A diffusers/transformers module of ``component`` with ``state_dict`` loaded strictly."""
-    from accelerate import init_empty_weights
+    from baka.models.meta import META_LOCK
 
-    with init_empty_weights():
+    with META_LOCK:  # the meta build and the assignment, with no other thread's meta patch between
+        return _build_module(component, cfg, state_dict, dtype)
+
+
+def _build_module(component: str, cfg: SDConfig, state_dict: dict[str, torch.Tensor], dtype=None):
+    from baka.models.meta import empty_weights
+
+    with empty_weights():
         module = MAKERS[component](getattr(cfg, component))
     sd = state_dict
     if component == "text_encoder":

@@ -34,10 +34,10 @@ def tiny_checkpoint(seed: int = 0, cfg: SDConfig | None = None) -> dict[str, tor
 
 def model_specs(cfg: SDConfig, dtype: torch.dtype = torch.float16) -> dict[str, TensorSpec]:
     """LDM key -> spec of every tensor of an SD1.x model of config ``cfg`` (no weights built)."""
-    from accelerate import init_empty_weights
+    from baka.models.meta import empty_weights
 
     shapes: dict[str, tuple[int, ...]] = {}
-    with init_empty_weights():
+    with empty_weights():
         mods = {c: MAKERS[c](getattr(cfg, c)) for c in COMPONENTS}
     table = key_table(cfg)
     for ldm_key, (comp, dk) in table.items():

@@ -29,6 +29,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="ignore A1111 request fields baka does not build (default: 422 naming them); info lists them",
     )
     p.add_argument("--outputs", default="outputs", help="where save_images and the web UI save pictures")
+    p.add_argument(
+        "--devices",
+        help="comma-separated torch devices, one worker each (default: every CUDA device, else the CPU)",
+    )
 
 
 def _credentials(spec: str | None) -> tuple[str, ...]:
@@ -68,6 +72,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             "max_prompt": a.max_prompt,
             "lenient": a.lenient,
             "outputs": a.outputs,
+            "devices": a.devices or "auto",
             **{k: [str(p) for p in v] for k, v in folders.folders.items()},
         },
     )
@@ -80,6 +85,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         api_auth=_credentials(a.api_auth),
         lenient=a.lenient,
         outputs=Path(a.outputs),
+        devices=tuple(d.strip() for d in (a.devices or "").split(",") if d.strip()),
     )
     serve(settings, a.host, a.port)
     return 0

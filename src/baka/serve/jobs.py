@@ -1,6 +1,7 @@
-"""A bounded job queue with one worker thread: generation and merges run one at a time, a full
-queue is refused at once rather than growing without bound, and finished jobs (with their results)
-are kept only for a while: at most ``keep`` of them, none older than ``max_age`` seconds."""
+"""A bounded job queue with one worker thread per device (one per GPU, else one): each worker runs
+one job at a time on its device, a full queue is refused at once rather than growing without bound,
+and finished jobs (with their results) are kept only for a while: at most ``keep`` of them, none
+older than ``max_age`` seconds."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Job:
     batch_no: int = 0  # A1111's job_no / job_count: the batch (of batch count) running now
     batch_count: int = 1
     latents: Any = None  # the last step's clean-latent estimate, for the live preview
+    device: str = "cpu"  # the device of the worker that runs it
+    worker: int = 0  # that worker's index (its loaded generator is its own)
 
     def set_progress(self, step: int, total: int) -> None:
         """A generator's ``on_step`` callback: what /sdapi/v1/progress reports."""
@@ -67,15 +70,32 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, maxsize: int = 8, keep: int = 64, max_age: float = 3600.0):
+    def __init__(
+        self, maxsize: int = 8, keep: int = 64, max_age: float = 3600.0, devices: tuple[str, ...] = ("cpu",)
+    ):
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.jobs: dict[str, Job] = {}
         self.keep, self.max_age = keep, max_age
         self._lock = threading.Lock()
-        self.current: Job | None = None
+        self.devices = devices or ("cpu",)
+        self.running: dict[int, Job] = {}  # worker index -> its job
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="baka-worker")
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, d), daemon=True, name=f"baka-worker-{i}")
+            for i, d in enumerate(self.devices)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def current(self) -> Job | None:
+        """The running job that started first (what A1111's single-worker /progress reports)."""
+        jobs = sorted(self.running_jobs(), key=lambda j: j.started_at or 0.0)
+        return jobs[0] if jobs else None
+
+    def running_jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self.running.values())
 
     def submit(self, kind: str, fn: Callable[[Job], object]) -> Job:
         job = Job(f"{kind}-{next(self._ids)}", kind)
@@ -101,13 +121,14 @@ class JobQueue:
     def pending(self) -> int:
         return self._q.qsize()
 
-    def _run(self) -> None:
+    def _run(self, worker: int, device: str) -> None:
         while True:
             job, fn = self._q.get()
             if job is None:
                 return
-            self.current = job
-            job.started_at = time.monotonic()
+            job.device, job.worker, job.started_at = device, worker, time.monotonic()
+            with self._lock:
+                self.running[worker] = job
             if job.future.set_running_or_notify_cancel():
                 try:
                     job.future.set_result(fn(job))
@@ -115,9 +136,11 @@ class JobQueue:
                     job.future.set_exception(e)
             job.finished_at = time.monotonic()
             job.latents = job.on_interrupt = None  # a finished job holds no tensors or generator
-            self.current = None
+            with self._lock:
+                del self.running[worker]
             with self._lock:
                 self._expire()
 
     def close(self) -> None:
-        self._q.put((None, None))
+        for _ in self._threads:
+            self._q.put((None, None))

@@ -110,10 +110,14 @@ def preview(req: Preview, st: StateDep) -> dict:
     )
 
     def work(job: Job):
-        gen, rt = st.preview_for(pa, pb)
-        changed = rt.set_weights(weights)
-        gen.on_step = job.set_progress
-        return gen(params)[0], changed
+        with st.preview_lock:  # one preview pair, shared by the workers
+            gen, rt = st.preview_for(pa, pb, job.device)
+            changed = rt.set_weights(weights)
+            gen.on_step = job.set_progress
+            try:
+                return gen(params)[0], changed
+            finally:
+                gen.on_step = None
 
     r, changed = st.run("preview", work)
     return {"image": png_b64(r), "info": r.infotext, "changed_blocks": changed}

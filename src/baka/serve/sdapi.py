@@ -154,16 +154,16 @@ def memory() -> dict:
 
 @router.post("/interrupt")
 def interrupt(st: StateDep) -> None:
-    """Stop the running job within one sampler step; it answers with the images so far."""
-    if st.queue.current is not None:
-        st.queue.current.interrupt()
+    """Stop the running jobs (one per worker) within one sampler step; each answers with its images so far."""
+    for job in st.queue.running_jobs():
+        job.interrupt()
 
 
 @router.post("/skip")
 def skip(st: StateDep) -> None:
-    """Stop the running batch within one sampler step; the job goes on with its next batch."""
-    if st.queue.current is not None:
-        st.queue.current.interrupt(skip=True)
+    """Stop the running batches within one sampler step; each job goes on with its next batch."""
+    for job in st.queue.running_jobs():
+        job.interrupt(skip=True)
 
 
 @router.get("/samplers")
@@ -358,7 +358,7 @@ def _generate(req: Txt2Img, st: State, kind: str, init=None, mask=None) -> dict:
 
     def work(job: Job) -> list:
         job.textinfo = f"Loading {opts['sd_model_checkpoint']}"
-        gen = st.generator_for(opts["sd_model_checkpoint"], opts.get("sd_vae"))
+        gen = st.generator_for(opts["sd_model_checkpoint"], opts.get("sd_vae"), job.device, job.worker)
         job.textinfo = None
         gen.on_step, gen.on_preview = job.set_progress, job.set_latents
         job.on_interrupt = gen.interrupt

@@ -4,6 +4,7 @@ body limit are the middleware in :mod:`baka.serve.guard`)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Settings:
     # A1111 request fields baka does not build: refused (422) unless lenient (then listed in "info")
     lenient: bool = False
     outputs: Path = Path("outputs")  # where save_images (and the web UI) save, A1111's layout
+    devices: tuple[str, ...] = ()  # one worker per device; () = every CUDA device, else one on the CPU
 
 
 @dataclass
@@ -48,15 +50,18 @@ class State:
     settings: Settings
     queue: JobQueue
     options: dict = field(default_factory=dict)
-    generator: object | None = None
-    generator_key: tuple | None = None
+    generators: dict[int, tuple[tuple, object]] = field(default_factory=dict)  # worker -> (key, Generator)
     preview: object | None = None  # (key, Generator, RuntimeBlockMerge)
+    preview_lock: threading.Lock = field(default_factory=threading.Lock)
     hashes: HashCache = field(default_factory=HashCache)
     outputs: Outputs = field(default_factory=lambda: Outputs("outputs"))
 
     @classmethod
     def create(cls, settings: Settings) -> State:
-        st = cls(settings, JobQueue(settings.queue_size, settings.keep_jobs, settings.job_max_age))
+        queue = JobQueue(
+            settings.queue_size, settings.keep_jobs, settings.job_max_age, default_devices(settings)
+        )
+        st = cls(settings, queue)
         st.outputs = Outputs(settings.outputs)
         st.options = {
             "sd_model_checkpoint": settings.model or next(iter(settings.folders.list("checkpoints")), None),
@@ -89,36 +94,54 @@ class State:
         """Queue ``fn`` and wait for its result; its errors are raised here."""
         return self.submit(kind, fn).future.result()
 
-    def generator_for(self, name: str, vae: str | None):
-        """The generator for checkpoint ``name`` (and ``vae``); one is kept loaded at a time."""
+    def generator_for(self, name: str, vae: str | None, device: str = "cpu", worker: int = 0):
+        """The generator for checkpoint ``name`` (and ``vae``) on ``device``; one is kept loaded per
+        worker (a worker runs one job at a time, so no two jobs share one)."""
+        import torch
+
         from baka.generate.engine import Generator
 
         path = self.resolve("checkpoints", name)
         vae_path = self.resolve("vae", vae) if vae and vae not in NO_VAE else None
         key = (path, vae_path)
-        if self.generator_key != key:
-            self.generator = None  # free the old model first
-            self.generator = Generator(
+        held = self.generators.get(worker)
+        if held is None or held[0] != key:
+            self.generators.pop(worker, None)  # free the old model first
+            gen = Generator(
                 path,
                 vae=vae_path,
                 embedding_dirs=self.folders.folders["embeddings"],
                 lora_dirs=self.folders.folders["loras"],
                 progress=False,
+                device=device,
+                # half precision on GPUs, as A1111 runs; float32 on the CPU
+                dtype=torch.float16 if device.startswith("cuda") else torch.float32,
             )
-            self.generator_key = key
-        return self.generator
+            self.generators[worker] = held = (key, gen)
+        return held[1]
 
-    def preview_for(self, pa: Path, pb: Path):
-        """(Generator on A, RuntimeBlockMerge with B) for the pair; one pair is kept loaded at a time."""
+    def preview_for(self, pa: Path, pb: Path, device: str = "cpu"):
+        """(Generator on A, RuntimeBlockMerge with B) for the pair; one pair is kept loaded at a time
+        (hold ``preview_lock`` while using it: workers on several devices share it)."""
         from baka.generate.engine import Generator
         from baka.generate.grid import GridContext
 
-        if self.preview is None or self.preview[0] != (pa, pb):
+        if self.preview is None or self.preview[0] != (pa, pb, device):
             self.preview = None  # free the old pair first
-            gen = Generator(pa, progress=False)
-            self.preview = ((pa, pb), gen, GridContext.with_merge(gen, str(pb)).merger)
+            gen = Generator(pa, progress=False, device=device)
+            self.preview = ((pa, pb, device), gen, GridContext.with_merge(gen, str(pb)).merger)
         _, gen, rt = self.preview
         return gen, rt
+
+
+def default_devices(settings: Settings) -> tuple[str, ...]:
+    """The workers' devices: the configured ones, else one per CUDA device, else the CPU."""
+    if settings.devices:
+        return settings.devices
+    import torch
+
+    n = torch.cuda.device_count()
+    return tuple(f"cuda:{i}" for i in range(n)) or ("cpu",)
 
 
 def get_state(request: Request) -> State:
