@@ -698,3 +698,55 @@ def test_models_load_in_two_threads_at_once(tiny_files):
         for t in threads:
             t.join(60)
     assert metas == [[]] * 6
+
+
+def test_history_outputs_freeu_xy_and_preview_release(a1111_root, tmp_path):
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    client = TestClient(create_app(Settings(folders, outputs=tmp_path / "out")))
+    st = client.app.state.baka
+    small = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 11}
+    r = client.post("/sdapi/v1/txt2img", json={**small, "save_images": True, "freeu": "sd1"}).json()
+    info = json.loads(r["info"])["infotexts"][0]
+    assert 'FreeU: "1.3,1.4,0.9,0.2,1,0,1,0"' in info
+    hist = client.get("/baka/v1/history").json()
+    assert [h["file"].split("/")[-1] for h in hist] == ["00000-11.png"] and hist[0]["kind"] == "txt2img"
+    assert hist[0]["infotext"] == info
+    png = client.get(hist[0]["url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    for bad in ("../secret.safetensors", "txt2img-images/nope.png", "%2e%2e/%2e%2e/etc/passwd"):
+        assert client.get(f"/baka/v1/outputs/{bad}").status_code == 404
+    r = client.post("/sdapi/v1/txt2img", json={**small, "freeu": "sd9"})
+    assert r.status_code == 400 and "FreeU preset" in r.json()["detail"]
+    assert client.get("/baka/v1/freeu-presets").json()["sd1"] == [1.3, 1.4, 0.9, 0.2, 1]
+
+    grid = client.post("/baka/v1/xy", json={**small, "x": "cfg=5,7", "y": "steps=1,2"}).json()
+    assert grid["size"] == [8 + 7 * len("steps: 1") + 128, 24 + 128] and len(grid["infotexts"]) == 4
+    assert "CFG scale: 7" in grid["infotexts"][1] and "Steps: 2" in grid["infotexts"][3]
+    bad = client.post("/baka/v1/xy", json={**small, "x": "colour=1,2"})
+    assert bad.status_code == 400 and "unknown grid axis" in bad.json()["detail"]
+    assert st.generators and st.preview is None
+
+    pv = {
+        "model_a": "alpha.safetensors",
+        "model_b": "sub/beta.safetensors",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+    }
+    r = client.post("/baka/v1/preview", json={**pv, "weights": "0.5"}).json()
+    assert "Model: alpha + beta (weight_sum)" in r["info"] and "Model hash" not in r["info"]
+    assert 'Merge weights: "' + ",".join(["0.5"] * 26) + '"' in r["info"]
+    assert st.preview is not None and 0 not in st.generators  # the worker's model went for the preview
+    blocks = client.post(
+        "/baka/v1/xy",
+        json={
+            **small,
+            "x": "blocks=ALL_A,ALL_B",
+            "model": "alpha.safetensors",
+            "merge_with": "sub/beta.safetensors",
+        },
+    ).json()
+    assert len(blocks["infotexts"]) == 2
+    client.post("/sdapi/v1/txt2img", json=small)
+    assert st.preview is None  # back to generating: the preview pair is not kept beside it

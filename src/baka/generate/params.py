@@ -175,7 +175,10 @@ class Param:
 
     def read_api(self, body: Mapping[str, Any], options: Mapping[str, Any], kw: dict[str, Any]) -> None:
         if self.api and self.api in body:
-            kw[self.name] = body[self.api]
+            v = body[self.api]
+            # a value with its own text form (FreeU) comes as that text
+            custom = self.parse not in (str, int, float)
+            kw[self.name] = self.parse(v) if custom and isinstance(v, str) else v
         elif self.option and self.option in options:
             try:
                 kw[self.name] = type(self.default())(options[self.option])
@@ -466,6 +469,7 @@ PARAMS: tuple[Param, ...] = (
         "freeu",
         ("--freeu",),
         "off, a preset (sd1, sd1-v2) or b1,b2,s1,s2[,version[,start,stop[,smooth]]]",
+        api="freeu",  # baka's own API field (A1111 has FreeU only as an extension)
         info="FreeU",
         parse=parse_freeu,
         show=_show_freeu,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException
 
 from baka.errors import BakaError, NotFound
 from baka.serve.jobs import Job
-from baka.serve.schemas import MergeJob, Preview
+from baka.serve.schemas import MergeJob, Preview, XYGrid
 from baka.serve.sdapi import png_b64
 from baka.serve.state import State, get_state
 
@@ -111,7 +113,7 @@ def preview(req: Preview, st: StateDep) -> dict:
 
     def work(job: Job):
         with st.preview_lock:  # one preview pair, shared by the workers
-            gen, rt = st.preview_for(pa, pb, job.device)
+            gen, rt = st.preview_for(pa, pb, job.device, job.worker)
             changed = rt.set_weights(weights)
             gen.on_step = job.set_progress
             try:
@@ -120,4 +122,117 @@ def preview(req: Preview, st: StateDep) -> dict:
                 gen.on_step = None
 
     r, changed = st.run("preview", work)
+    r.infotext = merge_infotext(r.infotext, pa, pb, weights)
     return {"image": png_b64(r), "info": r.infotext, "changed_blocks": changed}
+
+
+def merge_infotext(text: str, pa: Path, pb: Path, weights) -> str:
+    """A preview's infotext names the merge it shows, not model A alone (A's hash is not its hash)."""
+    from baka.generate import infotext
+
+    prompt, neg, fields = infotext.parse(text)
+    fields.pop("Model hash", None)
+    fields["Model"] = f"{pa.stem} + {pb.stem} (weight_sum)"
+    fields["Merge weights"] = ",".join(f"{w:g}" for w in weights)
+    return infotext.build(prompt, neg, fields)
+
+
+@router.get("/freeu-presets")
+def freeu_presets() -> dict:
+    """FreeU presets by name: b1, b2, s1, s2 and the version."""
+    from baka.generate.freeu import PRESETS
+
+    return {
+        n: [
+            PRESETS.get(n).b1,
+            PRESETS.get(n).b2,
+            PRESETS.get(n).s1,
+            PRESETS.get(n).s2,
+            PRESETS.get(n).version,
+        ]
+        for n in PRESETS.names()
+    }
+
+
+@router.post("/xy")
+def xy_grid(req: XYGrid, st: StateDep) -> dict:
+    """An XY grid (``baka generate --xy``): axes such as ``cfg=5,7,9`` or, with ``merge_with``,
+    ``blocks=ALL_A,GRAD_V,ALL_B`` through the runtime merge the live preview uses."""
+    from baka.generate.engine import GenParams
+    from baka.generate.grid import GridContext, parse_axis, run_grid
+
+    for axis in (req.x, req.y):
+        if axis:
+            parse_axis(axis)  # a bad axis is a 400 now, not a failed job later
+    st.check_prompts(req.prompt, req.negative_prompt)
+    model = req.model or st.options.get("sd_model_checkpoint")
+    if not model:
+        raise BakaError("no checkpoint configured")
+    pa = st.resolve("checkpoints", model)
+    pb = st.resolve("checkpoints", req.merge_with) if req.merge_with else None
+    params = GenParams(
+        req.prompt,
+        req.negative_prompt,
+        steps=req.steps,
+        seed=req.seed,
+        width=req.width,
+        height=req.height,
+        sampler=req.sampler_name,
+        cfg=req.cfg_scale,
+    )
+
+    def work(job: Job):
+        if pb is None:
+            gen = st.generator_for(model, None, job.device, job.worker)
+            return run_grid(GridContext(gen), params, req.x, req.y, progress=False)
+        with st.preview_lock:
+            gen, rt = st.preview_for(pa, pb, job.device, job.worker)
+            return run_grid(GridContext(gen, rt), params, req.x, req.y, progress=False)
+
+    grid, rows = st.run("xy", work)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return {
+        "image": base64.b64encode(buf.getvalue()).decode(),
+        "infotexts": [r.infotext for row in rows for r in row],
+        "size": list(grid.size),
+    }
+
+
+@router.get("/history")
+def history(st: StateDep, limit: int = 60) -> list[dict]:
+    """The pictures saved under the outputs folder, newest first, with their infotext."""
+    from PIL import Image
+
+    items = []
+    for path in st.outputs.history(max(1, min(limit, 500))):
+        rel = path.relative_to(st.outputs.root).as_posix()
+        try:
+            with Image.open(path) as im:
+                text = im.info.get("parameters", "")
+        except OSError:
+            continue  # a broken file in the folder is left out, never takes the gallery down
+        items.append(
+            {
+                "file": rel,
+                "kind": rel.split("-images/")[0],
+                "url": f"/baka/v1/outputs/{rel}",
+                "infotext": text,
+            }
+        )
+    return items
+
+
+@router.get("/outputs/{rel:path}")
+def output_file(rel: str, st: StateDep):
+    """One saved picture (inside the outputs folder only)."""
+    from fastapi.responses import FileResponse
+
+    root = st.outputs.root.resolve()
+    try:
+        path = (root / rel).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise NotFound("no such output") from None
+    if not path.is_relative_to(root) or path.suffix.lower() != ".png" or not path.is_file():
+        raise NotFound("no such output")
+    return FileResponse(path, media_type="image/png")

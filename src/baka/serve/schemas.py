@@ -40,6 +40,7 @@ class Txt2Img(BaseModel):
     override_settings_restore_afterwards: bool = True  # False: the overrides stay as the options
     send_images: bool = True  # False: the response carries no images
     save_images: bool = False  # True: also saved under the outputs folder, A1111's layout
+    freeu: str | None = None  # baka's own: "off", a FreeU preset or b1,b2,s1,s2[,version,...]
     # A1111 extensions' arguments by script title; baka reads "Dynamic Thresholding (CFG Scale Fix)"
     alwayson_scripts: dict = Field(default_factory=dict)
 
@@ -118,6 +119,21 @@ class Preview(BaseModel):
     weights: str | list[float] = "0.5"
     prompt: str = ""
     negative_prompt: str = ""
+    steps: int = Field(12, ge=1, le=50)
+    seed: int = Field(1, ge=-1, le=2**32 - 1)
+    width: int = Field(512, ge=64, le=1024)
+    height: int = Field(512, ge=64, le=1024)
+
+
+class XYGrid(BaseModel):
+    model: str | None = None  # default: the current checkpoint
+    merge_with: str | None = None  # model B for the blocks axis (runtime merge)
+    x: str  # e.g. "cfg=5,7,9", "blocks=ALL_A,GRAD_V,ALL_B"
+    y: str | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler_name: str = "Euler a"
+    cfg_scale: float = 7.0
     steps: int = Field(12, ge=1, le=50)
     seed: int = Field(1, ge=-1, le=2**32 - 1)
     width: int = Field(512, ge=64, le=1024)

@@ -104,6 +104,7 @@ class State:
         path = self.resolve("checkpoints", name)
         vae_path = self.resolve("vae", vae) if vae and vae not in NO_VAE else None
         key = (path, vae_path)
+        self.release_preview()  # the merge preview's model is not kept beside this one
         held = self.generators.get(worker)
         if held is None or held[0] != key:
             self.generators.pop(worker, None)  # free the old model first
@@ -120,12 +121,22 @@ class State:
             self.generators[worker] = held = (key, gen)
         return held[1]
 
-    def preview_for(self, pa: Path, pb: Path, device: str = "cpu"):
+    def release_preview(self) -> None:
+        """Drop the merge preview's models unless a preview is running right now."""
+        if self.preview is not None and self.preview_lock.acquire(blocking=False):
+            try:
+                self.preview = None
+            finally:
+                self.preview_lock.release()
+
+    def preview_for(self, pa: Path, pb: Path, device: str = "cpu", worker: int = 0):
         """(Generator on A, RuntimeBlockMerge with B) for the pair; one pair is kept loaded at a time
-        (hold ``preview_lock`` while using it: workers on several devices share it)."""
+        (hold ``preview_lock`` while using it: workers on several devices share it). The worker's own
+        generation model is dropped meanwhile: the two are never both held for one worker."""
         from baka.generate.engine import Generator
         from baka.generate.grid import GridContext
 
+        self.generators.pop(worker, None)
         if self.preview is None or self.preview[0] != (pa, pb, device):
             self.preview = None  # free the old pair first
             gen = Generator(pa, progress=False, device=device)
