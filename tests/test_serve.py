@@ -750,3 +750,87 @@ def test_history_outputs_freeu_xy_and_preview_release(a1111_root, tmp_path):
     assert len(blocks["infotexts"]) == 2
     client.post("/sdapi/v1/txt2img", json=small)
     assert st.preview is None  # back to generating: the preview pair is not kept beside it
+
+
+def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_server):
+    """Chromium drives the page as a person would: generate (the picture, its infotext and a saved
+    copy), an error shown as text, interrupt mid-run, the history gallery, a merge preview."""
+    from cdp import Browser
+
+    chromium = _chromium()
+    folders = ModelFolders()
+    folders.add_root(a1111_root)
+    url = live_server(Settings(folders, token="t0k", outputs=tmp_path / "out"))
+    flags = [f for f in CHROME_FLAGS if not f.startswith("--virtual-time")]
+    b = Browser(chromium, flags, str(tmp_path / "profile"))
+    try:
+        b.open(f"{url}/?token=t0k")
+        b.wait(
+            "document.getElementById('g-sampler').options.length > 0"
+            " && document.getElementById('m-method').options.length > 0"
+        )
+        assert b.js("[...document.getElementById('g-model').options].map(o => o.value)") == [
+            "alpha.safetensors",
+            "sub/beta.safetensors",
+        ]
+        set_fields = """(() => { const s = (id, v) => document.getElementById(id).value = v;
+          s('g-prompt', 'a red circle'); s('g-steps', 2); s('g-w', 64); s('g-h', 64); s('g-seed', 5);
+          s('g-sampler', 'Euler'); s('g-freeu', 'sd1'); return true; })()"""
+        b.js(set_fields)
+        b.js("document.getElementById('g-lora-add').click(); document.getElementById('g-go').click()")
+        info = b.wait("document.getElementById('g-info').textContent")
+        assert "Steps: 2" in info and "Seed: 5" in info and "FreeU:" in info and "Size: 64x64" in info
+        assert b.js("document.getElementById('g-img').naturalWidth") == 64
+        b.screenshot(tmp_path / "generate.png")
+        shot = Image.open(tmp_path / "generate.png").convert("RGB")
+        assert shot.size == (1400, 1000) and shot.getpixel((10, 10)) == (0x2B, 0x2D, 0x42)
+        assert len(list((tmp_path / "out" / "txt2img-images").glob("*/00000-5.png"))) == 1
+
+        # a bad size: the server's message as text, not [object Object]
+        b.js("document.getElementById('g-w').value = 68; document.getElementById('g-go').click()")
+        err = b.wait("document.getElementById('g-error').textContent")
+        assert "object Object" not in err and "68" in err
+
+        # interrupt: 150 steps, three batches; stopped after a few steps, one picture back
+        b.js(
+            "document.getElementById('g-w').value = 64; document.getElementById('g-steps').value = 150;"
+            "document.getElementById('g-niter').value = 3;"
+            "document.getElementById('g-info').textContent = '';"
+            "document.getElementById('g-go').click()"
+        )
+        b.wait("document.getElementById('g-progress').value > 0.01")
+        b.js("document.getElementById('g-stop').click()")
+        info = b.wait("document.getElementById('g-info').textContent")
+        assert "Steps: 150" in info
+        assert b.js("document.getElementById('g-live').naturalWidth") == 8  # the latent-sized live preview
+
+        # the history gallery: both saved pictures, newest first, after a reload too
+        b.js("location.reload()")
+        b.wait("document.getElementById('g-sampler').options.length > 0")
+        b.js("document.querySelector('header button[data-tab=history]').click()")
+        files = b.wait(
+            "(() => { const g = [...document.querySelectorAll('#gallery img')];"
+            " return g.length >= 2 && g.map(i => i.dataset.file); })()"
+        )
+        assert files[-1].endswith("00000-5.png") and len(files) == 2
+        b.screenshot(tmp_path / "history.png")
+        assert len(Image.open(tmp_path / "history.png").convert("RGB").getcolors(1 << 20) or []) > 50
+
+        # a merge preview through the runtime merge: its infotext names the merge
+        b.js(
+            "document.querySelector('header button[data-tab=merge]').click();"
+            "const s = (id, v) => document.getElementById(id).value = v;"
+            "s('m-w', 64); s('m-h', 64); s('m-steps', 2); s('m-preset', 'GRAD_V');"
+            "document.getElementById('m-preset').dispatchEvent(new Event('change'));"
+            "document.getElementById('m-preview').click()"
+        )
+        minfo = b.wait("document.getElementById('m-info').textContent")
+        assert "Model: alpha + beta (weight_sum)" in minfo
+        assert b.js("document.getElementById('m-img').naturalWidth") == 64
+        b.screenshot(tmp_path / "merge.png")
+        img = Image.open(tmp_path / "merge.png").convert("RGB")
+        # the preview stays in view: its panel's picture is inside the window
+        top = b.js("document.getElementById('m-img').getBoundingClientRect().top")
+        assert 0 <= top < 1000 and img.getpixel((10, 10)) == (0x2B, 0x2D, 0x42)
+    finally:
+        b.close()
