@@ -786,6 +786,23 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
         assert shot.size == (1400, 1000) and shot.getpixel((10, 10)) == (0x2B, 0x2D, 0x42)
         assert len(list((tmp_path / "out" / "txt2img-images").glob("*/00000-5.png"))) == 1
 
+        # send to img2img, paint a mask over its centre, inpaint
+        b.js("document.getElementById('g-send').click()")
+        b.wait("document.getElementById('g-mask').width === 64")
+        b.js(
+            "(() => { const c = document.getElementById('g-mask'), r = c.getBoundingClientRect();"
+            " const at = (t, f) => c.dispatchEvent(new MouseEvent(t, {bubbles: true,"
+            " clientX: r.left + r.width * f, clientY: r.top + r.height * f}));"
+            " at('mousedown', 0.4); at('mousemove', 0.5); at('mousemove', 0.6);"
+            " window.dispatchEvent(new MouseEvent('mouseup'));"
+            " document.getElementById('g-info').textContent = '';"
+            " document.getElementById('g-go').click(); })()"
+        )
+        info = b.wait("document.getElementById('g-info').textContent")
+        assert "Denoising strength: 0.75" in info and "Mask blur: 4" in info  # the painted mask went
+        assert len(list((tmp_path / "out" / "img2img-images").glob("*/00000-5.png"))) == 1
+        b.js("document.getElementById('g-i2i').checked = false")
+
         # a bad size: the server's message as text, not [object Object]
         b.js("document.getElementById('g-w').value = 68; document.getElementById('g-go').click()")
         err = b.wait("document.getElementById('g-error').textContent")
@@ -804,15 +821,18 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
         assert "Steps: 150" in info
         assert b.js("document.getElementById('g-live').naturalWidth") == 8  # the latent-sized live preview
 
-        # the history gallery: both saved pictures, newest first, after a reload too
+        # the history gallery: the three saved pictures, newest first, after a reload too
         b.js("location.reload()")
         b.wait("document.getElementById('g-sampler').options.length > 0")
         b.js("document.querySelector('header button[data-tab=history]').click()")
         files = b.wait(
             "(() => { const g = [...document.querySelectorAll('#gallery img')];"
-            " return g.length >= 2 && g.map(i => i.dataset.file); })()"
+            " return g.length >= 3 && g.map(i => i.dataset.file); })()"
         )
-        assert files[-1].endswith("00000-5.png") and len(files) == 2
+        assert (
+            len(files) == 3 and files[-1].startswith("txt2img-images/") and files[-1].endswith("/00000-5.png")
+        )
+        assert any(f.startswith("img2img-images/") for f in files)
         b.screenshot(tmp_path / "history.png")
         assert len(Image.open(tmp_path / "history.png").convert("RGB").getcolors(1 << 20) or []) > 50
 
