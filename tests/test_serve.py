@@ -854,3 +854,16 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
         assert 0 <= top < 1000 and img.getpixel((10, 10)) == (0x2B, 0x2D, 0x42)
     finally:
         b.close()
+
+
+def test_override_settings_only_for_options_baka_has(client):
+    from baka.serve.fields import check
+
+    body = {"override_settings": {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}}
+    opts = client.app.state.baka.options
+    assert check(body, {}, lenient=True, options=opts) == ["override_settings.eta_noise_seed_delta"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64, **body})
+    assert (
+        r.status_code == 422
+        and "'eta_noise_seed_delta': an A1111 option baka does not have" in r.json()["detail"]
+    )

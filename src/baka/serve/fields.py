@@ -13,7 +13,7 @@ and those ``webuiapi`` 0.9.17 sends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,10 +130,17 @@ def _script_disabled(args: Any) -> bool:
 BUILT_SCRIPTS = ("dynamic thresholding (cfg scale fix)",)
 
 
-def check(body: Mapping[str, Any], extra: Mapping[str, Any], *, lenient: bool) -> list[str]:
+def check(
+    body: Mapping[str, Any],
+    extra: Mapping[str, Any],
+    *,
+    lenient: bool,
+    options: Collection[str] | None = None,
+) -> list[str]:
     """The request fields that ask for something baka does not build: raises Unsupported naming
     them all, or (``lenient``) returns their names. ``extra`` holds the fields the schema does not
-    know (pydantic's ``model_extra``); ``body`` the whole request, for the fields' conditions."""
+    know (pydantic's ``model_extra``); ``body`` the whole request, for the fields' conditions;
+    ``options`` the A1111 options baka has (``override_settings`` may set only those)."""
     refused: dict[str, str] = {}  # field -> why
     for name, value in extra.items():
         if name not in UNBUILT:
@@ -143,6 +150,12 @@ def check(body: Mapping[str, Any], extra: Mapping[str, Any], *, lenient: bool) -
     for title, args in (body.get("alwayson_scripts") or {}).items():
         if str(title).lower() not in BUILT_SCRIPTS and not _script_disabled(args):
             refused[f"alwayson_scripts.{title}"] = f"alwayson_scripts {title!r}: no such script in baka"
+    if options is not None:
+        for key in body.get("override_settings") or {}:
+            if key not in options:
+                refused[f"override_settings.{key}"] = (
+                    f"override_settings {key!r}: an A1111 option baka does not have"
+                )
     if refused and not lenient:
         raise Unsupported(
             "; ".join(refused.values()) + " (send the neutral value or leave the field out;"

@@ -349,7 +349,7 @@ def _txt2img_info(req: Txt2Img, opts: dict, results: list) -> dict:
 def _generate(req: Txt2Img, st: State, kind: str, init=None, mask=None) -> dict:
     from baka.serve.fields import check
 
-    ignored = check(req.model_dump(), req.model_extra or {}, lenient=st.settings.lenient)
+    ignored = check(req.model_dump(), req.model_extra or {}, lenient=st.settings.lenient, options=st.options)
     st.check_prompts(req.prompt, req.negative_prompt)
     opts = {**st.options, **req.override_settings}
     if not opts.get("sd_model_checkpoint"):
