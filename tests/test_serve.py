@@ -769,10 +769,9 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
             "document.getElementById('g-sampler').options.length > 0"
             " && document.getElementById('m-method').options.length > 0"
         )
-        assert b.js("[...document.getElementById('g-model').options].map(o => o.value)") == [
-            "alpha.safetensors",
-            "sub/beta.safetensors",
-        ]
+        models = b.js("[...document.getElementById('g-model').options].map(o => o.value)")
+        # the folder's checkpoints (an earlier test in this module may have merged another into it)
+        assert models[0] == "alpha.safetensors" and "sub/beta.safetensors" in models
         set_fields = """(() => { const s = (id, v) => document.getElementById(id).value = v;
           s('g-prompt', 'a red circle'); s('g-steps', 2); s('g-w', 64); s('g-h', 64); s('g-seed', 5);
           s('g-sampler', 'Euler'); s('g-freeu', 'sd1'); return true; })()"""
@@ -840,7 +839,8 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
         b.js(
             "document.querySelector('header button[data-tab=merge]').click();"
             "const s = (id, v) => document.getElementById(id).value = v;"
-            "s('m-w', 64); s('m-h', 64); s('m-steps', 2); s('m-preset', 'GRAD_V');"
+            "s('m-b', 'sub/beta.safetensors'); s('m-w', 64); s('m-h', 64);"
+            "s('m-steps', 2); s('m-preset', 'GRAD_V');"
             "document.getElementById('m-preset').dispatchEvent(new Event('change'));"
             "document.getElementById('m-preview').click()"
         )
