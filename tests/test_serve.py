@@ -575,6 +575,7 @@ def test_a1111_defaults_ask_for_nothing_and_every_unbuilt_field_is_listed():
         ({"mask_round": False}, {}, ["mask_round"]),
         ({"restore_faces": False, "tiling": 0, "styles": []}, {}, []),
         ({"seed_resize_from_h": 768}, {}, ["seed_resize_from_h"]),
+        ({"seed_resize_from_w": "big"}, {}, ["seed_resize_from_w"]),  # not a number: refused, not a 500
         ({"sampler": "Euler"}, {}, ["sampler"]),  # not an A1111 field at all
         ({}, {"alwayson_scripts": {"Dynamic Thresholding (CFG Scale Fix)": {"args": [True, 7]}}}, []),
         (

@@ -68,7 +68,7 @@ def _eta_neutral(v: Any, body: Mapping[str, Any]) -> bool:
 
 
 def _noise_from_neutral(v: Any, body: Mapping[str, Any]) -> bool:
-    return v is None or v <= 0
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v <= 0)
 
 
 def _same_checkpoint(v: Any, body: Mapping[str, Any]) -> bool:

@@ -53,6 +53,8 @@ class Outputs:
             return []
         found = []
         for kind_dir in self.root.glob("*-images"):
+            if not kind_dir.is_dir():
+                continue
             for day in kind_dir.iterdir():
                 if day.is_dir():
                     found += [p for p in day.glob("*.png") if _NUMBERED.match(p.name)]
