@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from baka.errors import BakaError, NotFound
 from baka.serve.jobs import Job
 from baka.serve.schemas import MergeJob, Preview, XYGrid
-from baka.serve.sdapi import png_b64
+from baka.serve.sdapi import image_b64, png_b64
 from baka.serve.state import State, get_state
 
 router = APIRouter(prefix="/baka/v1")
@@ -190,10 +188,8 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
             return run_grid(GridContext(gen, rt), params, req.x, req.y, progress=False)
 
     grid, rows = st.run("xy", work)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
     return {
-        "image": base64.b64encode(buf.getvalue()).decode(),
+        "image": image_b64(grid),
         "infotexts": [r.infotext for row in rows for r in row],
         "size": list(grid.size),
     }

@@ -19,15 +19,21 @@ router = APIRouter(prefix="/sdapi/v1")
 StateDep = Annotated[State, Depends(get_state)]
 
 
-def png_b64(result) -> str:
-    """A generated image as A1111 sends it: base64 PNG with the infotext in its "parameters" chunk."""
+def image_b64(image, infotext: str | None = None) -> str:
+    """A picture as A1111 sends it: base64 PNG, the infotext (if any) in its "parameters" chunk."""
     from PIL.PngImagePlugin import PngInfo as Info
 
     info = Info()
-    info.add_text("parameters", result.infotext)
+    if infotext is not None:
+        info.add_text("parameters", infotext)
     buf = io.BytesIO()
-    result.image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=info)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def png_b64(result) -> str:
+    """A generated result with its infotext, as A1111 sends it."""
+    return image_b64(result.image, result.infotext)
 
 
 def _model_entry(st: State, name: str) -> dict:
@@ -242,9 +248,7 @@ def progress(st: StateDep, skip_current_image: bool = False) -> dict:
         if latents is not None and not skip_current_image:
             from baka.generate.preview import preview_image
 
-            buf = io.BytesIO()
-            preview_image(latents).save(buf, format="PNG")
-            current_image = base64.b64encode(buf.getvalue()).decode()
+            current_image = image_b64(preview_image(latents))
     return {
         "progress": frac,
         "eta_relative": eta,
@@ -302,9 +306,7 @@ def extra_single_image(body: ExtrasSingle, st: StateDep) -> dict:
     )
     img = _decode_image(body.image)
     out = st.run("extras", lambda job: upscale(img, u))
-    buf = io.BytesIO()
-    out.save(buf, format="PNG")
-    return {"html_info": "", "image": base64.b64encode(buf.getvalue()).decode()}
+    return {"html_info": "", "image": image_b64(out)}
 
 
 @router.post("/png-info")
