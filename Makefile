@@ -31,7 +31,7 @@ test-realsize: $(STAMP)
 
 test-all: test test-realsize
 
-# issue #10's measured claims at their targets, on the models `make world` builds (they miss today: docs/world.md)
+# issue #10's targets that the shipped world models still miss (docs/world.md); the claims they hold run in `make test`
 test-world: $(STAMP)
 	$(BIN)/python -m pytest -q -m world tests/test_world_models.py
 
@@ -50,7 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/merge_bench.py
 	$(BIN)/python bench/generate_bench.py
 
-# Rebuild the shapes-world models (src/baka/world/weights) from nothing: render, VAE, baka train.
+# Rebuild the shipped shapes-world models (src/baka/world/weights) from nothing: render, VAE, text
+# encoder pretraining, baka train (about 50 min on 2 cores).
 # Threads: BAKA_WORLD_THREADS (default 2); see docs/world.md.
 world: $(STAMP)
 	rm -rf build/world

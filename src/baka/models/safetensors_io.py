@@ -455,11 +455,14 @@ def output_error(path: Path, e: OSError) -> OutputError:
 
 
 @contextmanager
-def atomic_output(path: str | Path, *, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_output(
+    path: str | Path, *, protect: Iterable[str | Path] = (), clean: bool = True
+) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     Refuses to write onto any file in ``protect`` (the inputs), so an input is never overwritten.
-    Temp files that earlier, interrupted writes left in the folder are removed first. A full disk or a
+    Temp files that earlier, interrupted writes left in the folder are removed first (``clean=False``:
+    the caller did that once for many files; the scan lists the whole folder). A full disk or a
     read-only folder becomes one :class:`OutputError` naming ``path``; no partial file remains.
     """
     path = Path(path)
@@ -468,7 +471,8 @@ def atomic_output(path: str | Path, *, protect: Iterable[str | Path] = ()) -> It
             raise ModelFileError(path, "refusing to overwrite an input file; choose another output name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_parts(path.parent)
+        if clean:
+            clean_stale_parts(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
     except OSError as e:
         raise output_error(path, e) from None

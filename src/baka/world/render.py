@@ -45,19 +45,24 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 RESERVED_SHAPES = ("star",)  # drawable, never in training
-SIZES: dict[str, int] = {"small": 18, "medium": 28, "large": 40}  # bounding-box side in pixels
+# bounding-box side in pixels; even "small" spans 3x3 latent pixels of the f8 VAE, since at 2x2 (18 px,
+# builds 1-3) the VAE itself could not keep circle, square and triangle apart (docs/world.md)
+SIZES: dict[str, int] = {"small": 24, "medium": 33, "large": 42}
 POSITIONS: dict[str, tuple[int, int]] = {  # shape centre (x, y)
     "center": (32, 32),
-    "left": (20, 32),
-    "right": (44, 32),
-    "top": (32, 20),
-    "bottom": (32, 44),
+    "left": (22, 32),
+    "right": (42, 32),
+    "top": (32, 22),
+    "bottom": (32, 42),
 }
 TWO_SHAPE_X = (18, 46)  # centres of the left and right shape of a two-shape image
-TWO_SHAPE_SIZES = ("small",)  # two medium shapes would touch
+TWO_SHAPE_SIZES = ("small",)  # two medium shapes would overlap
 TWO_SHAPE_FRACTION = 0.15
 STYLES = ("flat", "striped")
-STRIPE_PERIOD = 6  # pixels; diagonal stripes fixed in image coordinates
+# pixels; diagonal stripes fixed in image coordinates. A period that divides the VAE's 8-pixel patch puts
+# the same hatching in every latent pixel, so the decoder can draw it from a "striped" code; with 6 px
+# (builds 1-3) its phase changed from patch to patch and the VAE returned muddy fills instead
+STRIPE_PERIOD = 8
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("green", "triangle"), ("purple", "square"), ("orange", "circle")}
 )
@@ -254,16 +259,17 @@ def render_folder(
     """Write ``n`` images ``00000.png`` + ``00000.txt`` (kohya layout: one folder = one subset)."""
     from tqdm import tqdm
 
-    from baka.models.safetensors_io import atomic_output
+    from baka.models.safetensors_io import atomic_output, clean_stale_parts
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_parts(folder)  # once: a scan per file made writing n files O(n^2)
     rep = RenderReport(folder, n)
     for scene in tqdm(scenes(n, seed, style, split), total=n, desc="render", disable=not progress):
         stem = folder / f"{scene.index:05d}"
-        with atomic_output(stem.with_suffix(".png")) as tmp:
+        with atomic_output(stem.with_suffix(".png"), clean=False) as tmp:
             Path(tmp).write_bytes(png_bytes(render_scene(scene)))
-        with atomic_output(stem.with_suffix(".txt")) as tmp:
+        with atomic_output(stem.with_suffix(".txt"), clean=False) as tmp:
             Path(tmp).write_text(scene.caption + "\n", encoding="utf-8")
         rep.captions.append(scene.caption)
     return rep
