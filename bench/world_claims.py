@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 
 FLAT, STRIPED, VPRED = "world-flat", "world-striped", "world-vpred-ztsnr"
 OUT_FROM_B = "OUT12"  # supermerger preset: BASE, IN00-IN11, M00 from A; OUT00-OUT11 from B
@@ -63,18 +64,23 @@ def guidance_and_emphasis(n: int) -> tuple[str, dict]:
     cases = [
         ("no negative", base, ""),
         ("negative `red`", base, "red"),
+        # the pretrained text encoder knows whole captions only (docs/world.md): a caption-like negative
+        ("negative: a whole caption", base, "blue " + base),
         ("`(red:1.4) circle, ...`", "(red:1.4) " + base, ""),
         ("`(red:0.6) circle, ...`", "(red:0.6) " + base, ""),
         ("`red circle, ...`", "red " + base, ""),
     ]
     rows, data = [], {}
     for name, prompt, neg in cases:
-        share = color_share(readings(gen, prompt, negative=neg, n=n), "red")
-        data[name] = share
-        rows.append([name, prompt, neg or "-", f"{share:.0%}"])
+        rs = readings(gen, prompt, negative=neg, n=n)
+        share = color_share(rs, "red")
+        seen = Counter(r.main.color if r.main else "none" for r in rs)
+        data[name] = {"red": share, "colours": dict(seen)}
+        colours = ", ".join(f"{c} {k / len(rs):.0%}" for c, k in seen.most_common())
+        rows.append([name, prompt, neg or "-", f"{share:.0%}", colours])
     return _table(
         f"Negative prompt and emphasis (world-flat, CFG 7, {n} seeds)",
-        ["case", "prompt", "negative", "red"],
+        ["case", "prompt", "negative", "red", "colours read"],
         rows,
     ), data
 

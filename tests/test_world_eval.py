@@ -1,5 +1,5 @@
-"""`baka world eval` and shipped-model names, on a tiny random model (the shipped world weights are
-not in the repository yet: see docs/world.md). Structure only: a random model's accuracies mean nothing."""
+"""`baka world eval` and shipped-model names, on a tiny random model: structure only (a random model's
+accuracies mean nothing; the shipped world models' figures are tests/test_world_models.py)."""
 
 import json
 

@@ -1,16 +1,16 @@
-"""Issue #10's measured claims on the shapes-world models (docs/world.md): fixed seeds, the normal
-generator, the judge. They load the files ``make world`` writes into the package (never retrain) and
-assert the issue's targets where it names them. Marked ``world`` and run by ``make test-world``: the
-models are not shipped yet because today's build misses these targets (figures in docs/world.md), so
-the default run cannot hold them; once a build passes, the weights ship and the marker goes.
+"""Issue #10's measured claims on the shipped shapes-world models (docs/world.md): fixed seeds, the
+normal generator, the judge. They load the packaged files (never retrain).
+
+Unmarked tests hold what build 4 does today, with a margin below its figures, so a change that breaks
+prompt following, the merge, v-prediction or zero-terminal SNR fails the default run. Tests marked
+``world`` assert the issue's own targets that build 4 still misses (figures and causes in
+docs/world.md); ``make test-world`` runs them, and they fail until a build reaches them.
 """
 
 import pytest
 
 from baka.models.shipped import SHIPPED, shipped_path
 from baka.world.eval import color_share, evaluate, readings
-
-pytestmark = pytest.mark.world
 
 FLAT, STRIPED, VPRED = "world-flat", "world-striped", "world-vpred-ztsnr"
 REVERSE_OUT12 = ",".join(["0"] + ["1"] * 13 + ["0"] * 12)  # BASE from A, IN00-M00 from B, OUT from A
@@ -48,13 +48,39 @@ def quick7(flat):
     return evaluate(flat, suite="quick", cfg=7, progress=False).metrics
 
 
-def test_prompt_following(quick7):
+def test_prompt_following_holds_on_seen_prompts(quick7):
+    """Build 4: background and position 100%, seen colours 100%, shapes 72% (squares come out
+    rounded); the held-out colour/shape pairs are the miss (test_prompt_following_targets)."""
+    m, seen = quick7, quick7["seen"]
+    assert m["background_accuracy"] >= BG_MIN and m["position_accuracy"] >= 0.9, m
+    assert seen["color_accuracy"] >= COLOR_MIN, m
+    assert m["color_accuracy"] >= 0.75 and m["shape_accuracy"] >= 0.6, m
+
+
+def test_a_random_model_follows_nothing(tiny_files):
+    """The judge's accuracies above mean something: the same suite on random weights is near chance."""
+    m = evaluate(tiny_files[0], suite="quick", steps=4, progress=False).metrics
+    assert m["background_accuracy"] <= 0.4 and m["color_accuracy"] <= 0.4, m
+
+
+def test_a_whole_caption_negative_prompt_moves_away_from_it(flat):
+    """The pretrained text encoder knows whole captions, so a caption-like negative prompt steers: the
+    blue circle the prompt draws on every seed goes (build 4: the judge then reads no shape at all)."""
+    base = "circle, grey background, large, center"
+    without = color_share(readings(flat, base, n=N), "blue")
+    with_neg = color_share(readings(flat, base, negative="blue " + base, n=N), "blue")
+    assert with_neg <= without - NEG_GAP, (without, with_neg)
+
+
+@pytest.mark.world
+def test_prompt_following_targets(quick7):
     m = quick7
     assert m["background_accuracy"] >= BG_MIN, m
     assert m["color_accuracy"] >= COLOR_MIN, m
     assert m["shape_accuracy"] >= SHAPE_MIN, m
 
 
+@pytest.mark.world
 def test_guidance_works(flat, quick7):
     """CFG 1 (no guidance) follows the prompt clearly worse than CFG 7."""
     m1 = evaluate(flat, suite="quick", cfg=1, progress=False).metrics
@@ -65,6 +91,7 @@ def test_guidance_works(flat, quick7):
     assert followed(m1) + CFG_GAP <= followed(quick7), (m1, quick7)
 
 
+@pytest.mark.world
 def test_negative_prompt_removes_what_it_names(flat):
     base = "circle, grey background, large, center"
     without = color_share(readings(flat, base, n=N), "red")
@@ -72,6 +99,7 @@ def test_negative_prompt_removes_what_it_names(flat):
     assert with_neg <= without - NEG_GAP, (without, with_neg)
 
 
+@pytest.mark.world
 def test_emphasis_moves_colour(flat):
     base = "circle, grey background, large, center"
     strong = color_share(readings(flat, "(red:1.4) " + base, n=N), "red")
@@ -90,21 +118,35 @@ def merged(flat):
     flat.patcher.remove(merge)
 
 
-def test_block_merge_moves_style_with_the_out_blocks(flat, merged, quick7):
+@pytest.fixture(scope="module")
+def merge_scores(flat, merged):
     merge, weights = merged
     scores = {}
     for name in ("ALL_B", "OUT12", REVERSE_OUT12):
         merge.set_weights(weights(name))
         scores[name] = evaluate(flat, suite="quick", progress=False).metrics
     merge.set_weights(weights("ALL_A"))
-    t_flat, t_striped = quick7["texture_energy"], scores["ALL_B"]["texture_energy"]
-    assert t_striped > t_flat + TEX_GAP, (t_flat, t_striped)
-    out12, rev = scores["OUT12"], scores[REVERSE_OUT12]
-    # the OUT blocks carry the style: most of the way to striped's texture, shapes kept
-    assert out12["texture_energy"] >= t_flat + 0.6 * (t_striped - t_flat), scores
-    assert out12["shape_accuracy"] >= SHAPE_MIN, out12
+    return scores
+
+
+def test_block_merge_moves_style_with_the_out_blocks(quick7, merge_scores):
+    """Build 4: texture flat 0.0075, striped 0.0256, OUT12 0.0200 (69% of the way), reverse 0.0085."""
+    t_flat, t_striped = quick7["texture_energy"], merge_scores["ALL_B"]["texture_energy"]
+    assert t_striped > 2 * t_flat, (t_flat, t_striped)
+    out12, rev = merge_scores["OUT12"], merge_scores[REVERSE_OUT12]
+    # the OUT blocks carry the style: most of the way to striped's texture, the prompt still followed
+    assert out12["texture_energy"] >= t_flat + 0.6 * (t_striped - t_flat), merge_scores
+    assert out12["shape_accuracy"] >= quick7["shape_accuracy"] - 0.1, merge_scores
+    assert out12["background_accuracy"] >= BG_MIN, merge_scores
     # the reverse split (IN blocks from striped) leaves the texture near flat's
-    assert rev["texture_energy"] <= t_flat + 0.4 * (t_striped - t_flat), scores
+    assert rev["texture_energy"] <= t_flat + 0.4 * (t_striped - t_flat), merge_scores
+
+
+@pytest.mark.world
+def test_block_merge_targets(quick7, merge_scores):
+    """The issue's numbers: a texture gap far outside seed noise, OUT12 keeping shape >= 80%."""
+    assert merge_scores["ALL_B"]["texture_energy"] > quick7["texture_energy"] + TEX_GAP, merge_scores
+    assert merge_scores["OUT12"]["shape_accuracy"] >= SHAPE_MIN, merge_scores
 
 
 def test_runtime_merge_matches_the_file_merge(flat, merged, tmp_path, run_cli):
@@ -132,6 +174,20 @@ def test_runtime_merge_matches_the_file_merge(flat, merged, tmp_path, run_cli):
         assert np.abs(a - b).mean() < 1.0  # fp16 file vs fp32 live lerp: rounding only
 
 
+def test_black_and_white_backgrounds(flat):
+    """Build 4: world-flat 0.040 / 0.944 mean luminance, world-vpred-ztsnr 0.073 / 0.854."""
+    from baka.generate.engine import Generator
+
+    def lum(gen, bg):
+        rs = readings(gen, f"red circle, {bg} background, small, center", n=N)
+        return sum(r.luminance for r in rs) / len(rs)
+
+    assert lum(flat, "black") <= BLACK_MAX and lum(flat, "white") >= WHITE_MIN
+    vpred = Generator(VPRED, progress=False)
+    assert lum(vpred, "black") <= BLACK_MAX and lum(vpred, "white") >= 0.8
+
+
+@pytest.mark.world
 def test_zero_terminal_snr_reaches_black_and_white(flat):
     from baka.generate.engine import Generator
 
@@ -145,3 +201,15 @@ def test_zero_terminal_snr_reaches_black_and_white(flat):
     assert black <= BLACK_MAX and white >= WHITE_MIN, (black, white)
     eps_black, eps_white = lum(flat, "black"), lum(flat, "white")
     assert eps_white - eps_black < white - black, (eps_black, eps_white, black, white)
+
+
+def test_demo_merges_the_world_models_and_the_stripes_follow_the_out_blocks(run_cli, tmp_path):
+    import re
+
+    code, out, err = run_cli("demo", "--out", tmp_path)
+    assert code == 0, err
+    assert "tensors identical = True" in out and (tmp_path / "preview-grid.png").is_file()
+    texture = {m[0]: float(m[1]) for m in re.findall(r"^\s+(\S+)\s+texture energy ([0-9.]+):", out, re.M)}
+    assert set(texture) == {"ALL_A", "OUT12", "ALL_B"}, out
+    assert texture["ALL_A"] < texture["OUT12"] <= texture["ALL_B"] * 1.2, texture
+    assert out.count("orange triangle") == 3, out  # every row draws what the prompt names
