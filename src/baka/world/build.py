@@ -207,10 +207,21 @@ def vae_report(vae_sd: dict, n: int = 120, seed: int = 99) -> dict[str, float]:
     return {k: round(v, 3) for k, v in score(pairs, names).items()}
 
 
+def _save_stage(sd: dict, path: Path) -> None:
+    """A stage's weights, written last and atomically: a file that exists is a finished stage (with its
+    report beside it), which is what lets an interrupted build continue."""
+    from safetensors.torch import save_file
+
+    from baka.models.safetensors_io import atomic_output
+
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+
+
 def _vae_phases(out: Path, folders: list[Path]) -> dict:
     """Phase 1: plain loss, OneCycle 2e-3; phase 2 (fresh Adam) weighs shape pixels 5x, OneCycle 1e-3,
     so shape colours come out right and not only the background. Each phase's result is kept."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     sd = None
     for i, kw in enumerate(VAE_PHASES, 1):
@@ -221,12 +232,12 @@ def _vae_phases(out: Path, folders: list[Path]) -> dict:
         t = time.time()
         sd, log = train_vae(folders, init=sd, **kw)
         secs = round(time.time() - t)
-        save_file({k: v.contiguous() for k, v in sd.items()}, f)
         (out / f"vae{i}_losses.json").write_text(json.dumps({"loss": log, "seconds": secs}))
         _log(f"VAE phase {i}: {len(log)} steps, loss {log[0]:.4f} -> {sum(log[-50:]) / 50:.4f}, {secs} s")
         rep = vae_report(sd)
         (out / f"vae{i}_report.json").write_text(json.dumps(rep))
         _log(f"VAE phase {i} reconstructions, judge: {rep}")
+        _save_stage(sd, f)
     return sd
 
 
@@ -364,7 +375,7 @@ def identity_text_encoder(seed: int = SEED) -> dict:
 
 def _text_encoder_stage(out: Path) -> dict:
     """The pretrained text encoder (kept as ``te.safetensors``, its report as ``te_report.json``)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     f = out / "te.safetensors"
     if f.exists():
@@ -372,11 +383,11 @@ def _text_encoder_stage(out: Path) -> dict:
     t = time.time()
     sd, log, acc = pretrain_text_encoder(identity_text_encoder())
     secs = round(time.time() - t)
-    save_file({k: v.contiguous() for k, v in sd.items()}, f)
     k = max(1, len(log) // 20)
     rep = {"steps": len(log), "seconds": secs, "loss_first": log[0], "loss_last": sum(log[-k:]) / k}
     rep["caption_accuracy"] = acc
     (out / "te_report.json").write_text(json.dumps(rep))
+    _save_stage(sd, f)
     _log(f"text encoder: {rep}")
     return sd
 
