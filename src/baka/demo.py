@@ -69,13 +69,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from baka.world.score import read_image
 
     params = GenParams(BASE_PROMPT, steps=20, sampler="DPM++ 2M Karras", cfg=7, width=64, height=64, seed=1)
-    rows_spec = f"blocks=ALL_A|{a.preset}|ALL_B"
+    blocks = ("ALL_A", a.preset, "ALL_B")
     ctx = GridContext.with_merge(Generator(A, progress=False), B)
-    grid, rows = run_grid(ctx, params, "sr=" + ",".join(PROMPTS), rows_spec, progress=False)
+    grid, rows = run_grid(
+        ctx, params, "sr=" + ",".join(PROMPTS), "blocks=" + "|".join(blocks), progress=False
+    )
     with atomic_output(out / "preview-grid.png") as tmp:
         grid.resize((grid.width * 2, grid.height * 2)).save(tmp, format="PNG")
     print(f"preview: {out / 'preview-grid.png'} (prompts x blocks {A} / {a.preset} / {B}); the judge reads:")
-    for name, row in zip(("ALL_A", a.preset, "ALL_B"), rows, strict=True):
+    for name, row in zip(blocks, rows, strict=True):
         seen = [read_image(r.image) for r in row]
         shapes = ", ".join(f"{r.main.color} {r.main.shape}" if r.main else "nothing" for r in seen)
         texture = sum(r.texture_energy for r in seen) / len(seen)

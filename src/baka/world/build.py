@@ -325,16 +325,11 @@ def pretrain_text_encoder(
         mask = torch.arange(77)[None] >= first_end[:, None]
         return ids, labels, mask
 
-    def losses(ids, labels, mask):
+    parts = list(enumerate(slices.values()))
+
+    def logits_and_labels(ids, labels, mask):
         h = te(input_ids=ids).last_hidden_state[mask]  # [tokens, width]
-        lab = labels.repeat_interleave(mask.sum(1), dim=0)
-        logits = head(h)
-        per = [
-            torch.nn.functional.cross_entropy(logits[:, sl], lab[:, i])
-            for i, sl in enumerate(slices.values())
-        ]
-        hits = torch.stack([logits[:, sl].argmax(1) == lab[:, i] for i, sl in enumerate(slices.values())], 1)
-        return sum(per), hits.all(1).float().mean()
+        return head(h), labels.repeat_interleave(mask.sum(1), dim=0)
 
     ids, labels, mask = data(n_captions, 0)
     gen = torch.Generator().manual_seed(seed)
@@ -344,7 +339,8 @@ def pretrain_text_encoder(
     log = []
     for _ in (bar := tqdm(range(steps), desc="text encoder")):
         i = torch.randint(0, len(ids), (batch,), generator=gen)
-        loss, _ = losses(ids[i], labels[i], mask[i])
+        logits, lab = logits_and_labels(ids[i], labels[i], mask[i])
+        loss = sum(torch.nn.functional.cross_entropy(logits[:, sl], lab[:, j]) for j, sl in parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -353,8 +349,9 @@ def pretrain_text_encoder(
         log.append(float(loss.detach()))
         bar.set_postfix(loss=f"{log[-1]:.4f}")
     with torch.no_grad():
-        _, acc = losses(*data(2048, 10**6))
-    return te.state_dict(), log, float(acc)
+        logits, lab = logits_and_labels(*data(2048, 10**6))
+        hits = torch.stack([logits[:, sl].argmax(1) == lab[:, j] for j, sl in parts], 1)
+    return te.state_dict(), log, float(hits.all(1).float().mean())
 
 
 def identity_text_encoder(seed: int = SEED) -> dict:
