@@ -139,6 +139,23 @@ def zero_snr(n: int) -> tuple[str, dict]:
     ), data
 
 
+def star_lora(n: int) -> tuple[str, dict]:
+    from baka.generate.engine import Generator
+    from baka.world.eval import star_scores
+
+    gen = Generator(FLAT, progress=False)
+    rows, data = [], {}
+    for w in (0.0, 0.5, 1.0):
+        m = star_scores(gen, n, lora=f"<lora:world-star:{w:g}>" if w else "")
+        data[f"{w:g}"] = m
+        rows.append([f"{w:g}", f"{m['star_share']:.0%}", f"{m['color_accuracy']:.0%}", m["n_images"]])
+    return _table(
+        f"Star LoRA (world-star on world-flat, {n} large-star prompts, CFG 7)",
+        ["LoRA weight", "stars", "colour", "images"],
+        rows,
+    ), data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="quick", choices=["quick", "full"])
@@ -151,6 +168,7 @@ def main() -> None:
         ("guidance_and_emphasis", guidance_and_emphasis, a.n),
         ("block_merge", block_merge, a.suite),
         ("zero_snr", zero_snr, a.n),
+        ("star_lora", star_lora, a.n),
     ]:
         t = time.time()
         text, out[name] = fn(arg)

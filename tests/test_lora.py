@@ -169,3 +169,15 @@ def test_unsupported_module_keys_are_reported_not_applied(gen, tmp_path):
     patch.add(load_network(tmp_path / "dora.safetensors"), targets)
     assert patch.unmatched == [f"dora: {name} (unsupported bias_scale)"]
     assert torch.equal(targets[name][1].weight, before)
+
+
+def test_find_network_folders_first_then_shipped(tmp_path):
+    from baka.generate.lora import find_network
+    from baka.models.shipped import SHIPPED_NETWORKS, shipped_path
+
+    shipped = shipped_path("world-star", SHIPPED_NETWORKS)
+    assert shipped is not None and find_network("world-star", []) == shipped
+    (tmp_path / "world-star.safetensors").write_bytes(b"")  # a user's file of the same name wins
+    assert find_network("world-star", [tmp_path]) == tmp_path / "world-star.safetensors"
+    with pytest.raises(BakaError, match="LoRA 'nope' not found in"):
+        find_network("nope", [tmp_path])

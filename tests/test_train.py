@@ -328,6 +328,24 @@ def test_lora_training_loss_falls_and_output_loads(tmp_path, tiny_files, images)
     assert gen.lora_unmatched == [] and "Lora hashes" in r.infotext
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_trains_from_an_fp16_checkpoint(tmp_path, tiny_sds, images, mode):
+    # shipped models and most downloaded ones are fp16: the trainer keeps fp32 master weights
+    from baka.models.io import save_checkpoint
+
+    half = tmp_path / "half.safetensors"
+    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in tiny_sds[0].items()}, half)
+    res = train(
+        load_config(write_config(tmp_path, half, images, max_steps=2, mode=mode, save_precision="fp16")),
+        progress=False,
+    )
+    assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+    if mode == "lora":  # kohya's save_precision
+        assert {v.dtype for v in lora_tensors(res.output).values()} == {torch.float16}
+    with pytest.raises(BakaError, match="save_precision must be one of float, fp16, bf16"):
+        load_config(write_config(tmp_path, half, images, save_precision="half"))
+
+
 def test_full_finetune_freezing_is_bit_identical(tmp_path, tiny_files, images):
     cfg = load_config(
         write_config(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from baka.world import render as R
-from baka.world.score import SCORERS, read_image, score
+from baka.world.score import SCORERS, radial_harmonics, read_image, score
 
 ATTRS = ("color", "shape", "background", "size", "position")
 
@@ -61,7 +61,7 @@ def test_caption_format():
 
 
 @pytest.mark.parametrize("style", R.STYLES)
-@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("split", ["train", "heldout", "star"])
 def test_judge_reads_ground_truth(style, split):
     pairs = [
         (read_image(R.render_scene(s)), s)
@@ -82,12 +82,27 @@ def test_judge_texture_luminance_and_reserved_shape():
     black = read_image(R.render_scene(R.Scene(s.shapes, "black")))
     assert flat.luminance > black.luminance + 0.3
     star = read_image(R.render_scene(R.Scene((R.make_shape("blue", "star", "large", "center"),), "white")))
-    assert star.main.shape == "triangle" or star.main.fill_ratio < 0.66  # not a circle/square
+    assert star.main.shape == "star"
     # misreadings are scored as misses
     wrong = R.Scene((R.make_shape("green", "circle", "small", "right"),), "grey")
     assert score([(flat, wrong)], ["color", "shape", "background", "size", "position"]) == {
         f"{a}_accuracy": 0.0 for a in ATTRS
     }
+
+
+def test_star_split_and_star_harmonic():
+    stars = list(R.scenes(40, seed=3, split="star"))
+    assert {s.shapes[0].shape for s in stars} == {"star"} and len({s.caption for s in stars}) > 20
+    with pytest.raises(ValueError, match="unknown split"):
+        R.sample_scene(0, 0, split="stars")
+    # k-fold shapes put their boundary-radius energy at harmonic k: square 4, triangle 3, star 5, circle none
+    for shape, k in (("square", 4), ("triangle", 3), ("star", 5)):
+        sc = R.Scene((R.make_shape("yellow", shape, "medium", "center"),), "black")
+        m = R.render_scene(sc).astype(float).sum(-1) > 100
+        h = radial_harmonics(m)
+        assert h.argmax() + 1 == k, (shape, h)
+    circle = R.render_scene(R.Scene((R.make_shape("yellow", "circle", "large", "center"),), "black"))
+    assert radial_harmonics(circle.astype(float).sum(-1) > 100).max() < 0.02
 
 
 def test_scorer_registry_names_and_hints():

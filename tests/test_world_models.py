@@ -10,13 +10,14 @@ docs/world.md); ``make test-world`` runs them, and they fail until a build reach
 import pytest
 
 from baka.models.shipped import SHIPPED, shipped_path
-from baka.world.eval import color_share, evaluate, readings
+from baka.world.eval import color_share, evaluate, readings, star_scores
 
 FLAT, STRIPED, VPRED = "world-flat", "world-striped", "world-vpred-ztsnr"
 REVERSE_OUT12 = ",".join(["0"] + ["1"] * 13 + ["0"] * 12)  # BASE from A, IN00-M00 from B, OUT from A
 # issue #10's targets
 COLOR_MIN, SHAPE_MIN, BG_MIN = 0.9, 0.8, 0.9
 BLACK_MAX, WHITE_MIN = 0.08, 0.92
+STAR_MIN = 0.8  # star share with the star LoRA at weight 1
 # effects the issue names without a number: gaps far outside the judge's seed-to-seed noise
 N = 24  # seeds per single-prompt claim
 CFG_GAP = 0.3  # colour + background accuracy, CFG 7 over CFG 1
@@ -201,6 +202,19 @@ def test_zero_terminal_snr_reaches_black_and_white(flat):
     assert black <= BLACK_MAX and white >= WHITE_MIN, (black, white)
     eps_black, eps_white = lum(flat, "black"), lum(flat, "white")
     assert eps_white - eps_black < white - black, (eps_black, eps_white, black, white)
+
+
+def test_a_lora_teaches_the_unseen_star(flat):
+    """Issue #10: ``world-star`` (baka train, 40 large stars, UNet + text encoder LoRA) draws stars at
+    weight 1, and world-flat alone never does (it draws the circles / squares / triangles it knows)."""
+    from baka.models.shipped import SHIPPED_NETWORKS
+
+    assert shipped_path("world-star", SHIPPED_NETWORKS).stat().st_size < 2e6
+    with_lora = star_scores(flat, N, lora="<lora:world-star:1>")
+    assert with_lora["star_share"] >= STAR_MIN and with_lora["color_accuracy"] >= 0.8, with_lora
+    assert flat.lora_unmatched == []  # every module of the shipped LoRA found its layer
+    without = star_scores(flat, N)
+    assert without["star_share"] <= 0.05 and without["color_accuracy"] >= 0.8, without
 
 
 def test_demo_merges_the_world_models_and_the_stripes_follow_the_out_blocks(run_cli, tmp_path):

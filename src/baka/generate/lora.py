@@ -169,11 +169,18 @@ _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
 def find_network(name: str, folders: list[Path]) -> Path:
+    """``NAME.safetensors`` / ``.pt`` / ``.ckpt`` in the first folder that has it, else a LoRA shipped
+    with baka (``world-star``); a file in a folder wins over a shipped one of the same name."""
+    from baka.models.shipped import SHIPPED_NETWORKS, shipped_path
+
     for folder in folders:
         for suffix in _LORA_SUFFIXES:
             p = Path(folder) / f"{name}{suffix}"
             if p.is_file():
                 return p
+    shipped = shipped_path(name, SHIPPED_NETWORKS)
+    if shipped is not None:
+        return shipped
     where = ", ".join(str(f) for f in folders) or "no LoRA folder given (--lora-dir)"
     raise BakaError(f"LoRA {name!r} not found in {where}")
 

@@ -15,12 +15,17 @@ SHIPPED = {
     "world-striped": "world/weights/world-striped.safetensors",
     "world-vpred-ztsnr": "world/weights/world-vpred-ztsnr.safetensors",
 }
+# LoRAs found by ``<lora:NAME:w>`` when no LoRA folder holds NAME
+SHIPPED_NETWORKS = {
+    "world-star": "world/weights/lora/world-star.safetensors",
+}
 
 
-def shipped_path(name: str) -> Path | None:
-    """The packaged file of shipped model ``name`` (``.safetensors`` suffix optional), or None."""
+def shipped_path(name: str, table: dict[str, str] = SHIPPED) -> Path | None:
+    """The packaged file of shipped model ``name`` (``.safetensors`` suffix optional) in ``table``
+    (:data:`SHIPPED` or :data:`SHIPPED_NETWORKS`), or None."""
     key = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
-    rel = SHIPPED.get(key)
+    rel = table.get(key)
     if rel is None:
         return None
     p = Path(str(resources.files("baka").joinpath(rel)))

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from baka.train.loss import LossWeighting
 
 
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
+
+
 @dataclass
 class Subset:
     image_dir: str
@@ -77,6 +80,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     mixed_precision: str = "no"
+    save_precision: str = "float"  # kohya's --save_precision for the LoRA file: float | fp16 | bf16
     v_prediction: bool = False
     zero_terminal_snr: bool = False
     min_snr_gamma: float | None = None
@@ -185,6 +189,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(
             f"{path}: min_timestep {cfg.min_timestep} / max_timestep {cfg.max_timestep}:"
             " need 0 <= min_timestep < max_timestep <= 1000"
+        )
+    if cfg.save_precision not in SAVE_PRECISIONS:
+        raise BakaError(
+            f"{path}: save_precision must be one of {', '.join(SAVE_PRECISIONS)}, not {cfg.save_precision!r}"
         )
     if cfg.mode not in ("lora", "full"):
         raise BakaError(f"{path}: mode must be 'lora' or 'full', not {cfg.mode!r}")

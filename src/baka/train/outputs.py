@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from baka.train.config import TrainConfig
@@ -90,6 +91,8 @@ def save_lora(cfg: TrainConfig, network, ds: Dataset, step: int, seconds: float)
 
     path = cfg.out / f"{cfg.output_name}.safetensors"
     sd = network.kohya_state_dict()
+    dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     meta = {
         **common_metadata(cfg),
         **lora_metadata(cfg, ds, step, seconds),

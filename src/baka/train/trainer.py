@@ -78,7 +78,7 @@ class _Run:
     a checkpoint saves and ``resume`` restores."""
 
     def __init__(self, cfg: TrainConfig):
-        from baka.models.io import load_checkpoint
+        from baka.models.io import cast, load_checkpoint
         from baka.models.pipeline import build_module
         from baka.models.tokenizer import load_tokenizer
 
@@ -88,6 +88,9 @@ class _Run:
         self.ckpt = load_checkpoint(cfg.model)
         comps = self.ckpt.components()
         torch.manual_seed(cfg.seed)  # identical initialisation on every process
+        # fp32 master weights whatever the file holds (fp16 checkpoints are the common case), as kohya
+        # and ED2 do; mixed_precision decides the compute dtype
+        comps = {c: cast(sd, torch.float32) for c, sd in comps.items()}
         unet = build_module("unet", self.ckpt.config, comps["unet"]).to(self.device)
         te = build_module("text_encoder", self.ckpt.config, comps["text_encoder"]).to(self.device)
         self.vae = build_module("vae", self.ckpt.config, comps["vae"]).to(self.device).requires_grad_(False)

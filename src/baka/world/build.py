@@ -11,7 +11,10 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 4. ``baka train`` (``mode = "full"``, the UNet) trains ``world-flat`` from it (epsilon loss, min-SNR
    plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR); ``world-striped`` and
    ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``;
-5. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights``.
+5. ``baka train`` (``mode = "lora"``) teaches ``world-flat`` the unseen star from 40 images
+   (``world-star``, UNet + text encoder LoRA);
+6. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights`` (the LoRA to
+   ``weights/lora``).
 
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
 2-core machine two threads are twice as fast as one; when other jobs share the cores, 1 is much faster.
@@ -52,6 +55,13 @@ EPS_KEYS = {"v_pred_like_loss": 0.5, "lr_scheduler": '"cosine"', "lr_warmup_step
 VPRED_KEYS = {"lr_scheduler": '"cosine"', "lr_warmup_steps": 50}
 BATCH = 32
 SEED = 0
+# the star LoRA (issue #10's "teach the unseen star from <= 40 images"): kohya-style LoRA on UNet and
+# text encoder, trained with baka train on the built world-flat
+STAR_IMAGES = 40
+STAR_SEED = 7
+STAR_STEPS = 2000
+STAR_NETWORK = {"dim": 16, "alpha": 16}
+STAR_LORA = "world-star"
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 
 
@@ -77,15 +87,19 @@ def _log(msg: str) -> None:
 def render_sets(out: Path) -> dict[str, Path]:
     from baka.world.render import render_folder
 
-    sets = {"flat": (N_FLAT, 0), "striped": (N_STRIPED, 1)}
+    sets = {  # folder -> (images, seed, style, split)
+        "flat": (N_FLAT, 0, "flat", "train"),
+        "striped": (N_STRIPED, 1, "striped", "train"),
+        "star": (STAR_IMAGES, STAR_SEED, "flat", "star"),
+    }
     paths = {}
-    for style, (n, seed) in sets.items():
-        d = out / "data" / style
-        paths[style] = d
+    for name, (n, seed, style, split) in sets.items():
+        d = out / "data" / name
+        paths[name] = d
         if (d / f"{n - 1:05d}.txt").exists():
             continue
-        _log(f"render {n} {style} images -> {d}")
-        render_folder(d, n, seed=seed, style=style, split="train", progress=True)
+        _log(f"render {n} {name} images -> {d}")
+        render_folder(d, n, seed=seed, style=style, split=split, progress=True)
     return paths
 
 
@@ -441,18 +455,59 @@ ema_decay = {ema}
   "yellow square, black background, medium, left",
 ]
 sample_steps = 20
+{_dataset_toml(data, BATCH)}"""
+    path = out / f"{name}.toml"
+    path.write_text(text)
+    return path
 
+
+def _dataset_toml(data: Path, batch: int, repeats: int = 1, caption_dropout: float = 0.1) -> str:
+    return f"""
 [[datasets]]
 resolution = 64
 enable_bucket = false
-batch_size = {BATCH}
+batch_size = {batch}
 validation_split = 0.0
 
   [[datasets.subsets]]
   image_dir = "{data}"
   caption_extension = ".txt"
-  caption_dropout_rate = 0.1
+  caption_dropout_rate = {caption_dropout}
+  num_repeats = {repeats}
 """
+
+
+def lora_toml(
+    out: Path,
+    name: str,
+    model: Path,
+    data: Path,
+    *,
+    steps: int = STAR_STEPS,
+    network: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """The ``baka train`` config of a LoRA on the world (UNet + text encoder, fp16 file, kohya's
+    layout); ``network`` adds ``[network]`` keys (dropouts, ...), ``extra`` top-level keys (values as
+    TOML literals, e.g. a ``block_dropout`` inline table)."""
+    more = "".join(f"{k} = {v}\n" for k, v in (extra or {}).items())
+    net = "".join(f"{k} = {v}\n" for k, v in {**STAR_NETWORK, **(network or {})}.items())
+    text = f"""# written by baka.world.build
+model = "{model}"
+output_dir = "{out / name}"
+output_name = "{name}"
+mode = "lora"
+max_steps = {steps}
+learning_rate = 1e-3
+train_text_encoder = true
+text_encoder_lr = 5e-4
+seed = {SEED}
+min_snr_gamma = 5.0
+lr_scheduler = "cosine"
+save_precision = "fp16"
+{more}
+[network]
+{net}{_dataset_toml(data, 8, repeats=10, caption_dropout=0.0)}"""
     path = out / f"{name}.toml"
     path.write_text(text)
     return path
@@ -468,6 +523,7 @@ CARDS = {
     "world-flat": "epsilon-prediction base model of the shapes world, flat fills",
     "world-striped": "world-flat fine-tuned on the striped style (hatched fills + outlines)",
     "world-vpred-ztsnr": "world-flat fine-tuned to v-prediction with zero-terminal-SNR betas",
+    STAR_LORA: "a LoRA that teaches world-flat the star, a shape its training never showed",
 }
 
 
@@ -495,21 +551,61 @@ def ship(out: Path, name: str, stats: dict, dest: Path = WEIGHTS_DIR) -> Path:
     if vpred:
         meta["modelspec.noise_schedule"] = "zero_terminal_snr"
     path = save_checkpoint(tensors, dest / f"{name}.safetensors", metadata=meta)
+    _card(
+        dest / f"{name}.md",
+        name,
+        stats,
+        "SD1.x topology (exact SD1.5 LDM keys, 26 merge blocks) at toy width; 64x64 images, 8x8 latents.",
+        f"Evaluate: `baka world eval {name}`.",
+    )
+    return path
+
+
+def _card(path: Path, name: str, stats: dict, what: str, use: str) -> None:
     card = [
         f"# {name}",
         "",
         CARDS[name] + ".",
         "",
-        "SD1.x topology (exact SD1.5 LDM keys, 26 merge blocks) at toy width; 64x64 images, 8x8 latents.",
+        what,
         "Trained from scratch on baka's procedural shapes world (`baka world render`), no external data.",
-        "Reproduce: `make world`. Evaluate: `baka world eval " + name + "`.",
+        f"Reproduce: `make world`. {use}",
         "",
         "```json",
         json.dumps(stats, indent=2, sort_keys=True),
         "```",
         "",
     ]
-    (dest / f"{name}.md").write_text("\n".join(card))
+    path.write_text("\n".join(card))
+
+
+def ship_lora(out: Path, name: str, stats: dict, dest: Path = WEIGHTS_DIR) -> Path:
+    """The trained LoRA (already fp16, kohya layout and ``ss_*`` metadata) with modelspec fields and a
+    card, into ``dest/lora`` where ``<lora:NAME:1>`` finds it by name."""
+    from baka.models.io import read_raw
+    from baka.models.safetensors_io import save_file
+
+    tensors, meta = read_raw(out / name / f"{name}.safetensors")
+    meta.update(
+        {
+            "modelspec.title": name,
+            "modelspec.description": CARDS[name],
+            "modelspec.author": "baka (procedural, trained from scratch)",
+            "modelspec.license": "MIT",
+            "baka_world": json.dumps(stats, sort_keys=True),
+        }
+    )
+    (dest / "lora").mkdir(parents=True, exist_ok=True)
+    path = save_file(tensors, dest / "lora" / f"{name}.safetensors", meta)
+    _card(
+        dest / "lora" / f"{name}.md",
+        name,
+        stats,
+        f"kohya-layout LoRA (dim {STAR_NETWORK['dim']}, UNet + text encoder) for world-flat, trained with"
+        f" `baka train` on {STAR_IMAGES} large stars.",
+        f"Use: `<lora:{name}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
+        f' -p "red star, white background, large, center <lora:{name}:1>"`.',
+    )
     return path
 
 
@@ -560,6 +656,12 @@ def main(argv: list[str] | None = None) -> int:
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
         if a.only and a.only in name:
             break
+    else:
+        if not trained(STAR_LORA).exists():
+            t = time.time()
+            _log(f"baka train {STAR_LORA}: a LoRA on world-flat, {STAR_STEPS} steps")
+            run_train(lora_toml(out, STAR_LORA, trained("world-flat"), sets["star"]))
+            (out / STAR_LORA / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     vae_logs = [json.loads(f.read_text()) for f in sorted(out.glob("vae*_losses.json"))]
     te = json.loads((out / "te_report.json").read_text())
     base = {
@@ -577,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")
+    if trained(STAR_LORA).exists():
+        stats = {**_losses(out, STAR_LORA), "images": STAR_IMAGES}
+        stats["train_seconds"] = json.loads((out / STAR_LORA / "time.json").read_text())["seconds"]
+        ship_lora(out, STAR_LORA, stats, Path(a.dest))
+        _log(f"shipped {STAR_LORA}: {stats}")
     return 0
 
 

@@ -16,9 +16,10 @@ def _world_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument(
         "--split",
-        choices=["train", "heldout", "all"],
+        choices=["train", "heldout", "all", "star"],  # baka.world.render.SPLITS (numpy-free here)
         default="train",
-        help="train: never the held-out combinations; heldout: only them",
+        help="train: never the held-out combinations; heldout: only them; star: single stars (the"
+        " reserved shape, for a LoRA)",
     )
     e = sub.add_parser("eval", help="generate a fixed prompt suite and judge it (no neural net judge)")
     e.add_argument("model", help="model file or shipped name (world-flat, world-striped, world-vpred-ztsnr)")

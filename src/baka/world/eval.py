@@ -181,6 +181,26 @@ def color_share(rs: list, color: str) -> float:
     return sum(1 for r in rs if r.main is not None and r.main.color == color) / max(1, len(rs))
 
 
+def shape_share(rs: list, shape: str) -> float:
+    """Fraction of readings whose (first) shape is ``shape``."""
+    return sum(1 for r in rs if r.main is not None and r.main.shape == shape) / max(1, len(rs))
+
+
+def star_scores(gen, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
+    """The star claim: ``n`` star prompts (``split="star"`` scenes of the suite's seed, one image each,
+    prompt k with seed 100 k), optionally with ``lora`` (e.g. ``"<lora:world-star:1>"``) appended.
+    Returns the share of images the judge reads as stars and the colour / background accuracy."""
+    from baka.world.score import score
+
+    pairs = []
+    for k in range(n):
+        scene = sample_scene(SUITE_SEED, k, split="star")
+        prompt = f"{scene.caption} {lora}".strip()
+        pairs += [(r, scene) for r in readings(gen, prompt, n=1, seed=100 * k, **kw)]
+    m = score(pairs, ("color_accuracy", "background_accuracy"))
+    return {"star_share": shape_share([r for r, _ in pairs], "star"), **m, "n_images": len(pairs)}
+
+
 def format_table(m: dict) -> str:
     """The report as a fixed-width table: one row for all images, seen and held-out prompts."""
     cols = [

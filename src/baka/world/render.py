@@ -67,6 +67,10 @@ HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("green", "triangle"), ("purple", "square"), ("orange", "circle")}
 )
 HELD_OUT_BACKGROUNDS: frozenset[tuple[str, str]] = frozenset({("red", "white"), ("blue", "yellow")})
+SPLITS = ("train", "heldout", "all", "star")
+# the world VAE never saw a star: through it the judge still reads 40/40 large stars as stars, 31/40
+# medium and 0/40 small ones (their points fall inside one latent pixel), so the star split is large only
+STAR_SIZES = ("large",)
 MIN_CONTRAST = 90.0  # RGB distance below which a colour is never drawn on a background
 
 
@@ -138,8 +142,9 @@ def _polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float,
         return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "star":
         pts = []
+        outer = h / math.sin(0.4 * math.pi)  # the star's width (its widest points, 72 deg apart) is side
         for k in range(10):
-            r = h if k % 2 == 0 else h * 0.42
+            r = outer if k % 2 == 0 else outer * 0.42
             a = -math.pi / 2 + k * math.pi / 5
             pts.append((cx + r * math.cos(a), cy + r * math.sin(a)))
         return pts
@@ -195,12 +200,21 @@ def render_scene(scene: Scene) -> np.ndarray:
 
 def sample_scene(seed: int, index: int, *, style: str = "flat", split: str = "train") -> Scene:
     """Scene ``index`` of world ``seed``. ``split="train"`` never yields held-out combinations,
-    ``"heldout"`` only yields them, ``"all"`` yields anything (reserved shapes never)."""
+    ``"heldout"`` only yields them, ``"all"`` yields anything (reserved shapes never); ``"star"`` yields
+    single large stars (the reserved shape a LoRA learns; any colour, background and position)."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
     rng = np.random.default_rng([seed, index])
     for _ in range(1000):
         bg = str(rng.choice(list(BACKGROUNDS)))
+        if split == "star":
+            c, size = str(rng.choice(list(COLORS))), str(rng.choice(STAR_SIZES))
+            pos, jitter = str(rng.choice(list(POSITIONS))), tuple(rng.uniform(-2, 2, 3))
+            if allowed_on(c, bg):
+                return Scene((make_shape(c, "star", size, pos, jitter=jitter),), bg, style, index, seed)
+            continue
         two = rng.random() < TWO_SHAPE_FRACTION
         if two:
             size = str(rng.choice(TWO_SHAPE_SIZES))
