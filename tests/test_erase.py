@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from baka.erase.esd import ERASE_METHODS, EraseConfig, erase
+from baka.erase.esd import ERASE_METHODS, PRESETS, EraseConfig, erase, partial_sample
 from baka.errors import BakaError
 from baka.models.io import load_checkpoint, read_raw
 from baka.models.pipeline import build_module
@@ -54,7 +54,8 @@ def test_esd_moves_towards_target_and_touches_only_its_parameters(tiny_files, tm
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.diffusion_model.") for k in changed)
     sel = ERASE_METHODS.get(method)
-    assert all(sel("." + k) for k in changed), [k for k in changed if not sel("." + k)][:3]
+    ldm = [k.removeprefix("model.diffusion_model.") for k in changed]
+    assert all(sel(k) for k in ldm), [k for k in ldm if not sel(k)][:3]
     if method == "ESD-x-strict":
         assert {k.split(".attn2.")[1].split(".")[0] for k in changed} == {"to_k", "to_v"}
 
@@ -89,3 +90,77 @@ def test_delta_only_and_cli(tiny_files, tmp_path, run_cli):
 def test_unknown_method():
     with pytest.raises(BakaError):
         ERASE_METHODS.get("nope")
+
+
+# the original ESD train_method definitions (train-esd.py) on LDM names, by hand: which of these trains
+NAMES = {
+    "x1": "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    "s4": "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+    "s5": "input_blocks.5.1.transformer_blocks.0.attn1.to_q.weight",
+    "x6v": "output_blocks.6.1.transformer_blocks.0.attn2.to_v.weight",
+    "x7q": "output_blocks.7.1.transformer_blocks.0.attn2.to_q.weight",
+    "time": "time_embed.0.weight",
+    "out": "out.2.weight",
+    "conv": "input_blocks.0.0.weight",
+    "ff": "middle_block.1.transformer_blocks.0.ff.net.2.weight",
+}
+EXPECTED = {
+    "ESD-x": {"x1", "x6v", "x7q"},
+    "ESD-u": {"s4", "s5", "conv", "ff"},
+    "ESD-x-strict": {"x1", "x6v"},
+    "selfattn": {"s4", "s5"},
+    "full": set(NAMES),
+    "notime": set(NAMES) - {"time", "out"},
+    "xlayer": {"x6v"},
+    "selflayer": {"s4"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_parameter_sets_follow_the_original_definitions(method):
+    sel = ERASE_METHODS.get(method)
+    assert {k for k, n in NAMES.items() if sel(n)} == EXPECTED[method]
+    assert ERASE_METHODS.canonical("noxattn") == "ESD-u" and ERASE_METHODS.canonical("xattn") == "ESD-x"
+
+
+def test_partial_sample_pairs_each_latent_with_its_own_timestep():
+    """With a model that predicts the noise exactly (clean image 0), DDIM keeps x = sqrt(1 - abar_t) * eps,
+    so the latent's scale tells its timestep: it must be the one partial_sample returns."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    sched.set_timesteps(50)
+    abar = sched.alphas_cumprod
+
+    def exact(x, t, emb):
+        return SimpleNamespace(sample=x / (1 - abar[int(t)]).sqrt())
+
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = torch.zeros(1, 77, 8)
+    start = int(sched.timesteps[0])
+    for k in (0, 1, 7, 25, 49):
+        x, t = partial_sample(exact, sched, x0 * (1 - abar[start]).sqrt(), k, emb, emb, 3.0)
+        assert t.shape == (1,) and int(t) == int(sched.timesteps[k])
+        torch.testing.assert_close(x, x0 * (1 - abar[int(t)]).sqrt(), rtol=1e-4, atol=1e-5)
+
+
+def test_presets_and_fp16_model(tiny_sds, tmp_path, run_cli):
+    assert PRESETS.get("esd-2025")["iterations"] == 200 and PRESETS.get("2025")["eta"] == 2.0
+    from baka.models.io import save_checkpoint
+
+    half = tmp_path / "half.safetensors"
+    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in tiny_sds[0].items()}, half)
+    out = tmp_path / "e.safetensors"
+    code, stdout, err = run_cli(
+        "erase", half, "a cat", "-o", out, "--preset", "esd-2025", "--iterations", 2, "--ddim-steps", 3
+    )
+    assert code == 0, err
+    pairs = (ln.split(" = ", 1) for ln in stdout.splitlines() if " = " in ln)
+    effective = {k.strip(): v.strip() for k, v in pairs}
+    # the preset's settings, the explicit options over them
+    assert effective["sample_with_original"] == "True" and effective["eta"] == "2.0"
+    assert effective["iterations"] == "2" and effective["preset"] == "esd-2025" and out.is_file()
+    code, _, err = run_cli("erase", half, "a cat", "-o", out, "--preset", "papr")
+    assert code == 2 and "did you mean 'paper'" in err

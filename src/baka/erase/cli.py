@@ -11,27 +11,51 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="SD1.x checkpoint to edit")
     p.add_argument("concept", help="the concept prompt to erase, e.g. 'Van Gogh'")
     p.add_argument("-o", "--output", required=True, help="output .safetensors")
-    p.add_argument("-m", "--method", default="ESD-x", help="ESD-x | ESD-u | ESD-x-strict")
-    p.add_argument("--eta", type=float, default=1.0, help="negative guidance strength")
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument(
+        "-m",
+        "--method",
+        default="ESD-x",
+        help="parameters to train: ESD-x (xattn), ESD-u (noxattn), ESD-x-strict, selfattn, full, notime,"
+        " xlayer, selflayer",
+    )
+    p.add_argument(
+        "--preset",
+        default="paper",
+        help="settings the options below override: paper (1000 iterations, lr 1e-5, eta 1) or esd-2025"
+        " (the 2025 release: 200 iterations, lr 5e-5, eta 2, x_t sampled with the original model)",
+    )
+    p.add_argument("--eta", type=float, help="negative guidance strength (preset's)")
+    p.add_argument("--iterations", type=int, help="(preset's)")
+    p.add_argument("--lr", type=float, help="(preset's)")
+    p.add_argument("--ddim-steps", type=int, help="(preset's)")
+    p.add_argument("--start-guidance", type=float, help="CFG while sampling x_t (preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delta-only", action="store_true", help="write only the changed weights")
 
 
-@command("erase", "erase a concept from a model (ESD-x / ESD-u / ESD-x-strict)")
+@command("erase", "erase a concept from a model (ESD-x / ESD-u / ESD-x-strict / ...)")
 @args(_erase_args)
 def cmd_erase(a: argparse.Namespace) -> int:
-    from baka.erase.esd import ERASE_METHODS, EraseConfig, erase
+    from baka.erase.esd import ERASE_METHODS, PRESETS, EraseConfig, erase
 
-    cfg = EraseConfig(
-        a.concept, ERASE_METHODS.canonical(a.method), a.eta, a.iterations, a.lr, a.ddim_steps, seed=a.seed
-    )
+    given = {
+        k: v
+        for k, v in {
+            "eta": a.eta,
+            "iterations": a.iterations,
+            "lr": a.lr,
+            "ddim_steps": a.ddim_steps,
+            "start_guidance": a.start_guidance,
+        }.items()
+        if v is not None
+    }
+    settings = {**PRESETS.get(a.preset), **given}
+    cfg = EraseConfig(a.concept, ERASE_METHODS.canonical(a.method), seed=a.seed, **settings)
     print_config(
         "erase",
         {
             **cfg.__dict__,
+            "preset": PRESETS.canonical(a.preset),
             "model": a.model,
             "output": a.output,
             "delta_only": a.delta_only,

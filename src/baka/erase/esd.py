@@ -3,10 +3,13 @@ guided target from the frozen original e*:
 
     target = e*(x_t, t) - eta * (e*(x_t, c, t) - e*(x_t, t)),   loss = || e_theta(x_t, c, t) - target ||^2
 
-x_t is reached by sampling partway with the model being trained (DDIM, a random number of steps,
-guided towards c), and t is drawn inside that DDIM step's window of the 1000 training timesteps.
-Parameter sets: ESD-x = cross-attention (attn2), ESD-u = everything but attn2, ESD-x-strict = attn2
-to_k / to_v only. Paper settings: 1000 iterations, batch 1, Adam, lr 1e-5, eta 1.
+x_t is reached by sampling k DDIM steps from pure noise with the model being edited (guided towards c,
+k drawn uniformly below ``ddim_steps``), and t is that latent's own timestep: the scheduler's
+``timesteps[k]``, the noise level the k-th step left it at (:func:`partial_sample`). Parameter sets
+(:data:`ERASE_METHODS`) follow the original ``train_method`` definitions on the LDM parameter names
+(``model.diffusion_model.`` stripped): ``xattn`` (ESD-x), ``noxattn`` (ESD-u), ``selfattn``, ``full``,
+``notime``, ``xlayer``, ``selflayer``, and the 2025 release's ``esd-x-strict``. Settings: the paper's
+(1000 iterations, lr 1e-5, eta 1) are the defaults; :data:`PRESETS` holds the 2025 release's.
 """
 
 from __future__ import annotations
@@ -23,26 +26,61 @@ from tqdm import tqdm
 from baka.errors import BakaError
 from baka.registry import Registry
 
-ParamFilter = Callable[[str], bool]
+ParamFilter = Callable[[str], bool]  # LDM UNet parameter name (no model.diffusion_model.) -> trains?
 ERASE_METHODS: Registry[ParamFilter] = Registry("erase method")
 
 
-@ERASE_METHODS.register("ESD-x", aliases=("xattn", "esd_x"))
+def _is_out_or_time(name: str) -> bool:
+    return name.startswith("out.") or "time_embed" in name
+
+
+@ERASE_METHODS.register("ESD-x", aliases=("xattn", "esd-x", "esd_x"))
 def esd_x(name: str) -> bool:
     """Cross-attention parameters (attn2.*): erases the concept tied to its prompt words."""
-    return ".attn2." in name
+    return "attn2" in name
 
 
-@ERASE_METHODS.register("ESD-u", aliases=("noxattn", "esd_u"))
+@ERASE_METHODS.register("ESD-u", aliases=("noxattn", "esd-u", "esd_u"))
 def esd_u(name: str) -> bool:
-    """Every UNet parameter except cross-attention: erases the concept globally."""
-    return ".attn2." not in name
+    """Every UNet parameter except cross-attention, the time embedding and the output layers (out.*):
+    erases the concept globally."""
+    return not (_is_out_or_time(name) or "attn2" in name)
 
 
-@ERASE_METHODS.register("ESD-x-strict", aliases=("xattn-strict", "esd_x_strict"))
+@ERASE_METHODS.register("ESD-x-strict", aliases=("xattn-strict", "esd-x-strict", "esd_x_strict"))
 def esd_x_strict(name: str) -> bool:
     """Only the cross-attention key and value projections."""
-    return ".attn2.to_k." in name or ".attn2.to_v." in name
+    return "attn2.to_k" in name or "attn2.to_v" in name
+
+
+@ERASE_METHODS.register("selfattn")
+def esd_selfattn(name: str) -> bool:
+    """Self-attention parameters (attn1.*)."""
+    return "attn1" in name
+
+
+@ERASE_METHODS.register("full", aliases=("esd-all",))
+def esd_full(name: str) -> bool:
+    """Every UNet parameter."""
+    return True
+
+
+@ERASE_METHODS.register("notime")
+def esd_notime(name: str) -> bool:
+    """Every UNet parameter except the time embedding and the output layers."""
+    return not _is_out_or_time(name)
+
+
+@ERASE_METHODS.register("xlayer")
+def esd_xlayer(name: str) -> bool:
+    """Cross-attention of two decoder blocks only (output_blocks 6 and 8)."""
+    return "attn2" in name and ("output_blocks.6." in name or "output_blocks.8." in name)
+
+
+@ERASE_METHODS.register("selflayer")
+def esd_selflayer(name: str) -> bool:
+    """Self-attention of two encoder blocks only (input_blocks 4 and 7)."""
+    return "attn1" in name and ("input_blocks.4." in name or "input_blocks.7." in name)
 
 
 @dataclass
@@ -56,6 +94,40 @@ class EraseConfig:
     start_guidance: float = 3.0  # CFG used while sampling x_t
     seed: int = 0
     size: int | None = None  # image size for x_t; default the model's native size
+    # the paper samples x_t with the model being edited; the 2025 release with the frozen original
+    sample_with_original: bool = False
+
+
+# named settings: the paper's (the defaults above) and the 2025 release's esd_sd.py defaults
+# (rohitgandikota/erasing, esd_sd.py: iterations 200, lr 5e-5, negative_guidance 2, guidance_scale 3,
+# 50 inference steps, x_t sampled with the base UNet)
+PRESETS: Registry[dict] = Registry("ESD preset")
+PRESETS.add("paper", {"iterations": 1000, "lr": 1e-5, "eta": 1.0, "start_guidance": 3.0, "ddim_steps": 50})
+PRESETS.add(
+    "esd-2025",
+    {
+        "iterations": 200,
+        "lr": 5e-5,
+        "eta": 2.0,
+        "start_guidance": 3.0,
+        "ddim_steps": 50,
+        "sample_with_original": True,
+    },
+    aliases=("2025",),
+)
+
+
+def partial_sample(
+    unet, sched, x: torch.Tensor, k: int, emb_0: torch.Tensor, emb_c: torch.Tensor, guidance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` DDIM steps from ``x`` (pure noise at ``sched.timesteps[0]``), guided towards ``emb_c``;
+    returns the latent and its own timestep ``sched.timesteps[k]``, the noise level those steps left
+    it at (the step from timesteps[i] lands on timesteps[i + 1])."""
+    for step_t in sched.timesteps[:k]:
+        e = unet(torch.cat([x, x]), step_t, torch.cat([emb_0, emb_c])).sample
+        e0, ec = e.chunk(2)
+        x = sched.step(e0 + guidance * (ec - e0), step_t, x).prev_sample
+    return x, sched.timesteps[k : k + 1].clone()
 
 
 def erase(
@@ -76,11 +148,12 @@ def erase(
 
     keep = ERASE_METHODS.get(cfg.method)
     ckpt = load_checkpoint(model)
-    mods = load_modules(ckpt, ("unet", "text_encoder"))
+    # fp32 weights to edit whatever the file holds (Adam on fp16 weights loses the small updates)
+    mods = load_modules(ckpt, ("unet", "text_encoder"), dtype=torch.float32)
     unet, te = mods["unet"], mods["text_encoder"].requires_grad_(False)
     frozen = copy.deepcopy(unet).requires_grad_(False)
     unet.requires_grad_(False)
-    params = {n: p for n, p in unet.named_parameters() if keep(n)}
+    params = {n: p for n, p in unet.named_parameters() if keep(unet_key_to_ldm(n))}
     if not params:
         raise BakaError(f"{cfg.method}: selects no parameters")
     for p in params.values():
@@ -92,20 +165,15 @@ def erase(
         emb_0 = enc.encode_chunks(enc.chunks("")[:1])
     sched = DDIMScheduler.from_config(ckpt.config.scheduler)
     sched.set_timesteps(cfg.ddim_steps)
-    n_train = sched.config.num_train_timesteps
     size = (cfg.size or 8 * unet.config.sample_size) // 8
     gen = torch.Generator().manual_seed(cfg.seed)
     unet.train()
     for _ in tqdm(range(cfg.iterations), desc=f"erase {cfg.method}", disable=not progress):
         k = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
-        lo, hi = round(k / cfg.ddim_steps * n_train), round((k + 1) / cfg.ddim_steps * n_train)
-        t = torch.randint(lo, max(hi, lo + 1), (1,), generator=gen)
         x = torch.randn(1, unet.config.in_channels, size, size, generator=gen)
         with torch.no_grad():  # x_t: k DDIM steps with the model being edited, guided towards c
-            for step_t in sched.timesteps[:k]:
-                e = unet(torch.cat([x, x]), step_t, torch.cat([emb_0, emb_c])).sample
-                e0, ec = e.chunk(2)
-                x = sched.step(e0 + cfg.start_guidance * (ec - e0), step_t, x).prev_sample
+            sampler = frozen if cfg.sample_with_original else unet
+            x, t = partial_sample(sampler, sched, x, k, emb_0, emb_c, cfg.start_guidance)
             e0 = frozen(x, t, emb_0).sample
             ec = frozen(x, t, emb_c).sample
             target = e0 - cfg.eta * (ec - e0)
