@@ -156,6 +156,42 @@ def star_lora(n: int) -> tuple[str, dict]:
     ), data
 
 
+def textual_inversion(n: int) -> tuple[str, dict]:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from baka.generate.engine import Generator
+    from baka.models.shipped import SHIPPED_EMBEDDINGS, shipped_path
+    from baka.world.eval import color_share, colour_word_prompts, readings
+
+    folder = Path(tempfile.mkdtemp()) / "embeddings"
+    folder.mkdir()
+    shutil.copy(shipped_path("world-azure", SHIPPED_EMBEDDINGS), folder)
+    gens = {"in the embeddings folder": Generator(FLAT, embedding_dirs=[folder], progress=False)}
+    gens["absent (the word alone)"] = Generator(FLAT, progress=False)
+    base = "circle, grey background, large, center"
+    cases = [
+        ("`world-azure` for the colour (16 prompts)", colour_word_prompts("world-azure", 16, "blue"), ""),
+        (f"`{base}`", [base] * n, ""),
+        (f"`{base}`, negative `world-azure {base}`", [base] * n, "world-azure " + base),
+        (f"`{base}`, negative `world-azure`", [base] * n, "world-azure"),
+    ]
+    rows, data = [], {}
+    for gname, gen in gens.items():
+        for cname, prompts, neg in cases:
+            rs = [r for k, p in enumerate(prompts) for r in readings(gen, p, negative=neg, n=1, seed=100 * k)]
+            share = color_share(rs, "blue")
+            data[f"{gname}/{cname}"] = share
+            rows.append([gname, cname, f"{share:.0%}", len(rs)])
+    shutil.rmtree(folder.parent)
+    return _table(
+        "Textual inversion (world-azure, 1 vector, on world-flat, CFG 7): share of blue shapes",
+        ["embedding file", "prompt", "blue", "images"],
+        rows,
+    ), data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="quick", choices=["quick", "full"])
@@ -169,6 +205,7 @@ def main() -> None:
         ("block_merge", block_merge, a.suite),
         ("zero_snr", zero_snr, a.n),
         ("star_lora", star_lora, a.n),
+        ("textual_inversion", textual_inversion, a.n),
     ]:
         t = time.time()
         text, out[name] = fn(arg)

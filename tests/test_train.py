@@ -609,3 +609,61 @@ def test_two_processes_gloo(tmp_path, tiny_files, images, launcher):
     assert (tmp_path / "out" / "baka.safetensors").exists()
     losses = json.loads((tmp_path / "out" / "losses.json").read_text())["train"]
     assert len(losses) == 2  # one gathered loss per step, not per process
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_textual_inversion_trains_only_its_vectors_and_prompts_get_what_trained(tmp_path, tiny_files, fmt):
+    from baka.generate.conditioning import PromptEncoder
+    from baka.generate.embeddings import EmbeddingDB, load_embedding
+    from baka.models.io import load_checkpoint
+    from baka.models.pipeline import build_module
+    from baka.train.embedding import TrainableEmbedding
+
+    d = tmp_path / "ti"
+    d.mkdir()
+    for i, c in enumerate(COLORS):
+        im = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(im).ellipse([8, 8, 56, 56], fill=c)
+        im.save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"bakatok circle, {c} background")
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            tiny_files[0],
+            d,
+            mode="textual_inversion",
+            token_string="bakatok",
+            init_word="circle",
+            num_vectors_per_token=3,
+            save_model_as=fmt,
+            output_name="bakatok",
+            learning_rate=5e-2,
+            max_steps=8,
+        )
+    )
+    assert cfg.mode == "embedding"
+    res = train(cfg, progress=False)
+    assert res.output.name == f"bakatok.{fmt}" and [p.name for p in cfg.out.glob("bakatok.*")] == [
+        res.output.name
+    ]
+    ck = load_checkpoint(tiny_files[0])
+    te = build_module("text_encoder", ck.config, ck.components()["text_encoder"])
+    emb = load_embedding(res.output, te.config.hidden_size)
+    assert emb.name == "bakatok" and emb.vectors.shape == (3, te.config.hidden_size)
+    start = TrainableEmbedding(te, "bakatok", "circle", 3).vectors
+    assert not torch.allclose(emb.vectors, start)  # the vectors trained ...
+    # ... and a prompt naming the embedding file gets exactly the conditioning the training step saw
+    db = EmbeddingDB(te.config.hidden_size)
+    db.add(emb)
+    enc = PromptEncoder(te, db)
+    prompt = "bakatok circle, red background"
+    at_inference = enc.encode_chunks(enc.chunks(prompt))
+    trained = TrainableEmbedding(te, "bakatok", "circle", 3)
+    with torch.no_grad():
+        trained.vectors.copy_(emb.vectors)
+        in_training = trained.text_states(te, trained.tokenize([prompt], "cpu"))
+    torch.testing.assert_close(at_inference, in_training, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BakaError, match="needs token_string"):
+        load_config(write_config(tmp_path, tiny_files[0], d, mode="embedding"))
+    with pytest.raises(BakaError, match="unknown training mode 'lorra'; did you mean 'lora'"):
+        load_config(write_config(tmp_path, tiny_files[0], d, mode="lorra"))

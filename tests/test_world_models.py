@@ -10,7 +10,7 @@ docs/world.md); ``make test-world`` runs them, and they fail until a build reach
 import pytest
 
 from baka.models.shipped import SHIPPED, shipped_path
-from baka.world.eval import color_share, evaluate, readings, star_scores
+from baka.world.eval import color_share, colour_word_prompts, evaluate, readings, star_scores
 
 FLAT, STRIPED, VPRED = "world-flat", "world-striped", "world-vpred-ztsnr"
 REVERSE_OUT12 = ",".join(["0"] + ["1"] * 13 + ["0"] * 12)  # BASE from A, IN00-M00 from B, OUT from A
@@ -215,6 +215,37 @@ def test_a_lora_teaches_the_unseen_star(flat):
     assert flat.lora_unmatched == []  # every module of the shipped LoRA found its layer
     without = star_scores(flat, N)
     assert without["star_share"] <= 0.05 and without["color_accuracy"] >= 0.8, without
+
+
+def test_a_textual_inversion_embedding_used_by_name(tmp_path):
+    """Issue #10: ``world-azure`` (baka train ``mode = "embedding"``: one vector, started from ``*``,
+    learnt from 40 blue shapes) placed in an embeddings folder: prompts that name it get blue shapes,
+    and a negative prompt that names it removes the blue the prompt otherwise draws. Without the file
+    the same word does neither."""
+    import shutil
+
+    from baka.generate.engine import Generator
+    from baka.models.shipped import SHIPPED_EMBEDDINGS
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    shutil.copy(shipped_path("world-azure", SHIPPED_EMBEDDINGS), folder)
+    with_file = Generator(FLAT, embedding_dirs=[folder], progress=False)
+    without = Generator(FLAT, progress=False)
+
+    def blue(gen, prompts, negative=""):
+        rs = [
+            r for k, p in enumerate(prompts) for r in readings(gen, p, negative=negative, n=1, seed=100 * k)
+        ]
+        return color_share(rs, "blue")
+
+    prompts = colour_word_prompts("world-azure", 16, avoid="blue")
+    assert blue(with_file, prompts) >= 0.8 and blue(without, prompts) <= 0.5
+    base = "circle, grey background, large, center"  # world-flat draws it blue on every seed
+    bases = [base] * 8
+    negative = "world-azure " + base
+    assert blue(with_file, bases) >= 0.9
+    assert blue(with_file, bases, negative) <= 0.2 and blue(without, bases, negative) >= 0.9
 
 
 def test_demo_merges_the_world_models_and_the_stripes_follow_the_out_blocks(run_cli, tmp_path):

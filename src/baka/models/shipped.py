@@ -19,11 +19,15 @@ SHIPPED = {
 SHIPPED_NETWORKS = {
     "world-star": "world/weights/lora/world-star.safetensors",
 }
+# textual-inversion embeddings, for an embeddings folder (``--embeddings``): prompts use them by name
+SHIPPED_EMBEDDINGS = {
+    "world-azure": "world/weights/embeddings/world-azure.safetensors",
+}
 
 
 def shipped_path(name: str, table: dict[str, str] = SHIPPED) -> Path | None:
     """The packaged file of shipped model ``name`` (``.safetensors`` suffix optional) in ``table``
-    (:data:`SHIPPED` or :data:`SHIPPED_NETWORKS`), or None."""
+    (:data:`SHIPPED`, :data:`SHIPPED_NETWORKS` or :data:`SHIPPED_EMBEDDINGS`), or None."""
     key = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
     rel = table.get(key)
     if rel is None:

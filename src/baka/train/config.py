@@ -67,7 +67,13 @@ class TrainConfig:
     model: str
     output_dir: str = "train-output"
     output_name: str = "baka"
-    mode: str = "lora"  # lora | full
+    mode: str = "lora"  # lora | full | embedding (baka.train.modes.MODES)
+    # textual inversion (mode = "embedding"), kohya's names: the word captions use, the word whose token
+    # embeddings start the vectors, how many vectors; the file is named output_name
+    token_string: str | None = None
+    init_word: str = "*"
+    num_vectors_per_token: int = 1
+    save_model_as: str = "safetensors"  # embedding files: safetensors (kohya) | pt (A1111)
     max_steps: int = 100
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = None
@@ -194,6 +200,14 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(
             f"{path}: save_precision must be one of {', '.join(SAVE_PRECISIONS)}, not {cfg.save_precision!r}"
         )
-    if cfg.mode not in ("lora", "full"):
-        raise BakaError(f"{path}: mode must be 'lora' or 'full', not {cfg.mode!r}")
+    from baka.train.modes import MODES
+
+    try:
+        cfg.mode = MODES.canonical(cfg.mode)
+    except BakaError as e:
+        raise BakaError(f"{path}: {e}") from None
+    if cfg.mode == "embedding" and not cfg.token_string:
+        raise BakaError(f"{path}: mode 'embedding' needs token_string (the word captions use for it)")
+    if cfg.save_model_as not in ("safetensors", "pt"):
+        raise BakaError(f"{path}: save_model_as must be 'safetensors' or 'pt', not {cfg.save_model_as!r}")
     return cfg

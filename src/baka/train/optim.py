@@ -7,17 +7,16 @@ import torch
 from torch import nn
 
 from baka.errors import BakaError
-from baka.models.blocks import BLOCK_IDS, block_of_diffusers
+from baka.models.blocks import BLOCK_IDS
 from baka.registry import Registry
 from baka.train.config import TrainConfig
-from baka.train.network import LoRANetwork, block_lr_weights
+from baka.train.modes import Trainable
+from baka.train.network import block_lr_weights
 
 OPTIMIZERS: Registry[type] = Registry("optimizer")
 OPTIMIZERS.add("AdamW", torch.optim.AdamW)
 OPTIMIZERS.add("Adam", torch.optim.Adam)
 OPTIMIZERS.add("SGD", torch.optim.SGD)
-
-Trainable = dict[str, tuple[nn.Parameter, str]]  # name -> (parameter, block id)
 
 
 def freeze_text_encoder(te: nn.Module, cfg: TrainConfig) -> set[int]:
@@ -39,24 +38,13 @@ def freeze_text_encoder(te: nn.Module, cfg: TrainConfig) -> set[int]:
 
 def trainables(
     cfg: TrainConfig, unet: nn.Module, te: nn.Module, te_layers: set[int], device
-) -> tuple[LoRANetwork | None, Trainable]:
-    """(the LoRA network or None, the trainable parameters by name). LoRA freezes the base models and
-    trains the network (text-encoder modules on ``te_layers`` if the text encoder trains); a full
-    fine-tune trains the whole UNet and what :func:`freeze_text_encoder` left of the text encoder."""
-    if cfg.mode == "lora":
-        unet.requires_grad_(False)
-        te.requires_grad_(False)
-        network = LoRANetwork(unet, te if cfg.train_text_encoder else None, cfg.network, te_layers).to(device)
-        named = {
-            f"{name}.{pn}": (p, m.block) for name, m in network.lora.items() for pn, p in m.named_parameters()
-        }
-        return network, named
-    unet.requires_grad_(True)
-    named = {f"unet.{n}": (p, block_of_diffusers("unet", n) or "BASE") for n, p in unet.named_parameters()}
-    for n, p in te.named_parameters():
-        if p.requires_grad:
-            named[f"text_encoder.{n}"] = (p, "BASE")
-    return None, named
+) -> tuple[nn.Module | None, Trainable]:
+    """(the mode's own module: the LoRA network, the embedding being learnt, or None; the trainable
+    parameters by name). LoRA and embedding freeze the base models; a full fine-tune trains the whole
+    UNet and what :func:`freeze_text_encoder` left of the text encoder."""
+    from baka.train.modes import MODES
+
+    return MODES.get(cfg.mode).build(cfg, unet, te, te_layers, device)
 
 
 def _is_text_encoder(name: str) -> bool:

@@ -117,11 +117,29 @@ def save_full(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, ckpt, 
 
 
 def save_output(cfg: TrainConfig, model, ckpt, ds: Dataset, step: int, seconds: float) -> Path:
-    """``output_dir/output_name.safetensors`` from the (unwrapped) denoiser: its LoRA network or its
-    UNet + text encoder."""
-    if cfg.mode == "lora":
-        return save_lora(cfg, model.network, ds, step, seconds)
-    return save_full(cfg, model.unet, model.text_encoder, ckpt, step)
+    """``output_dir/output_name.*`` from the (unwrapped) denoiser, as its mode writes it: the LoRA
+    network, the UNet + text encoder, or the embedding."""
+    from baka.train.modes import MODES
+
+    return MODES.get(cfg.mode).save(cfg, model, ckpt, ds, step, seconds)
+
+
+def save_textual_inversion(cfg: TrainConfig, emb, ds: Dataset, step: int, seconds: float) -> Path:
+    """The learnt vectors as an embedding file named ``output_name`` (prompts use it by that name)."""
+    from baka.train.embedding import save_embedding
+
+    meta = {
+        **common_metadata(cfg),
+        **{k: v for k, v in lora_metadata(cfg, ds, step, seconds).items() if not k.startswith("ss_network")},
+        "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
+        "ss_token_string": emb.name,
+        "ss_init_word": cfg.init_word,
+        "ss_num_vectors_per_token": str(cfg.num_vectors_per_token),
+    }
+    dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
+    return save_embedding(
+        cfg.out / cfg.output_name, cfg.output_name, emb.vectors.to(dtype), meta, cfg.save_model_as
+    )
 
 
 def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int) -> None:
@@ -132,6 +150,8 @@ def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int) -> None:
     model.eval()
     try:
         gen = Generator.from_modules(model.unet, model.text_encoder, vae, sd_config, name=cfg.output_name)
+        if hasattr(model.network, "snapshot"):  # textual inversion: the prompts use the embedding so far
+            gen.embeddings.add(model.network.snapshot())
         folder = cfg.out / "samples"
         for i, prompt in enumerate(cfg.sample_prompts):
             size = 8 * model.unet.config.sample_size

@@ -21,6 +21,7 @@ from baka.train.block_dropout import parse_schedules, resting_blocks
 from baka.train.config import TrainConfig
 from baka.train.data import Dataset, LatentCache, captions_for
 from baka.train.loss import ddpm_schedule, diffusion_loss, draw_noise
+from baka.train.modes import MODES, Mode
 from baka.train.network import LoRANetwork
 from baka.train.optim import (
     EMA,
@@ -41,14 +42,15 @@ def _seed(*parts: object) -> int:
 
 
 class _Denoiser(nn.Module):
-    """What DDP wraps: text encoder + UNet (+ LoRA network), returning the UNet prediction."""
+    """What DDP wraps: text encoder + UNet (+ the mode's module: LoRA network or embedding), returning
+    the UNet prediction for the captions' tokens as the mode encodes them."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, network: LoRANetwork | None):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, network: nn.Module | None, mode: Mode):
         super().__init__()
-        self.unet, self.text_encoder, self.network = unet, text_encoder, network
+        self.unet, self.text_encoder, self.network, self.mode = unet, text_encoder, network, mode
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        enc = self.text_encoder(input_ids=ids).last_hidden_state
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        enc = self.mode.text_states(self.network, self.text_encoder, cond)
         return self.unet(noisy, t, enc).sample
 
 
@@ -98,7 +100,9 @@ class _Run:
         te_layers = freeze_text_encoder(te, cfg)
         self.network, named = trainables(cfg, unet, te, te_layers, self.device)
         self.named, groups = param_groups(named, cfg)
-        self.model, self.opt = acc.prepare(_Denoiser(unet, te, self.network), make_optimizer(cfg, groups))
+        self.mode = MODES.get(cfg.mode)
+        denoiser = _Denoiser(unet, te, self.network, self.mode)
+        self.model, self.opt = acc.prepare(denoiser, make_optimizer(cfg, groups))
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
         self.lr_sched = make_lr_scheduler(cfg, self.opt.optimizer)
         self.weighting = cfg.loss_weighting
@@ -153,15 +157,8 @@ class _Run:
     # -- one step ------------------------------------------------------------------------------------
 
     def encode_ids(self, captions: list[str]) -> torch.Tensor:
-        from baka.models.tokenizer import clean_text
-
-        return self.tok(
-            [clean_text(c) for c in captions],
-            padding="max_length",
-            max_length=77,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        """The captions as the denoiser takes them (token ids; with the embedding's slots in that mode)."""
+        return self.mode.tokens(self.network, self.tok, captions, self.device)
 
     def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
@@ -197,7 +194,7 @@ class _Run:
         torch.manual_seed(_seed(cfg.seed, "step", step, rank))  # dropout masks
         gen = torch.Generator().manual_seed(_seed(cfg.seed, "noise", step, rank))
         resting = resting_blocks(self.block_schedules, step, cfg.seed)
-        if self.network is not None:
+        if isinstance(self.network, LoRANetwork):
             for m in self.network.lora.values():
                 m.resting = m.block in resting
         self.model.train()

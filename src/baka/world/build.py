@@ -12,9 +12,10 @@ Stages (each skipped when its output exists, so an interrupted build continues):
    plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR); ``world-striped`` and
    ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``;
 5. ``baka train`` (``mode = "lora"``) teaches ``world-flat`` the unseen star from 40 images
-   (``world-star``, UNet + text encoder LoRA);
+   (``world-star``, UNet + text encoder LoRA), and (``mode = "embedding"``) learns ``world-azure``, a
+   textual-inversion vector for the colour blue;
 6. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights`` (the LoRA to
-   ``weights/lora``).
+   ``weights/lora``, the embedding to ``weights/embeddings``).
 
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
 2-core machine two threads are twice as fast as one; when other jobs share the cores, 1 is much faster.
@@ -62,6 +63,13 @@ STAR_SEED = 7
 STAR_STEPS = 2000
 STAR_NETWORK = {"dim": 16, "alpha": 16}
 STAR_LORA = "world-star"
+# the textual-inversion embedding: one vector learnt from 40 blue shapes whose captions say TI_WORD
+# where the colour was; it starts from "*" (A1111's default), not from "blue"
+TI_WORD = "world-azure"
+TI_COLOR = "blue"
+TI_IMAGES = 40
+TI_SEED = 11
+TI_STEPS = 1000
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 
 
@@ -91,7 +99,11 @@ def render_sets(out: Path) -> dict[str, Path]:
         "flat": (N_FLAT, 0, "flat", "train"),
         "striped": (N_STRIPED, 1, "striped", "train"),
         "star": (STAR_IMAGES, STAR_SEED, "flat", "star"),
+        TI_WORD: (TI_IMAGES, TI_SEED, "flat", "train"),
     }
+    # the embedding's images: single blue shapes, TI_WORD in the colour's place in the caption
+    only = {TI_WORD: lambda sc: len(sc.shapes) == 1 and sc.shapes[0].color == TI_COLOR}
+    word = {TI_WORD: lambda sc: sc.caption.replace(TI_COLOR, TI_WORD, 1)}
     paths = {}
     for name, (n, seed, style, split) in sets.items():
         d = out / "data" / name
@@ -99,7 +111,16 @@ def render_sets(out: Path) -> dict[str, Path]:
         if (d / f"{n - 1:05d}.txt").exists():
             continue
         _log(f"render {n} {name} images -> {d}")
-        render_folder(d, n, seed=seed, style=style, split=split, progress=True)
+        render_folder(
+            d,
+            n,
+            seed=seed,
+            style=style,
+            split=split,
+            progress=True,
+            select=only.get(name),
+            caption=word.get(name),
+        )
     return paths
 
 
@@ -477,6 +498,25 @@ validation_split = 0.0
 """
 
 
+def _small_run_toml(
+    out: Path, name: str, model: Path, data: Path, steps: int, mode_keys: str, tail: str
+) -> Path:
+    """A short ``baka train`` run on a 40-image set (batch 8, 10 repeats, no caption dropout)."""
+    text = f"""# written by baka.world.build
+model = "{model}"
+output_dir = "{out / name}"
+output_name = "{name}"
+max_steps = {steps}
+seed = {SEED}
+min_snr_gamma = 5.0
+lr_scheduler = "cosine"
+save_precision = "fp16"
+{mode_keys}{tail}{_dataset_toml(data, 8, repeats=10, caption_dropout=0.0)}"""
+    path = out / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
 def lora_toml(
     out: Path,
     name: str,
@@ -492,25 +532,17 @@ def lora_toml(
     TOML literals, e.g. a ``block_dropout`` inline table)."""
     more = "".join(f"{k} = {v}\n" for k, v in (extra or {}).items())
     net = "".join(f"{k} = {v}\n" for k, v in {**STAR_NETWORK, **(network or {})}.items())
-    text = f"""# written by baka.world.build
-model = "{model}"
-output_dir = "{out / name}"
-output_name = "{name}"
-mode = "lora"
-max_steps = {steps}
-learning_rate = 1e-3
-train_text_encoder = true
-text_encoder_lr = 5e-4
-seed = {SEED}
-min_snr_gamma = 5.0
-lr_scheduler = "cosine"
-save_precision = "fp16"
-{more}
-[network]
-{net}{_dataset_toml(data, 8, repeats=10, caption_dropout=0.0)}"""
-    path = out / f"{name}.toml"
-    path.write_text(text)
-    return path
+    keys = 'mode = "lora"\nlearning_rate = 1e-3\ntrain_text_encoder = true\ntext_encoder_lr = 5e-4\n'
+    return _small_run_toml(out, name, model, data, steps, keys + more, "\n[network]\n" + net)
+
+
+def embedding_toml(out: Path, model: Path, data: Path) -> Path:
+    """The ``baka train`` config of the textual-inversion embedding (``mode = "embedding"``)."""
+    keys = (
+        f'mode = "embedding"\ntoken_string = "{TI_WORD}"\ninit_word = "*"\nnum_vectors_per_token = 1\n'
+        "learning_rate = 2e-2\n"
+    )
+    return _small_run_toml(out, TI_WORD, model, data, TI_STEPS, keys, "")
 
 
 def run_train(toml: Path) -> None:
@@ -524,6 +556,7 @@ CARDS = {
     "world-striped": "world-flat fine-tuned on the striped style (hatched fills + outlines)",
     "world-vpred-ztsnr": "world-flat fine-tuned to v-prediction with zero-terminal-SNR betas",
     STAR_LORA: "a LoRA that teaches world-flat the star, a shape its training never showed",
+    TI_WORD: f"a textual-inversion embedding that world-flat reads as the colour {TI_COLOR}",
 }
 
 
@@ -579,9 +612,27 @@ def _card(path: Path, name: str, stats: dict, what: str, use: str) -> None:
     path.write_text("\n".join(card))
 
 
-def ship_lora(out: Path, name: str, stats: dict, dest: Path = WEIGHTS_DIR) -> Path:
-    """The trained LoRA (already fp16, kohya layout and ``ss_*`` metadata) with modelspec fields and a
-    card, into ``dest/lora`` where ``<lora:NAME:1>`` finds it by name."""
+SMALL_USE = {  # how a card says to use a shipped LoRA / embedding
+    STAR_LORA: (
+        f"kohya-layout LoRA (dim {STAR_NETWORK['dim']}, UNet + text encoder) for world-flat, trained with"
+        f" `baka train` on {STAR_IMAGES} large stars.",
+        f"Use: `<lora:{STAR_LORA}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
+        f' -p "red star, white background, large, center <lora:{STAR_LORA}:1>"`.',
+    ),
+    TI_WORD: (
+        f"Textual-inversion embedding (1 vector, `emb_params`) for world-flat, trained with `baka train`"
+        f' (`mode = "embedding"`) on {TI_IMAGES} {TI_COLOR} shapes whose captions say `{TI_WORD}` for the'
+        " colour; it starts from `*`, not from the colour's word.",
+        f"Use: put the file in an embeddings folder (`--embeddings DIR`) and write `{TI_WORD}` where a"
+        f' colour goes, e.g. `-p "{TI_WORD} square, white background, medium, top"`, or in a negative'
+        f' prompt: `-n "{TI_WORD} circle, grey background, large, center"`.',
+    ),
+}
+
+
+def ship_small(out: Path, name: str, stats: dict, dest: Path, folder: str) -> Path:
+    """A trained LoRA or embedding (already fp16, ``ss_*`` metadata) with modelspec fields and a card,
+    into ``dest/folder`` (``lora``: ``<lora:NAME:1>`` finds it; ``embeddings``)."""
     from baka.models.io import read_raw
     from baka.models.safetensors_io import save_file
 
@@ -595,17 +646,9 @@ def ship_lora(out: Path, name: str, stats: dict, dest: Path = WEIGHTS_DIR) -> Pa
             "baka_world": json.dumps(stats, sort_keys=True),
         }
     )
-    (dest / "lora").mkdir(parents=True, exist_ok=True)
-    path = save_file(tensors, dest / "lora" / f"{name}.safetensors", meta)
-    _card(
-        dest / "lora" / f"{name}.md",
-        name,
-        stats,
-        f"kohya-layout LoRA (dim {STAR_NETWORK['dim']}, UNet + text encoder) for world-flat, trained with"
-        f" `baka train` on {STAR_IMAGES} large stars.",
-        f"Use: `<lora:{name}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
-        f' -p "red star, white background, large, center <lora:{name}:1>"`.',
-    )
+    (dest / folder).mkdir(parents=True, exist_ok=True)
+    path = save_file(tensors, dest / folder / f"{name}.safetensors", meta)
+    _card(dest / folder / f"{name}.md", name, stats, *SMALL_USE[name])
     return path
 
 
@@ -662,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"baka train {STAR_LORA}: a LoRA on world-flat, {STAR_STEPS} steps")
             run_train(lora_toml(out, STAR_LORA, trained("world-flat"), sets["star"]))
             (out / STAR_LORA / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+        if not trained(TI_WORD).exists():
+            t = time.time()
+            _log(f"baka train {TI_WORD}: a textual-inversion embedding for world-flat, {TI_STEPS} steps")
+            run_train(embedding_toml(out, trained("world-flat"), sets[TI_WORD]))
+            (out / TI_WORD / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     vae_logs = [json.loads(f.read_text()) for f in sorted(out.glob("vae*_losses.json"))]
     te = json.loads((out / "te_report.json").read_text())
     base = {
@@ -682,8 +730,13 @@ def main(argv: list[str] | None = None) -> int:
     if trained(STAR_LORA).exists():
         stats = {**_losses(out, STAR_LORA), "images": STAR_IMAGES}
         stats["train_seconds"] = json.loads((out / STAR_LORA / "time.json").read_text())["seconds"]
-        ship_lora(out, STAR_LORA, stats, Path(a.dest))
+        ship_small(out, STAR_LORA, stats, Path(a.dest), "lora")
         _log(f"shipped {STAR_LORA}: {stats}")
+    if trained(TI_WORD).exists():
+        stats = {**_losses(out, TI_WORD), "images": TI_IMAGES}
+        stats["train_seconds"] = json.loads((out / TI_WORD / "time.json").read_text())["seconds"]
+        ship_small(out, TI_WORD, stats, Path(a.dest), "embeddings")
+        _log(f"shipped {TI_WORD}: {stats}")
     return 0
 
 

@@ -201,6 +201,13 @@ def star_scores(gen, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
     return {"star_share": shape_share([r for r, _ in pairs], "star"), **m, "n_images": len(pairs)}
 
 
+def colour_word_prompts(word: str, n: int = 16, avoid: str = "") -> list[str]:
+    """Captions of ``n`` seen single-shape suite scenes (none in colour ``avoid``) with ``word`` where
+    the colour was: for a textual-inversion embedding standing for a colour."""
+    scenes = [s for s, held in suite_scenes("full") if not held and s.shapes[0].color != avoid][:n]
+    return [s.caption.replace(s.shapes[0].color, word, 1) for s in scenes]
+
+
 def format_table(m: dict) -> str:
     """The report as a fixed-width table: one row for all images, seen and held-out prompts."""
     cols = [

@@ -17,7 +17,7 @@ the colour/shape pairs in :data:`HELD_OUT_PAIRS` and the colour/background pairs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,8 +269,14 @@ def render_folder(
     style: str = "flat",
     split: str = "train",
     progress: bool = False,
+    select: Callable[[Scene], bool] | None = None,
+    caption: Callable[[Scene], str] | None = None,
 ) -> RenderReport:
-    """Write ``n`` images ``00000.png`` + ``00000.txt`` (kohya layout: one folder = one subset)."""
+    """Write ``n`` images ``00000.png`` + ``00000.txt`` (kohya layout: one folder = one subset).
+    ``select`` keeps only the scenes it accepts (the first ``n`` of them, numbered from 0); ``caption``
+    writes another caption than the scene's own (e.g. a textual-inversion word in place of a tag)."""
+    from itertools import count
+
     from tqdm import tqdm
 
     from baka.models.safetensors_io import atomic_output, clean_stale_parts
@@ -279,11 +285,14 @@ def render_folder(
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_parts(folder)  # once: a scan per file made writing n files O(n^2)
     rep = RenderReport(folder, n)
-    for scene in tqdm(scenes(n, seed, style, split), total=n, desc="render", disable=not progress):
-        stem = folder / f"{scene.index:05d}"
+    chosen = (sample_scene(seed, i, style=style, split=split) for i in count())
+    chosen = (sc for sc in chosen if select is None or select(sc))
+    for k, scene in zip(tqdm(range(n), desc="render", disable=not progress), chosen, strict=False):
+        stem = folder / f"{k:05d}"
+        text = caption(scene) if caption else scene.caption
         with atomic_output(stem.with_suffix(".png"), clean=False) as tmp:
             Path(tmp).write_bytes(png_bytes(render_scene(scene)))
         with atomic_output(stem.with_suffix(".txt"), clean=False) as tmp:
-            Path(tmp).write_text(scene.caption + "\n", encoding="utf-8")
-        rep.captions.append(scene.caption)
+            Path(tmp).write_text(text + "\n", encoding="utf-8")
+        rep.captions.append(text)
     return rep
