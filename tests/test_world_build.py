@@ -58,3 +58,20 @@ def test_the_shipped_text_encoder_says_the_caption_in_its_padding_states():
     s = _end_states(te, [base, other_bg, other_colour, base])
     cos = torch.nn.functional.cosine_similarity(s[:1], s[1:], dim=1)
     assert cos[0] < 0.8 and cos[1] < 0.9 and cos[2] > 0.9999, cos
+
+
+def test_the_small_runs_configs_load_as_written(tmp_path):
+    """make world's LoRA and embedding stages write configs baka train accepts, with what they say."""
+    from baka.train.config import load_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lora = load_config(
+        build.lora_toml(tmp_path, "star", tmp_path / "m.safetensors", data, network={"rank_dropout": 0.1})
+    )
+    assert lora.mode == "lora" and lora.train_text_encoder and lora.save_precision == "fp16"
+    assert lora.network.dim == build.STAR_NETWORK["dim"] and lora.network.rank_dropout == 0.1
+    assert lora.max_steps == build.STAR_STEPS and lora.dataset.subsets[0].num_repeats == 10
+    ti = load_config(build.embedding_toml(tmp_path, tmp_path / "m.safetensors", data))
+    assert ti.mode == "embedding" and ti.token_string == build.TI_WORD and ti.init_word == "*"
+    assert ti.output_name == build.TI_WORD and ti.dataset.subsets[0].caption_dropout_rate == 0.0

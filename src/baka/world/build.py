@@ -699,17 +699,17 @@ def main(argv: list[str] | None = None) -> int:
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
         if a.only and a.only in name:
             break
-    else:
-        if not trained(STAR_LORA).exists():
-            t = time.time()
-            _log(f"baka train {STAR_LORA}: a LoRA on world-flat, {STAR_STEPS} steps")
-            run_train(lora_toml(out, STAR_LORA, trained("world-flat"), sets["star"]))
-            (out / STAR_LORA / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
-        if not trained(TI_WORD).exists():
-            t = time.time()
-            _log(f"baka train {TI_WORD}: a textual-inversion embedding for world-flat, {TI_STEPS} steps")
-            run_train(embedding_toml(out, trained("world-flat"), sets[TI_WORD]))
-            (out / TI_WORD / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+    else:  # every model trained: the LoRA and the embedding on world-flat
+        small = [
+            (STAR_LORA, lambda: lora_toml(out, STAR_LORA, trained("world-flat"), sets["star"])),
+            (TI_WORD, lambda: embedding_toml(out, trained("world-flat"), sets[TI_WORD])),
+        ]
+        for name, toml in small:
+            if not trained(name).exists():
+                t = time.time()
+                _log(f"baka train {name}: {CARDS[name]}")
+                run_train(toml())
+                (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     vae_logs = [json.loads(f.read_text()) for f in sorted(out.glob("vae*_losses.json"))]
     te = json.loads((out / "te_report.json").read_text())
     base = {
@@ -727,16 +727,12 @@ def main(argv: list[str] | None = None) -> int:
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")
-    if trained(STAR_LORA).exists():
-        stats = {**_losses(out, STAR_LORA), "images": STAR_IMAGES}
-        stats["train_seconds"] = json.loads((out / STAR_LORA / "time.json").read_text())["seconds"]
-        ship_small(out, STAR_LORA, stats, Path(a.dest), "lora")
-        _log(f"shipped {STAR_LORA}: {stats}")
-    if trained(TI_WORD).exists():
-        stats = {**_losses(out, TI_WORD), "images": TI_IMAGES}
-        stats["train_seconds"] = json.loads((out / TI_WORD / "time.json").read_text())["seconds"]
-        ship_small(out, TI_WORD, stats, Path(a.dest), "embeddings")
-        _log(f"shipped {TI_WORD}: {stats}")
+    for name, folder, images in ((STAR_LORA, "lora", STAR_IMAGES), (TI_WORD, "embeddings", TI_IMAGES)):
+        if trained(name).exists():
+            stats = {**_losses(out, name), "images": images}
+            stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
+            ship_small(out, name, stats, Path(a.dest), folder)
+            _log(f"shipped {name}: {stats}")
     return 0
 
 
