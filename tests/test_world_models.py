@@ -2,7 +2,8 @@
 normal generator, the judge. They load the packaged files (never retrain).
 
 Unmarked tests hold what build 4 does today, with a margin below its figures, so a change that breaks
-prompt following, the merge, v-prediction or zero-terminal SNR fails the default run. Tests marked
+prompt following, the merge, v-prediction, zero-terminal SNR, LoRA loading (the shipped star LoRA) or
+embeddings (the shipped textual-inversion vector) fails the default run. Tests marked
 ``world`` assert the issue's own targets that build 4 still misses (figures and causes in
 docs/world.md); ``make test-world`` runs them, and they fail until a build reaches them.
 """
