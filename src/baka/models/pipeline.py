@@ -64,9 +64,14 @@ def save_modules(
     *,
     metadata: dict[str, str] | None = None,
     protect: Iterable[str | Path] = (),
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the checkpoint with ``modules``' weights in place (atomic; never over ``protect``)."""
-    return save_checkpoint(modules_to_ldm(ckpt, modules), path, metadata=metadata, protect=protect)
+    """Write the checkpoint with ``modules``' weights in place (atomic; never over ``protect``);
+    ``dtype`` casts every floating tensor (None: as they are)."""
+    from baka.models.io import cast
+
+    tensors = cast(modules_to_ldm(ckpt, modules), dtype)
+    return save_checkpoint(tensors, path, metadata=metadata, protect=protect)
 
 
 def build_pipeline(ckpt: Checkpoint, dtype=None):

@@ -15,6 +15,11 @@ from baka.train.data import Dataset
 from baka.train.optim import warmup_steps
 
 
+def save_dtype(cfg: TrainConfig) -> torch.dtype:
+    """kohya's ``save_precision``: the dtype of every floating tensor in the written file."""
+    return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
+
+
 def common_metadata(cfg: TrainConfig) -> dict[str, str]:
     from baka import __version__
 
@@ -91,8 +96,7 @@ def save_lora(cfg: TrainConfig, network, ds: Dataset, step: int, seconds: float)
 
     path = cfg.out / f"{cfg.output_name}.safetensors"
     sd = network.kohya_state_dict()
-    dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v.to(save_dtype(cfg)) if v.is_floating_point() else v for k, v in sd.items()}
     meta = {
         **common_metadata(cfg),
         **lora_metadata(cfg, ds, step, seconds),
@@ -112,7 +116,8 @@ def save_full(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, ckpt, 
         "modelspec.architecture": "stable-diffusion-v1",
         "baka_train_steps": str(step),
     }
-    save_modules(ckpt, {"unet": unet, "text_encoder": text_encoder}, path, metadata=meta, protect=[cfg.model])
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    save_modules(ckpt, modules, path, metadata=meta, protect=[cfg.model], dtype=save_dtype(cfg))
     return path
 
 
@@ -136,10 +141,8 @@ def save_textual_inversion(cfg: TrainConfig, emb, ds: Dataset, step: int, second
         "ss_init_word": cfg.init_word,
         "ss_num_vectors_per_token": str(cfg.num_vectors_per_token),
     }
-    dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
-    return save_embedding(
-        cfg.out / cfg.output_name, cfg.output_name, emb.vectors.to(dtype), meta, cfg.save_model_as
-    )
+    vectors = emb.vectors.to(save_dtype(cfg))
+    return save_embedding(cfg.out / cfg.output_name, cfg.output_name, vectors, meta, cfg.save_model_as)
 
 
 def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int) -> None:
