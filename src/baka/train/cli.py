@@ -15,7 +15,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="override output_dir")
 
 
-@command("train", "full fine-tune or LoRA training from a TOML config")
+@command("train", "full fine-tune, LoRA or textual-inversion training from a TOML config")
 @args(_train_args)
 def cmd_train(a: argparse.Namespace) -> int:
     from baka.train.config import load_config
