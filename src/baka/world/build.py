@@ -329,7 +329,8 @@ def pretrain_text_encoder(
     from tqdm import tqdm
 
     from baka.models.config import make_text_encoder
-    from baka.models.tokenizer import clean_text, load_tokenizer
+    from baka.models.tokenizer import load_tokenizer
+    from baka.train.modes import plain_tokens
     from baka.world.render import sample_scene
 
     torch.manual_seed(seed)
@@ -346,12 +347,7 @@ def pretrain_text_encoder(
 
     def data(n: int, offset: int):
         scenes = [sample_scene(seed + 7, offset + i, style="flat", split="train") for i in range(n)]
-        ids = tok(
-            [clean_text(sc.caption) for sc in scenes],
-            padding="max_length",
-            max_length=77,
-            return_tensors="pt",
-        ).input_ids
+        ids = plain_tokens(None, tok, [sc.caption for sc in scenes], "cpu")  # as baka train tokenizes
         labels = torch.tensor(
             [[targets[k].index(v) for k, v in _scene_labels(sc).items()] for sc in scenes], dtype=torch.long
         )
