@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from baka.errors import BakaError
 from baka.registry import Registry
 from baka.train.config import TrainConfig
 
@@ -74,7 +75,8 @@ def _embedding(cfg: TrainConfig, unet: nn.Module, te: nn.Module, te_layers: set[
 
     unet.requires_grad_(False)
     te.requires_grad_(False)
-    assert cfg.token_string is not None  # load_config requires it in this mode
+    if not cfg.token_string:  # load_config refuses this too; a TrainConfig built in Python may not
+        raise BakaError("mode 'embedding' needs token_string (the word captions use for it)")
     emb = TrainableEmbedding(te, cfg.token_string, cfg.init_word, cfg.num_vectors_per_token).to(device)
     return emb, {"embedding.vectors": (emb.vectors, "BASE")}
 
