@@ -10,14 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from baka.train.config import TrainConfig
+from baka.train.config import SAVE_PRECISIONS, TrainConfig
 from baka.train.data import Dataset
 from baka.train.optim import warmup_steps
+
+SAVE_DTYPES = dict(zip(SAVE_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
 def save_dtype(cfg: TrainConfig) -> torch.dtype:
     """kohya's ``save_precision``: the dtype of every floating tensor in the written file."""
-    return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
+    return SAVE_DTYPES[cfg.save_precision]
 
 
 def common_metadata(cfg: TrainConfig) -> dict[str, str]:

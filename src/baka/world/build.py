@@ -556,6 +556,17 @@ CARDS = {
 }
 
 
+def _ship_meta(name: str, stats: dict) -> dict[str, str]:
+    """The modelspec and build fields every shipped file carries."""
+    return {
+        "modelspec.title": name,
+        "modelspec.description": CARDS[name],
+        "modelspec.author": "baka (procedural, trained from scratch)",
+        "modelspec.license": "MIT",
+        "baka_world": json.dumps(stats, sort_keys=True),
+    }
+
+
 def ship(out: Path, name: str, stats: dict, dest: Path = WEIGHTS_DIR) -> Path:
     """fp16 copy of a trained model with modelspec metadata, plus its model card."""
     import torch
@@ -567,13 +578,9 @@ def ship(out: Path, name: str, stats: dict, dest: Path = WEIGHTS_DIR) -> Path:
     vpred = name == "world-vpred-ztsnr"
     meta.update(
         {
-            "modelspec.title": name,
-            "modelspec.description": CARDS[name],
-            "modelspec.author": "baka (procedural, trained from scratch)",
-            "modelspec.license": "MIT",
+            **_ship_meta(name, stats),
             "modelspec.resolution": "64x64",
             "modelspec.prediction_type": "v" if vpred else "epsilon",
-            "baka_world": json.dumps(stats, sort_keys=True),
             "baka_zero_terminal_snr": str(vpred),
         }
     )
@@ -633,15 +640,7 @@ def ship_small(out: Path, name: str, stats: dict, dest: Path, folder: str) -> Pa
     from baka.models.safetensors_io import save_file
 
     tensors, meta = read_raw(out / name / f"{name}.safetensors")
-    meta.update(
-        {
-            "modelspec.title": name,
-            "modelspec.description": CARDS[name],
-            "modelspec.author": "baka (procedural, trained from scratch)",
-            "modelspec.license": "MIT",
-            "baka_world": json.dumps(stats, sort_keys=True),
-        }
-    )
+    meta.update(_ship_meta(name, stats))
     (dest / folder).mkdir(parents=True, exist_ok=True)
     path = save_file(tensors, dest / folder / f"{name}.safetensors", meta)
     _card(dest / folder / f"{name}.md", name, stats, *SMALL_USE[name])

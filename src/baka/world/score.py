@@ -88,12 +88,12 @@ def radial_harmonics(mask: np.ndarray, n_angles: int = 180) -> np.ndarray:
 
 def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
     ys, xs = np.nonzero(mask)
-    h = radial_harmonics(mask)
-    if h[4] >= STAR_HARMONIC and h[4] == h[1:6].max():
-        return "star", float(mask.sum()) / float((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
     h, w = y1 - y0 + 1, x1 - x0 + 1
     fill = float(mask.sum()) / float(h * w)
+    harmonics = radial_harmonics(mask)
+    if harmonics[4] >= STAR_HARMONIC and harmonics[4] == harmonics[1:6].max():
+        return "star", fill
     box = mask[y0 : y1 + 1, x0 : x1 + 1]
     q = max(1, h // 4)
     top, bottom = box[:q].sum(axis=1).mean(), box[-q:].sum(axis=1).mean()
