@@ -71,10 +71,15 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 def show_defaults(p: argparse.ArgumentParser) -> None:
-    """Options added without a help line still show their default in ``--help``."""
+    """Options added without a help line still show their default in ``--help``; sub-actions
+    (``baka world render``, ``baka lora extract``) get the same formatter."""
     for action in p._actions:
         if action.help is None and action.option_strings and _has_default(action):
             action.help = "(default: %(default)s)"
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.formatter_class = DefaultsFormatter
+                show_defaults(sub)
 
 
 def print_config(title: str, cfg: dict) -> None:

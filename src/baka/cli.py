@@ -19,6 +19,7 @@ from baka.errors import BakaError
 COMMAND_MODULES = (
     "baka.models.cli",
     "baka.merge.cli",
+    "baka.merge.lora.cli",
     "baka.generate.cli",
     "baka.train.cli",
     "baka.erase.cli",

@@ -249,6 +249,29 @@ class Module:
         return fmt.bias_delta(self.tensors) if fmt is not None else None
 
 
+def multiplier(component: str, block: str | None, te: float, unet: float, blocks: tuple[float, ...]) -> float:
+    """A use's multiplier for one module: its text-encoder or UNet weight times the block's
+    lora-block-weight value (26 values, ``baka.models.lbw.parse_lbw``)."""
+    from baka.models.blocks import BLOCK_INDEX
+
+    return (te if component == "text_encoder" else unet) * blocks[BLOCK_INDEX[block or "BASE"]]
+
+
+def patched_weight(weight: torch.Tensor, module: Module, mult: float, orig: torch.Tensor) -> torch.Tensor:
+    """``weight + mult * delta`` computed in fp32 and cast back to the weight's dtype, as A1111 adds a
+    network to a layer; ``orig`` is the layer's weight before any network (IA3, GLoRA and DoRA read
+    it). Live patching and ``baka lora bake`` both go through here, so they agree bit for bit."""
+    return (weight.float() + mult * module.delta_weight(weight.shape, orig)).to(weight.dtype)
+
+
+def patched_bias(bias: torch.Tensor, module: Module, mult: float) -> torch.Tensor | None:
+    """The bias with the module's bias delta added (full-diff modules), or None when it has none."""
+    delta = module.bias_delta()
+    if delta is None:
+        return None
+    return (bias.float() + mult * delta.reshape(bias.shape)).to(bias.dtype)
+
+
 @dataclass
 class Network:
     name: str
@@ -282,6 +305,26 @@ def load_network(path: str | Path) -> Network:
     return Network(path.stem, path, modules, digest[:12])
 
 
+_LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def find_network(name: str, folders: list[Path]) -> Path:
+    """``NAME.safetensors`` / ``.pt`` / ``.ckpt`` in the first folder that has it, else a LoRA shipped
+    with baka (``world-star``); a file in a folder wins over a shipped one of the same name."""
+    from baka.models.shipped import SHIPPED_NETWORKS, shipped_path
+
+    for folder in folders:
+        for suffix in _LORA_SUFFIXES:
+            p = Path(folder) / f"{name}{suffix}"
+            if p.is_file():
+                return p
+    shipped = shipped_path(name, SHIPPED_NETWORKS)
+    if shipped is not None:
+        return shipped
+    where = ", ".join(str(f) for f in folders) or "no LoRA folder given (--lora-dir)"
+    raise BakaError(f"LoRA {name!r} not found in {where}")
+
+
 __all__ = [
     "NETWORK_FORMATS",
     "Full",
@@ -293,5 +336,9 @@ __all__ = [
     "Module",
     "Network",
     "NetworkFormat",
+    "find_network",
     "load_network",
+    "multiplier",
+    "patched_bias",
+    "patched_weight",
 ]
