@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "baka.erase.cli",
     "baka.serve.cli",
     "baka.world.cli",
+    "baka.tune.cli",
     "baka.demo",
 )
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"] and argv[1:2] in (["probe"], ["search"]):  # `baka merge probe` spelling
+        argv = [f"merge-{argv[1]}", *argv[2:]]
     a = parser.parse_args(argv)
     try:
         return int(a.func(a) or 0)

@@ -61,7 +61,7 @@ def _summary(pairs) -> dict[str, float]:
     return {k: round(v, 4) for k, v in score([(r, s) for r, s, _ in pairs], REPORT_KEYS).items()}
 
 
-def _schedule_flags(gen, v_pred: bool | None, zero_snr: bool | None) -> tuple[bool, bool]:
+def schedule_flags(gen, v_pred: bool | None, zero_snr: bool | None) -> tuple[bool, bool]:
     """v-prediction / zero-terminal-SNR as given, else as the model's modelspec metadata says."""
     meta = gen.ckpt.metadata if gen.ckpt is not None else {}
     if v_pred is None:
@@ -96,7 +96,7 @@ def evaluate(
     from baka.world.score import read_image
 
     gen = model if isinstance(model, Generator) else Generator(model, progress=False)
-    v_pred, zero_snr = _schedule_flags(gen, v_pred, zero_snr)
+    v_pred, zero_snr = schedule_flags(gen, v_pred, zero_snr)
     scenes = suite_scenes(suite)
     k = per_prompt or SUITES[suite][2]
     pairs = []
@@ -158,7 +158,7 @@ def readings(
     from baka.generate.engine import GenParams
     from baka.world.score import read_image
 
-    v_pred, zero_snr = _schedule_flags(gen, v_pred, zero_snr)
+    v_pred, zero_snr = schedule_flags(gen, v_pred, zero_snr)
     p = GenParams(
         prompt,
         negative,
