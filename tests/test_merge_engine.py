@@ -99,10 +99,32 @@ def test_metadata_recipe_and_a1111_keys(tiny_files, tmp_path):
     sha_a = hashlib.sha256(tiny_files[0].read_bytes()).hexdigest()
     assert rec["model_sha256"][0] == sha_a
     a1111 = json.loads(meta["sd_merge_recipe"])
-    assert a1111["primary_model_hash"] == sha_a and a1111["interp_method"] == "weight_sum"
+    assert a1111["primary_model_hash"] == sha_a and a1111["interp_method"] == "Weighted sum"
+    # A1111's types: multiplier one float; the 26 weights in baka's own keys
+    assert isinstance(a1111["multiplier"], float) and a1111["baka_alpha"] == list(GRAD)
+    assert a1111["multiplier"] == pytest.approx(sum(GRAD) / 26)
     models = json.loads(meta["sd_merge_models"])
-    assert models[sha_a]["name"] == "modelA"
+    from baka.models.hashes import legacy_hash
+
+    assert models[sha_a] == {"name": "modelA.safetensors", "legacy_hash": legacy_hash(tiny_files[0]),
+                             "sd_merge_recipe": None}  # fmt: skip
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+
+
+def test_merge_of_merges_flattens_the_ancestry_as_a1111(tiny_files, tmp_path):
+    import hashlib
+
+    m1 = tmp_path / "m1.safetensors"
+    merge_models(Recipe("add_difference", [str(p) for p in tiny_files], (0.3,) * 26, (0.0,) * 26), m1,
+                 progress=False)  # fmt: skip
+    m2 = tmp_path / "m2.safetensors"
+    merge_models(_recipe([m1, tiny_files[1]]), m2, progress=False)
+    with SafetensorsFile(m2) as f:
+        models = json.loads(f.metadata["sd_merge_models"])
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (*tiny_files, m1)}
+    assert set(models) == set(sha.values())  # m1, and A, B, C through m1's own list
+    assert models[sha["m1.safetensors"]]["sd_merge_recipe"]["interp_method"] == "Add difference"
+    assert models[sha["modelC.safetensors"]]["name"] == "modelC.safetensors"
 
 
 def test_elemental_overrides(tiny_files, tiny_sds, tmp_path):

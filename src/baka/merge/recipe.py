@@ -60,17 +60,34 @@ class Recipe:
             raise BakaError(f"{p}: cannot read recipe ({e.strerror})") from None
 
 
+# A1111's names for the two methods its own merger has (its ``interp_method`` field)
+A1111_METHODS = {"weight_sum": "Weighted sum", "add_difference": "Add difference"}
+
+
+def _legacy(path: str) -> str | None:
+    from baka.models.hashes import legacy_hash
+    from baka.models.shipped import resolve
+
+    p = resolve(path)
+    return legacy_hash(p) if p.is_file() else None
+
+
 def metadata_for(recipe: Recipe, input_metadata: list[dict[str, str]], title: str) -> dict[str, str]:
-    names = [Path(m).stem for m in recipe.models]
+    """The merged file's metadata: baka's own recipe, and A1111's ``sd_merge_recipe`` /
+    ``sd_merge_models`` as A1111's merger writes them (types and ancestry included), so A1111 and
+    Civitai read the merge like one of A1111's."""
+    names = [Path(m).name for m in recipe.models]
     shas = recipe.model_sha256 or [""] * len(recipe.models)
     a1111 = {
         "type": "baka",
         "primary_model_hash": shas[0] or None,
         "secondary_model_hash": (shas[1] or None) if len(shas) > 1 else None,
         "tertiary_model_hash": (shas[2] or None) if len(shas) > 2 else None,
-        "interp_method": recipe.method,
-        "multiplier": list(recipe.alpha),
-        "beta": list(recipe.beta),
+        "interp_method": A1111_METHODS.get(recipe.method, recipe.method),
+        # A1111's multiplier is one float; the per-block weights go in baka's own keys
+        "multiplier": round(sum(recipe.alpha) / len(recipe.alpha), 6),
+        "baka_alpha": list(recipe.alpha),
+        "baka_beta": list(recipe.beta),
         "save_as_half": recipe.dtype == "fp16",
         "custom_name": title,
         "config_source": 0,
@@ -79,14 +96,19 @@ def metadata_for(recipe: Recipe, input_metadata: list[dict[str, str]], title: st
         "is_inpainting": False,
         "is_instruct_pix2pix": False,
     }
-    models = {}
-    for sha, name, meta in zip(shas, names, input_metadata, strict=False):
+    # A1111: each input under its sha256 (name with extension, legacy hash, its own recipe), then
+    # the input's own sd_merge_models merged in, so a merge of merges lists the whole ancestry
+    models: dict[str, object] = {}
+    for sha, name, path, meta in zip(shas, names, recipe.models, input_metadata, strict=False):
         if sha:
             models[sha] = {
                 "name": name,
-                "legacy_hash": None,
+                "legacy_hash": _legacy(path),
                 "sd_merge_recipe": _maybe_json(meta.get("sd_merge_recipe")),
             }
+            parents = _maybe_json(meta.get("sd_merge_models"))
+            if isinstance(parents, dict):
+                models.update(parents)
     return {
         "baka_recipe": recipe.to_json(),
         "sd_merge_recipe": json.dumps(a1111, sort_keys=True),
