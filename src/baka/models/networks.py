@@ -261,7 +261,12 @@ def patched_weight(weight: torch.Tensor, module: Module, mult: float, orig: torc
     """``weight + mult * delta`` computed in fp32 and cast back to the weight's dtype, as A1111 adds a
     network to a layer; ``orig`` is the layer's weight before any network (IA3, GLoRA and DoRA read
     it). Live patching and ``baka lora bake`` both go through here, so they agree bit for bit."""
-    return (weight.float() + mult * module.delta_weight(weight.shape, orig)).to(weight.dtype)
+    # delta_weight returns a fresh fp32 tensor: scaled and summed in place (the same sums as
+    # weight.float() + mult * delta, bit for bit), so a large layer costs two fp32 copies, not four
+    delta = module.delta_weight(weight.shape, orig)
+    if mult != 1:
+        delta.mul_(mult)
+    return delta.add_(weight).to(weight.dtype)
 
 
 def patched_bias(bias: torch.Tensor, module: Module, mult: float) -> torch.Tensor | None:
