@@ -203,6 +203,11 @@ def test_failure_mid_write_leaves_nothing(tiny_files, tmp_path, monkeypatch):
         "ties",
         "cosine_a",
         "cosine_b",
+        "cosine_a_columns",
+        "tensor",
+        "tensor2",
+        "self",
+        "extract",
         "dare",
     ],
 )
@@ -214,9 +219,13 @@ def test_every_method_runs_on_real_topology(tiny_files, tiny_sds, tmp_path, meth
     out = tmp_path / "m.safetensors"
     merge_models(_recipe(files, method=method, alpha=0.5, beta=0.3), out, progress=False)
     merged, _ = read_raw(out)
-    k = "model.diffusion_model.input_blocks.7.1.transformer_blocks.0.attn2.to_v.weight"
+    # [128, 512]: tensor2 slices axis 1 only where it is longer than 100 (supermerger's rule)
+    k = "model.diffusion_model.input_blocks.7.1.transformer_blocks.0.ff.net.2.weight"
     c = tiny_sds[2][k] if m.needs_c else None
-    want = m.fn(tiny_sds[0][k], tiny_sds[1][k], c, Ctx(k, 0.5, 0.3, 0))
+    state = None
+    if m.prepare is not None:  # the model-wide pass (cosine's similarity range) over the same models
+        state = m.prepare(lambda key: (tiny_sds[0][key], tiny_sds[1][key]), list(tiny_sds[0]))
+    want = m.fn(tiny_sds[0][k], tiny_sds[1][k], c, Ctx(k, 0.5, 0.3, 0, state))
     assert torch.allclose(merged[k], want, atol=1e-6)
     assert not torch.equal(merged[k], tiny_sds[0][k])
 
@@ -256,3 +265,33 @@ def test_partial_a_takes_missing_keys_from_b(tiny_sds, tmp_path, run_cli):
     vae_keys = [k for k in tiny_sds[1] if k.startswith(VAE_PREFIX)]
     assert vae_keys and all(torch.equal(merged[k], tiny_sds[1][k]) for k in vae_keys)
     assert "vae" in load_checkpoint(out).components()
+
+
+def test_inpainting_model_merges_as_a1111(tiny_files, tiny_sds, tmp_path, run_cli):
+    """inpaint + (custom - base), A1111's recipe for an inpainting version of a custom model: the first
+    conv's 4 latent channels get the difference, its 5 extra (mask, masked image) stay A's."""
+    from baka.models.config import tiny_config
+    from baka.models.detect import classify
+    from baka.models.tiny import tiny_checkpoint
+
+    cfg = tiny_config()
+    cfg.unet["in_channels"] = 9
+    inpaint = tiny_checkpoint(4, cfg)
+    path = tmp_path / "inpaint.safetensors"
+    save_checkpoint(inpaint, path)
+    out = tmp_path / "custom-inpainting.safetensors"
+    files = [str(path), str(tiny_files[1]), str(tiny_files[0])]
+    merge_models(Recipe("add_difference", files, (1.0,) * 26, (0.0,) * 26), out, progress=False)
+    got, _ = read_raw(out)
+    custom, base = tiny_sds[1], tiny_sds[0]
+    k = "model.diffusion_model.input_blocks.0.0.weight"
+    assert got[k].shape[1] == 9
+    assert torch.allclose(got[k][:, :4], inpaint[k][:, :4] + custom[k] - base[k], atol=1e-6)
+    assert torch.equal(got[k][:, 4:], inpaint[k][:, 4:])
+    k2 = "model.diffusion_model.output_blocks.5.1.proj_in.weight"
+    assert torch.allclose(got[k2], inpaint[k2] + custom[k2] - base[k2], atol=1e-6)
+    assert classify({n: tuple(t.shape) for n, t in got.items()}).name == "sd1-inpaint"
+    with SafetensorsFile(out) as f:
+        assert json.loads(f.metadata["sd_merge_recipe"])["is_inpainting"] is True
+    code, _, err = run_cli("merge", tiny_files[0], path, "-o", tmp_path / "x.safetensors", "-a", "0.5")
+    assert code == 2 and "an inpainting model must be model A" in err and err.count("\n") == 1

@@ -43,18 +43,20 @@ def test_train_difference():
     assert run("train_difference", same, same, same).tolist() == [1.0]  # 0/0 -> no change
 
 
-def test_cosine_a_and_b():
+def test_cosine_columns_a_and_b():
+    """baka's per-key column forms (supermerger's cosineA / cosineB, with their model-wide pass, are
+    tested against supermerger's own outputs in test_supermerger_parity.py)."""
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[2.0, 1.0], [0.0, 0.0]])
     # similarity per column (dim 0): col0 parallel -> 1, col1 orthogonal -> 0
     # cosineA: k = 1 - clamp(sim - 0.25, 0, 1) -> col0 0.25, col1 1.0
-    out = run("cosineA", a, b, None, alpha=0.25)
+    out = run("cosine_a_columns", a, b, None, alpha=0.25)
     assert torch.allclose(out, torch.tensor([[1.25, 1.0], [0.0, 0.0]]))
     # cosineB: sim = (col_sim + A.B/(|A||B|)) / 2 with A.B/(|A||B|) = 2/sqrt(10)
     whole = 2 / 10**0.5
     k0 = 1 - ((1 + whole) / 2 - 0.25)
     k1 = 1 - ((0 + whole) / 2 - 0.25)
-    out = run("cosineB", a, b, None, alpha=0.25)
+    out = run("cosine_b_columns", a, b, None, alpha=0.25)
     assert torch.allclose(out, torch.tensor([[1 + k0, k1], [0.0, 1 - k1]]))
 
 

@@ -39,7 +39,12 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--preset-file", action="append", default=[], help="extra preset TSV (supermerger format)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: model A's)")
-    p.add_argument("--seed", type=int, default=0, help="seed for stochastic methods (DARE)")
+    p.add_argument("--seed", type=int, default=0, help="seed for DARE and for R / U / X random block weights")
+    p.add_argument("--gamma", type=float, default=0.3, help="extract: supermerger's option(gamma)")
+    p.add_argument(
+        "--adjust",
+        help="supermerger's Adjust: IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3 (detail, colour, brightness offsets)",
+    )
     p.add_argument("--recipe", help="replay a recipe (.json, or a merged .safetensors carrying one)")
     p.add_argument("--no-hash-inputs", action="store_true", help="do not record input sha256 in the metadata")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -52,7 +57,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from baka.merge.methods import METHODS
     from baka.merge.presets import presets
     from baka.merge.recipe import Recipe
-    from baka.merge.weights import describe_weights, parse_weights
+    from baka.merge.weights import BETA_OFFSET, describe_weights, parse_weights
 
     if a.recipe:
         recipe = Recipe.from_file(a.recipe)
@@ -63,11 +68,19 @@ def cmd_merge(a: argparse.Namespace) -> int:
             raise BakaError("merge needs at least models A and B (or --recipe)")
         method = METHODS.get(a.method)
         reg = presets(tuple(a.preset_file))
-        alpha = parse_weights(a.alpha, overrides=a.block, presets=reg, base=None)
+        alpha = parse_weights(a.alpha, overrides=a.block, presets=reg, base=None, seed=a.seed)
         beta_spec = a.beta if a.beta is not None else method.beta_default
-        beta = parse_weights(beta_spec, overrides=a.beta_block, presets=reg)
+        beta = parse_weights(beta_spec, overrides=a.beta_block, presets=reg, seed=a.seed, offset=BETA_OFFSET)
         recipe = Recipe(
-            method.name, list(a.models), alpha, beta, _read_arg(a.elemental) or "", a.seed, a.dtype
+            method.name,
+            list(a.models),
+            alpha,
+            beta,
+            _read_arg(a.elemental) or "",
+            a.seed,
+            a.dtype,
+            gamma=a.gamma,
+            adjust=a.adjust or "",
         )
     method = METHODS.get(recipe.method)
     cfg: dict[str, object] = {
@@ -83,6 +96,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
         cfg["beta"] = describe_weights(recipe.beta)
     cfg |= {
         "elemental": recipe.elemental.strip().replace("\n", " | ") or "-",
+        "adjust": recipe.adjust or "-",
         "dtype": recipe.dtype or "as A",
         "seed": recipe.seed,
         "output": a.output,

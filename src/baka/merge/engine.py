@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from baka.errors import BakaError, ModelFileError
+from baka.merge.adjust import Adjust
 from baka.merge.elemental import Rule, override, parse_rules
 from baka.merge.methods import METHODS, Ctx, MergeMethod
 from baka.merge.recipe import Recipe, metadata_for
@@ -25,6 +26,7 @@ from baka.models import detect
 from baka.models.blocks import BLOCK_INDEX, block_of
 from baka.models.hashes import sha256_file
 from baka.models.io import DTYPE_BY_NAME
+from baka.models.keymap import UNET_PREFIX
 from baka.models.safetensors_io import TensorSpec, atomic_output, build_header, tensor_bytes
 from baka.models.sources import open_source, shapes_of_source
 
@@ -43,10 +45,10 @@ class MergeResult:
     filled_from_b: list[str] = field(default_factory=list)
 
 
-def _key_weights(recipe: Recipe, rules: list[Rule], key: str) -> tuple[float, float]:
+def _key_weights(recipe: Recipe, rules: list[Rule], key: str, index: int) -> tuple[float, float]:
     block = block_of(key)
     i = BLOCK_INDEX[block] if block else 0
-    alpha = override(rules, block, key, recipe.alpha[i])
+    alpha = override(rules, block, key, recipe.alpha[i], index, recipe.seed)
     return alpha, recipe.beta[i]
 
 
@@ -73,19 +75,31 @@ def merge_models(
     if out_path.suffix.lower() != ".safetensors":
         raise BakaError(f"{out_path}: merge output must be a .safetensors file")
     rules = parse_rules(recipe.elemental)
+    adjust = Adjust.parse(recipe.adjust)
     out_dtype = DTYPE_BY_NAME[recipe.dtype] if recipe.dtype else None
 
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_source(p)) for p in recipe.models]
         all_specs = [s.specs() for s in sources]
         for path, src in zip(recipe.models, sources, strict=True):
-            detect.require_sd1(path, detect.classify(shapes_of_source(src)))
+            detect.require_sd1(path, detect.classify(shapes_of_source(src)), inpaint=True)
         spec_a = all_specs[0]
         keys = [k for k in spec_a if block_of(k) is not None]
         dropped = [k for k in spec_a if block_of(k) is None]
+        # an inpainting (9-channel) or instruct-pix2pix (8) A with plain models: A1111 merges the first
+        # 4 input channels of the first conv and keeps A's extra ones
+        wide: set[str] = set()
         for path, specs in zip(recipe.models[1:], all_specs[1:], strict=True):
             for k in keys:
                 if k in specs and specs[k].shape != spec_a[k].shape:
+                    if _extra_channels(spec_a[k].shape, specs[k].shape):
+                        wide.add(k)
+                        continue
+                    if _extra_channels(specs[k].shape, spec_a[k].shape):
+                        raise ModelFileError(
+                            path, f"{k} has {specs[k].shape[1]} input channels: an inpainting model must be"
+                            " model A when merged with plain ones (as A1111); put it first",
+                        )  # fmt: skip
                     raise ModelFileError(
                         path, f"shape of {k} is {specs[k].shape}, model A has {spec_a[k].shape}"
                     )
@@ -110,6 +124,12 @@ def merge_models(
             for p in recipe.models
         ]
         copied = 0
+        adjust_keys = adjust.keys() if adjust else set()
+        position = {k: i for i, k in enumerate(spec_a)}  # a key's index in A (random elemental ratios)
+        state = None
+        if method.prepare is not None:  # a whole-model pass first (cosine's similarity range)
+            common = [k for k in spec_a if k in all_specs[1]]
+            state = method.prepare(lambda k: (sources[0].get(k), sources[1].get(k)), common)
 
         def produce() -> Iterator[tuple[str, object]]:
             nonlocal copied
@@ -117,25 +137,37 @@ def merge_models(
                 if k not in spec_a:
                     yield k, sources[1].get(k).to(out_specs[k].dtype)
                     continue
-                alpha, beta = _key_weights(recipe, rules, k)
+                alpha, beta = _key_weights(recipe, rules, k, position[k])
                 a = sources[0].get(k)
                 others = [
                     s.get(k) if k in sp else None for s, sp in zip(sources[1:], all_specs[1:], strict=True)
                 ]
                 want = out_specs[k].dtype
-                if not a.dtype.is_floating_point or any(o is None for o in others[: n_models - 1]):
+                # keys a given model lacks, integer keys and keys the method leaves alone stay A's
+                if (
+                    not a.dtype.is_floating_point
+                    or any(o is None for o in others)
+                    or method.keeps(k, tuple(a.shape), alpha)
+                ):
                     copied += 1
                     yield k, a.to(want)
                     continue
                 pick = method.shortcut(alpha, beta)
-                if pick is not None:
+                if pick is not None and k not in wide and not (adjust and k in adjust_keys):
                     copied += pick == "A"
                     b = others[0]
-                    assert b is not None  # checked above: every model the method needs has the key
+                    assert b is not None  # checked above: every model given has the key
                     yield k, (a if pick == "A" else b).to(want)
                     continue
-                ctx = Ctx(k, alpha, beta, recipe.seed)
-                yield k, _compute(method, a, others, ctx, want)
+                ctx = Ctx(k, alpha, beta, recipe.seed, state, recipe.gamma)
+                if k in wide:  # A's first 4 input channels merged, its extra ones kept
+                    head = _whole(_compute(method, a[:, :4], others, ctx, torch.float32))
+                    out = torch.cat([head, a[:, 4:].float()], dim=1).to(
+                        want if adjust is None else torch.float32
+                    )
+                else:
+                    out = _compute(method, a, others, ctx, want if adjust is None else torch.float32)
+                yield k, out if adjust is None else adjust.apply(k, _whole(out)).to(want)
 
         with atomic_output(out_path, protect=recipe.models) as tmp:
             head_guess = len(build_header(out_specs, _metadata(recipe, sources, ["0" * 64] * len(futures))))
@@ -163,7 +195,9 @@ def merge_models(
 def _metadata(recipe: Recipe, sources, shas: list[str]) -> dict[str, str]:
     r = Recipe(**{**recipe.__dict__, "model_sha256": list(shas)})
     metas = [dict(getattr(s, "metadata", {}) or {}) for s in sources]
-    return metadata_for(r, metas, Path(recipe.models[0]).stem + "-merge")
+    conv_in = sources[0].specs().get(UNET_PREFIX + "input_blocks.0.0.weight")
+    inpainting = conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] == 9
+    return metadata_for(r, metas, Path(recipe.models[0]).stem + "-merge", inpainting=inpainting)
 
 
 def _pad_header(header: bytes, reserve: int) -> bytes:
@@ -191,6 +225,19 @@ def _compute(method: MergeMethod, a: torch.Tensor, others: list, ctx: Ctx, want:
         ).to(want)
         for i in range(0, a.shape[0], rows)
     )
+
+
+def _extra_channels(wide: tuple[int, ...], plain: tuple[int, ...]) -> bool:
+    """``wide`` is an inpainting (9) or instruct-pix2pix (8) input conv where ``plain`` has 4 channels."""
+    return (
+        len(wide) == 4 and len(plain) == 4 and wide[1] in (8, 9) and plain[1] == 4
+        and wide[:1] + wide[2:] == plain[:1] + plain[2:]
+    )  # fmt: skip
+
+
+def _whole(t) -> torch.Tensor:
+    """A computed result as one tensor (elementwise methods yield large tensors in row chunks)."""
+    return t if isinstance(t, torch.Tensor) else torch.cat(list(t))
 
 
 def _write(f, t, spec: TensorSpec, key: str) -> int:

@@ -22,6 +22,16 @@ class Ctx:
     alpha: float
     beta: float
     seed: int = 0
+    state: object = None  # what the method's ``prepare`` computed over the whole model
+    gamma: float = 0.3  # supermerger's "option(gamma)" (extract)
+
+
+def _never(key: str, shape: tuple[int, ...], alpha: float) -> bool:
+    return False
+
+
+# prepare(get, keys): ``get(key)`` -> (A's, B's tensor); keys: every key of A that B also has
+Prepare = Callable[[Callable[[str], tuple[Tensor, Tensor]], list[str]], object]
 
 
 MethodFn = Callable[[Tensor, Tensor, Tensor | None, Ctx], Tensor]
@@ -38,6 +48,9 @@ class MergeMethod:
     beta_default: float = 0.0
     # returns "A" / "B" when, for these (alpha, beta), the result is exactly that input (no math needed)
     shortcut: Callable[[float, float], str | None] = lambda a, b: None
+    # keys the method leaves as A untouched (supermerger's ``continue``: no Adjust either)
+    keeps: Callable[[str, tuple[int, ...], float], bool] = _never
+    prepare: Prepare | None = None  # a whole-model pass before the merge (its result in Ctx.state)
 
     @property
     def doc(self) -> str:
@@ -125,9 +138,10 @@ def _cosine_lerp(a: Tensor, b: Tensor, alpha: float, sim: Tensor) -> Tensor:
     return torch.lerp(a, b, k)
 
 
-@method("cosine_a", aliases=("cosineA",), elementwise=False)
-def cosine_a(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
-    """lerp(A, B, k), k = 1 - clamp(cos_dim0(A/|A|, B/|B|) - alpha, 0, 1) (similarity of unit vectors)"""
+@method("cosine_a_columns", elementwise=False)
+def cosine_a_columns(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """lerp(A, B, k), k = 1 - clamp(cos_dim0(A/|A|, B/|B|) - alpha, 0, 1) (per key, no model-wide
+    rescaling; baka's own column form, not supermerger's cosineA)"""
     if a.ndim == 0:
         return torch.lerp(a, b, x.alpha)
     an = torch.nn.functional.normalize(a, dim=0)
@@ -135,14 +149,156 @@ def cosine_a(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     return _cosine_lerp(a, b, x.alpha, torch.nn.functional.cosine_similarity(an, bn, dim=0))
 
 
-@method("cosine_b", aliases=("cosineB",), elementwise=False)
-def cosine_b(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
-    """lerp(A, B, k), k = 1 - clamp((cos_dim0(A, B) + A.B/(|A||B|)) / 2 - alpha, 0, 1)"""
+@method("cosine_b_columns", elementwise=False)
+def cosine_b_columns(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """lerp(A, B, k), k = 1 - clamp((cos_dim0(A, B) + A.B/(|A||B|)) / 2 - alpha, 0, 1) (per key; not
+    supermerger's cosineB)"""
     if a.ndim == 0:
         return torch.lerp(a, b, x.alpha)
     sim = torch.nn.functional.cosine_similarity(a, b, dim=0)
     whole = torch.sum(a * b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).clamp_min(1e-12)
     return _cosine_lerp(a, b, x.alpha, (sim + whole) / 2)
+
+
+# supermerger's cosineA / cosineB (facts: tests/data/supermerger_calcmodes.json): a model-wide range of
+# similarities first, then per key k = clip((sim - min) / (max - min) - alpha, 0, 1) and
+# out = B + k (A - B): k is A's weight, columns more alike than the model's least alike keep more of A.
+def _colcos(x: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(x, y, dim=0)
+
+
+def _glob(x: Tensor, y: Tensor) -> Tensor:
+    return torch.sum(x * y) / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))  # NaN for zeros
+
+
+def _unit(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x, p=2, dim=0)
+
+
+def _is_vae(key: str, shape: tuple[int, ...], alpha: float) -> bool:
+    return key.startswith("first_stage_model.")
+
+
+def _cosine_range(sim: Callable[[Tensor, Tensor], Tensor]) -> Prepare:
+    """supermerger's pass over every key of A (containing "model", in B, VAE excluded; no weight /
+    bias filter): every element of each key's similarity, trimmed below the 1st percentile and then
+    above the 99th (midpoint percentiles), -> (min, max) of what is left."""
+
+    def prepare(get: Callable[[str], tuple[Tensor, Tensor]], keys: list[str]) -> tuple[float, float]:
+        import numpy as np
+
+        parts = []
+        for k in keys:
+            if "model" not in k or "first_stage_model" in k:
+                continue
+            a, b = (t.float() for t in get(k))
+            if a.shape != b.shape:
+                continue
+            parts.append(np.ones(1) if a.ndim == 0 else sim(a, b).double().flatten().numpy())
+        s = np.concatenate(parts) if parts else np.zeros(1)
+        s = s[~np.isnan(s)]
+        s = s[s >= np.percentile(s, 1, method="midpoint")]
+        s = s[s <= np.percentile(s, 99, method="midpoint")]
+        return float(s.min()), float(s.max())
+
+    return prepare
+
+
+def _cosine_merge(a: Tensor, b: Tensor, c: Tensor, alpha: float, state: object) -> Tensor:
+    assert isinstance(state, tuple), "cosine needs its model-wide pass (MergeMethod.prepare)"
+    lo, hi = float(state[0]), float(state[1])
+    k = torch.clamp((c - lo) / (hi - lo) - alpha, 0, 1)
+    return b + k * (a - b)
+
+
+@method(
+    "cosine_a",
+    aliases=("cosineA",),
+    elementwise=False,
+    keeps=_is_vae,
+    prepare=_cosine_range(lambda a, b: _colcos(_unit(a), _unit(b))),
+)
+def cosine_a(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """supermerger cosineA: B + k * (A - B), k = clip((s - min) / (max - min) - |alpha|, 0, 1), s = mean of
+    the column and whole-tensor cosines of the unit-normalised tensors; VAE kept from A"""
+    if a.ndim == 0:
+        return torch.lerp(a, b, x.alpha)
+    an, bn = _unit(a), _unit(b)
+    return _cosine_merge(a, b, (_colcos(an, bn) + _glob(an, bn)) / 2, abs(x.alpha), x.state)
+
+
+@method(
+    "cosine_b",
+    aliases=("cosineB",),
+    elementwise=False,
+    keeps=_is_vae,
+    prepare=_cosine_range(lambda a, b: (_colcos(a, b) + _glob(a, b)) / 2),
+)
+def cosine_b(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """supermerger cosineB: B + k * (A - B), k = clip((s - min) / (max - min) - alpha, 0, 1), s = mean of
+    the column and whole-tensor cosines; VAE kept from A"""
+    if a.ndim == 0:
+        return torch.lerp(a, b, x.alpha)
+    return _cosine_merge(a, b, (_colcos(a, b) + _glob(a, b)) / 2, x.alpha, x.state)
+
+
+def _slice(a: Tensor, b: Tensor, alpha: float, beta: float, axis: int, n: int) -> Tensor:
+    """supermerger's tensor rule: the fraction alpha of the axis starting at beta comes from B (wrapping
+    past the end), bounds truncated as int(n * x) with Python slice semantics."""
+    idx = [slice(None)] * a.ndim
+    if alpha + beta <= 1:
+        out, src = a.clone(), b
+        idx[axis] = slice(int(n * beta), int(n * (alpha + beta)))
+    else:
+        out, src = b.clone(), a
+        idx[axis] = slice(int(n * (alpha + beta - 1)), int(n * beta))
+    out[tuple(idx)] = src[tuple(idx)]
+    return out
+
+
+def _zero_dim(key: str, shape: tuple[int, ...], alpha: float) -> bool:
+    return len(shape) == 0
+
+
+@method("tensor", uses_beta=True, elementwise=False, keeps=_zero_dim)
+def tensor_merge(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """supermerger tensor: A with rows [int(n * beta), int(n * (alpha + beta))) of axis 0 taken from B"""
+    if a.ndim > 4:
+        return a
+    return _slice(a, b, x.alpha, x.beta, 0, a.shape[0])
+
+
+@method("tensor2", uses_beta=True, elementwise=False, keeps=_zero_dim)
+def tensor2_merge(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """supermerger tensor2: A with [int(n * beta), int(n * (alpha + beta))) of axis 1 from B (n: axis 1's
+    length when over 100, else axis 0's, as supermerger)"""
+    if a.ndim > 4:
+        return a
+    if a.ndim == 1:
+        return _slice(a, b, x.alpha, x.beta, 0, a.shape[0])
+    n = a.shape[1] if a.shape[1] > 100 else a.shape[0]
+    return _slice(a, b, x.alpha, x.beta, 1, n)
+
+
+def _self_keeps(key: str, shape: tuple[int, ...], alpha: float) -> bool:
+    return alpha == 0 or any(s in key for s in ("to_out", "proj_out", "norm"))
+
+
+@method("self", aliases=("self_scale",), keeps=_self_keeps)
+def self_scale(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """supermerger self: A * alpha (B unused; to_out / proj_out / norm keys and alpha 0 keep A)"""
+    return a * x.alpha
+
+
+@method("extract", uses_beta=True, accepts_c=True, elementwise=False)
+def extract_merge(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """supermerger extract: A + lerp(B-A, C-A, alpha) * lerp(d, 1-d, beta), d = ((cos_last(B-A, C-A)
+    + 1) / 2)^gamma (C defaults to A)"""
+    db = b - a
+    dc = torch.zeros_like(a) if c is None else c - a
+    cos = torch.nn.functional.cosine_similarity(db, dc, dim=-1).clamp(-1, 1).unsqueeze(-1)
+    d = ((cos + 1) / 2) ** x.gamma
+    return a + torch.lerp(db, dc, x.alpha) * torch.lerp(d, 1 - d, x.beta)
 
 
 def _top_k(delta: Tensor, density: float) -> Tensor:

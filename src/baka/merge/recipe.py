@@ -25,6 +25,8 @@ class Recipe:
     elemental: str = ""
     seed: int = 0
     dtype: str | None = None  # output dtype name; None = A's
+    gamma: float = 0.3  # supermerger's option(gamma) (extract)
+    adjust: str = ""  # supermerger's Adjust: IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3
     model_sha256: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -72,7 +74,9 @@ def _legacy(path: str) -> str | None:
     return legacy_hash(p) if p.is_file() else None
 
 
-def metadata_for(recipe: Recipe, input_metadata: list[dict[str, str]], title: str) -> dict[str, str]:
+def metadata_for(
+    recipe: Recipe, input_metadata: list[dict[str, str]], title: str, *, inpainting: bool = False
+) -> dict[str, str]:
     """The merged file's metadata: baka's own recipe, and A1111's ``sd_merge_recipe`` /
     ``sd_merge_models`` as A1111's merger writes them (types and ancestry included), so A1111 and
     Civitai read the merge like one of A1111's."""
@@ -93,7 +97,7 @@ def metadata_for(recipe: Recipe, input_metadata: list[dict[str, str]], title: st
         "config_source": 0,
         "bake_in_vae": None,
         "discard_weights": "",
-        "is_inpainting": False,
+        "is_inpainting": inpainting,
         "is_instruct_pix2pix": False,
     }
     # A1111: each input under its sha256 (name with extension, legacy hash, its own recipe), then

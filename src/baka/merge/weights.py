@@ -1,6 +1,7 @@
 """Parsing the 26 block weights the way supermerger users write them.
 
-Accepted: one number (all blocks), 26 comma-separated numbers (BASE, IN00..IN11, M00, OUT00..OUT11),
+Accepted: one number (all blocks), 26 comma-separated numbers (BASE, IN00..IN11, M00, OUT00..OUT11;
+supermerger's random ``R`` / ``U`` / ``X`` in any position, drawn from the merge seed),
 25 numbers (A1111 MBW style: BASE comes from ``base``), a preset name, and any of those followed by
 per-block overrides ``;IN05=0.3;OUT11=1`` (also given on the CLI as ``--block IN05=0.3``).
 """
@@ -22,6 +23,40 @@ def _floats(text: str) -> list[float] | None:
         return None
 
 
+# supermerger's random block weights ("Let the Dice roll"), from r = numpy's legacy
+# RandomState(seed).rand(3000)[position + offset] (offset 0 for alpha, 50 for beta), rounded to 3
+# digits, within supermerger's default limits 0..1 (facts: tests/data/supermerger_calcmodes.json)
+RANDOM_TOKENS = {
+    "R": lambda r: r,
+    "U": lambda r: min(max(1.5 - 2 * r, 0.0), 1.0),
+    "X": lambda r: (0.0 - 1.0) * r + 1.0,  # (low - upp) r + upp with upp 1, low 0
+}
+BETA_OFFSET = 50
+
+
+def randomer(seed: int):
+    """supermerger's random stream: ``np.random.seed(seed); np.random.rand(3000)``."""
+    import numpy as np
+
+    return np.random.RandomState(seed).rand(3000)
+
+
+def _random_values(tokens: list[str], seed: int | None, offset: int, text: str) -> list[float] | None:
+    if not any(t.upper() in RANDOM_TOKENS for t in tokens):
+        return None
+    if seed is None:
+        raise BakaError(f"random weights {text!r} need a seed")
+    r = randomer(seed)
+    out = []
+    for i, t in enumerate(tokens):
+        fn = RANDOM_TOKENS.get(t.upper())
+        try:
+            out.append(round(fn(float(r[i + offset])), 3) if fn else float(t))
+        except ValueError:
+            return None
+    return out
+
+
 def parse_weights(
     spec: str | float | list[float] | tuple[float, ...] | None,
     *,
@@ -29,8 +64,11 @@ def parse_weights(
     overrides: list[str] | tuple[str, ...] = (),
     presets: Registry[Weights] | None = None,
     default: float = 0.5,
+    seed: int | None = None,
+    offset: int = 0,
 ) -> Weights:
-    """26 block weights from a spec string, number or list (see module doc)."""
+    """26 block weights from a spec string, number or list (see module doc). Positions written
+    ``R``, ``U`` or ``X`` are drawn as supermerger does from ``seed`` (``offset`` 50 for beta)."""
     presets = presets or builtin_presets()
     if spec is None:
         values = [default] * N_BLOCKS
@@ -42,6 +80,8 @@ def parse_weights(
     else:
         head, *parts = [p.strip() for p in spec.split(";")]
         nums = _floats(head)
+        if nums is None:
+            nums = _random_values([t.strip() for t in head.split(",") if t.strip()], seed, offset, head)
         values = _expand(nums, base, spec) if nums is not None else list(presets.get(head))
     for item in [*parts, *overrides]:
         if not item:
