@@ -201,6 +201,7 @@ def test_failure_mid_write_leaves_nothing(tiny_files, tmp_path, monkeypatch):
         "sum_twice",
         "smooth_add_difference",
         "ties",
+        "ties_mecha",
         "cosine_a",
         "cosine_b",
         "cosine_a_columns",

@@ -101,3 +101,21 @@ def test_smooth_add_difference():
 def test_every_method_has_a_formula_docstring():
     for name in METHODS.names():
         assert any(op in METHODS.get(name).doc for op in ("*", "lerp")), name
+
+
+def test_ties_mecha_equals_sd_mechas_ties_sum():
+    """sd-mecha's trim and count vote (values from running sd-mecha 1.1.8 locally,
+    tests/data/sdmecha_ties.json); baka's ``ties`` keeps round(n * density) and votes by mass."""
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parent / "data" / "sdmecha_ties.json").read_text())
+    for case in data["cases"]:
+        t = {k: torch.tensor(case[k]) if case[k] is not None else None for k in ("a", "b", "c")}
+        out = run("ties_mecha", t["a"], t["b"], t["c"], alpha=case["alpha"], beta=case["density"])
+        assert torch.allclose(out, torch.tensor(case["out"]), atol=1e-6), case
+    # the two votes differ: deltas +3 and -1 have mass +2 (ties keeps 3) but one sign each (a tied
+    # count: sign 0, nothing agrees, sd-mecha's 0 / 0 becomes 0)
+    a, b, c = torch.zeros(1), torch.tensor([3.0]), torch.tensor([-1.0])
+    assert run("ties", a, b, c, alpha=1, beta=1).item() == 3.0
+    assert run("ties_mecha", a, b, c, alpha=1, beta=1).item() == 0.0

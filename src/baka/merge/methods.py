@@ -324,8 +324,9 @@ def _top_k(delta: Tensor, density: float) -> Tensor:
     shortcut=_zero_alpha,
 )
 def ties(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
-    """A + alpha * TIES(B - A[, C - A]): trim each delta to its top-beta fraction by |value|, elect the
-    sign of the summed deltas, average the deltas that agree with it (Yadav et al. 2023)"""
+    """A + alpha * TIES(B - A[, C - A]): trim each delta to its top-beta fraction by |value| (round(n *
+    beta) kept), elect the sign of the summed deltas (by mass, as the paper), average the nonzero deltas
+    that agree with it (Yadav et al. 2023; ties_mecha: sd-mecha's count vote and trim)"""
     deltas = [_top_k(b - a, x.beta)] + ([_top_k(c - a, x.beta)] if c is not None else [])
     stack = torch.stack(deltas)
     sign = torch.sign(stack.sum(dim=0))
@@ -333,6 +334,35 @@ def ties(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     total = (stack * agree).sum(dim=0)
     count = agree.sum(dim=0).clamp_min(1)
     return a + x.alpha * total / count
+
+
+def _top_k_mecha(delta: Tensor, density: float) -> Tensor:
+    """sd-mecha's trim: keep |delta| >= its max(int((1 - density) n), 1)-th smallest value (so one more
+    than n - int((1 - density) n), and every tie)."""
+    kth = max(int((1 - density) * delta.numel()), 1)
+    threshold = delta.flatten().abs().kthvalue(kth).values
+    return delta * (delta.abs() >= threshold)
+
+
+@method(
+    "ties_mecha",
+    aliases=("ties_count",),
+    accepts_c=True,
+    uses_beta=True,
+    elementwise=False,
+    beta_default=0.2,
+    shortcut=_zero_alpha,
+)
+def ties_mecha(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
+    """A + alpha * TIES as sd-mecha's ties_sum: the trim above, the sign elected by count (sum of
+    signs), the mean over entries whose sign equals it (zeros too where the vote is 0)"""
+    stack = torch.stack(
+        [_top_k_mecha(b - a, x.beta)] + ([_top_k_mecha(c - a, x.beta)] if c is not None else [])
+    )
+    signs = torch.sign(stack)
+    agree = (signs == torch.sign(signs.sum(dim=0))).float()
+    merged = torch.nan_to_num((stack * agree).sum(dim=0) / agree.sum(dim=0), nan=0.0, posinf=0.0, neginf=0.0)
+    return a + x.alpha * merged
 
 
 def _key_generator(seed: int, key: str) -> torch.Generator:
