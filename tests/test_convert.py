@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 from conftest import assert_same_tensors
@@ -117,3 +118,37 @@ def test_old_text_encoder_keys_normalised(tiny_sds, tmp_path):
     }
     save_checkpoint(sd, tmp_path / "old.safetensors")
     assert_same_tensors(load_checkpoint(tmp_path / "old.safetensors").tensors, tiny_sds[0])
+
+
+def test_shipped_config_folder_is_a_from_single_file_target(tiny_files, tiny_sds, tmp_path):
+    """The shipped SD1.5 folder holds everything diffusers' ``from_single_file(config=...)`` reads
+    offline (model_index.json, the configs, the tokenizer), equal to what ``write_configs`` writes; a
+    folder written for the tiny config loads a tiny checkpoint through diffusers alone."""
+    from importlib import resources
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from baka.models.config import sd15_config
+    from baka.models.diffusers_writer import write_configs
+
+    shipped = Path(str(resources.files("baka.models").joinpath("configs/sd15")))
+    fresh = write_configs(sd15_config(), tmp_path / "sd15", with_components=False)
+    for f in (
+        "model_index.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+    ):
+        assert (shipped / f).read_bytes() == (fresh / f).read_bytes(), f
+    for comp in ("unet", "vae", "text_encoder"):
+        assert json.loads((shipped / comp / "config.json").read_text()) == getattr(sd15_config(), comp)
+    assert len(CLIPTokenizer.from_pretrained(shipped / "tokenizer")) == 49408
+
+    folder = write_configs(tiny_config(), tmp_path / "tiny")
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tiny_files[0]), config=str(folder), local_files_only=True, safety_checker=None
+    )
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert torch.equal(pipe.unet.down_blocks[0].attentions[0].proj_in.weight, tiny_sds[0][k])
+    assert len(pipe.tokenizer) == 49408

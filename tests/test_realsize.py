@@ -122,3 +122,26 @@ def test_lora_bake_streams_a_real_size_model(real_files, tmp_path):
         assert o.keys() == a.keys() and len(keys) == 72 + 192
         for k in a.keys()[::25]:
             assert torch.equal(o.get(k), a.get(k)) != (k in keys), k
+
+
+def test_diffusers_from_single_file_with_the_shipped_config_folder(real_files):
+    """A real-size SD1.5 file through diffusers alone, offline, with baka's shipped config folder."""
+    from importlib import resources
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from baka.models.safetensors_io import SafetensorsFile
+
+    folder = str(resources.files("baka.models").joinpath("configs/sd15"))
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(real_files[0]),
+        config=folder,
+        local_files_only=True,
+        safety_checker=None,
+        torch_dtype=torch.float16,
+    )
+    with SafetensorsFile(real_files[0]) as f:
+        want = f.get("model.diffusion_model.output_blocks.5.1.proj_in.weight")
+    assert torch.equal(pipe.unet.up_blocks[1].attentions[2].proj_in.weight, want)
+    assert len(pipe.tokenizer) == 49408
