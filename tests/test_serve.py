@@ -749,6 +749,14 @@ def test_history_outputs_freeu_xy_and_preview_release(a1111_root, tmp_path):
         },
     ).json()
     assert len(blocks["infotexts"]) == 2
+    assert "Model: alpha + beta (weight_sum)" in blocks["infotexts"][1]
+    # merge axes: one block's weight, B by name (never a raw path), a Z axis of stacked grids
+    xyz = {**small, "model": "alpha.safetensors", "merge_with": "sub/beta.safetensors", "x": "OUT11=0,1"}
+    r = client.post("/baka/v1/xy", json={**xyz, "z": "model_b=sub/beta.safetensors|alpha.safetensors"})
+    assert r.status_code == 200 and len(r.json()["infotexts"]) == 4
+    assert "Model: alpha + alpha (weight_sum)" in r.json()["infotexts"][3]
+    bad = client.post("/baka/v1/xy", json={**xyz, "z": "model_b=../../etc/passwd"})
+    assert bad.status_code in (400, 404) and "passwd" in bad.json()["detail"]
     client.post("/sdapi/v1/txt2img", json=small)
     assert st.preview is None  # back to generating: the preview pair is not kept beside it
 

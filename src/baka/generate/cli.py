@@ -29,6 +29,9 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--xy", help="grid X axis, e.g. cfg=5,7,9 or blocks=ALL_A,GRAD_V,ALL_B")
     p.add_argument("--xy-y", help="grid Y axis")
+    p.add_argument(
+        "--xy-z", help="grid Z axis: one grid per value, stacked (e.g. model_b=B1.safetensors,B2...)"
+    )
     p.add_argument("--merge-with", help="model B for the blocks axis (runtime block merge)")
 
 
@@ -86,7 +89,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from baka.generate.grid import GridContext, run_grid
 
         ctx = GridContext.with_merge(gen, a.merge_with)
-        grid, rows = run_grid(ctx, params, a.xy, a.xy_y)
+        grid, rows = run_grid(ctx, params, a.xy, a.xy_y, z=a.xy_z)
         path = out / f"{start:05d}-grid.png"
         from baka.models.safetensors_io import atomic_output
 

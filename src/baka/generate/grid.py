@@ -1,15 +1,20 @@
-"""XY grids over any generation parameter, including block-merge presets via the runtime merge.
+"""XY(Z) grids over any generation parameter and over a runtime block merge with a second model.
 
 Axis spec: ``name=v1,v2,...`` (or ``|``-separated when values contain commas, e.g. FreeU settings).
-Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, prompt_sr, blocks (needs a second model).
+Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, prompt_sr; with a second model (merge
+axes): blocks / alpha (26 weights: a number, a list, a preset), one block's weight by its id
+(``IN05=0,0.5,1``, the other blocks as the base weights) and model_b (another B per cell).
 ``prompt_sr`` is A1111's "Prompt S/R": the first value is searched for, and each cell replaces it (in
 the prompt and the negative prompt) with that cell's value, so the first cell is the prompt as given.
+Between cells only the blocks whose weight changed are re-merged; every cell's infotext names the
+merge it shows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from baka.errors import BakaError
 from baka.generate.engine import Generator, GenParams
@@ -23,8 +28,27 @@ AXES: Registry[Apply] = Registry("grid axis")
 @dataclass
 class GridContext:
     generator: Generator
-    merger: object | None = None  # RuntimeBlockMerge for the blocks axis, applied to the generator
+    merger: object | None = None  # RuntimeBlockMerge for the merge axes, applied to the generator
     sr_search: str = ""  # Prompt S/R: the text its cells replace (its axis's first value)
+    base_weights: tuple[float, ...] = (0.0,) * 26  # the merge's weights where no axis sets them
+    weights: list[float] = field(default_factory=lambda: [0.0] * 26)  # the current cell's
+    model_b: str = ""  # B of the runtime merge
+
+    def _need_merge(self, axis: str):
+        if self.merger is None:
+            raise BakaError(f"the {axis} axis needs a second model (--merge-with B)")
+        return self.merger
+
+    def swap_b(self, model_b: str) -> None:
+        """Merge toward another B from now on (the model goes back to A first)."""
+        from baka.merge.runtime import RuntimeBlockMerge
+
+        old = self._need_merge("model_b")
+        if model_b == self.model_b:
+            return
+        self.generator.patcher.remove(old)  # type: ignore[arg-type]
+        self.merger = self.generator.patcher.apply(RuntimeBlockMerge.against(self.generator.ckpt, model_b))
+        self.model_b = model_b
 
     @classmethod
     def with_merge(cls, generator: Generator, model_b: str | None) -> GridContext:
@@ -36,7 +60,8 @@ class GridContext:
 
         if generator.ckpt is None:
             raise BakaError("runtime block merge needs a generator loaded from a model file")
-        return cls(generator, generator.patcher.apply(RuntimeBlockMerge.against(generator.ckpt, model_b)))
+        merger = generator.patcher.apply(RuntimeBlockMerge.against(generator.ckpt, model_b))
+        return cls(generator, merger, model_b=str(model_b))
 
 
 def _field(name: str, conv) -> Apply:
@@ -63,49 +88,135 @@ def _prompt_sr(p: GenParams, v: str, ctx: GridContext) -> GenParams:
     return p.replace(prompt=p.prompt.replace(search, v), negative=p.negative.replace(search, v))
 
 
-@AXES.register("blocks", aliases=("merge", "block_weights"))
+@AXES.register("blocks", aliases=("merge", "block_weights", "alpha", "preset"))
 def _blocks(p: GenParams, v: str, ctx: GridContext) -> GenParams:
     from baka.merge.weights import parse_weights
 
-    if ctx.merger is None:
-        raise BakaError("the blocks axis needs a second model (--merge-with B)")
-    ctx.merger.set_weights(parse_weights(v))
+    ctx._need_merge("blocks")
+    ctx.weights = list(parse_weights(v))
     return p
 
 
+@AXES.register("model_b", aliases=("B", "model B"))
+def _model_b(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+    ctx.swap_b(v)
+    return p
+
+
+def _block_axis(block: str) -> Apply:
+    from baka.models.blocks import BLOCK_INDEX
+
+    def apply(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+        ctx._need_merge(block)
+        ctx.weights[BLOCK_INDEX[block]] = float(v)
+        return p
+
+    return apply
+
+
 def parse_axis(spec: str) -> tuple[str, Apply, list[str]]:
+    from baka.models.blocks import parse_block_id
+
     name, sep, values = spec.partition("=")
     if not sep or not values.strip():
-        raise BakaError(f"bad grid axis {spec!r}; write NAME=v1,v2,... (axes: {', '.join(AXES.names())})")
+        raise BakaError(
+            f"bad grid axis {spec!r}; write NAME=v1,v2,... (axes: {', '.join(AXES.names())}, or a block id)"
+        )
     split = "|" if "|" in values else ","
-    return name.strip(), AXES.get(name), [v.strip() for v in values.split(split) if v.strip()]
+    vals = [v.strip() for v in values.split(split) if v.strip()]
+    try:
+        apply = AXES.get(name)
+    except BakaError:
+        try:  # a block id: that block's weight of the runtime merge
+            block = parse_block_id(name)
+        except BakaError:
+            axes = ", ".join(AXES.names())
+            raise BakaError(f"unknown grid axis {name.strip()!r} (axes: {axes}, or a block id)") from None
+        for v in vals:
+            try:
+                float(v)
+            except ValueError:
+                raise BakaError(f"grid axis {block}: {v!r} is not a weight") from None
+        return block, _block_axis(block), vals
+    return name.strip(), apply, vals
 
 
-def run_grid(ctx: GridContext, base: GenParams, x: str, y: str | None = None, progress: bool = True):
-    """Generate every cell; returns (grid image, cell results row by row)."""
+def merge_infotext(text: str, model_a: str | Path, model_b: str | Path, weights) -> str:
+    """The infotext of a picture made with a runtime merge: it names the merge (A's hash is not its
+    hash) and carries the 26 weights."""
+    from baka.generate import infotext
+
+    prompt, neg, fields = infotext.parse(text)
+    fields.pop("Model hash", None)
+    fields["Model"] = f"{Path(model_a).stem} + {Path(model_b).stem} (weight_sum)"
+    fields["Merge weights"] = ",".join(f"{w:g}" for w in weights)
+    return infotext.build(prompt, neg, fields)
+
+
+def run_grid(
+    ctx: GridContext,
+    base: GenParams,
+    x: str,
+    y: str | None = None,
+    progress: bool = True,
+    z: str | None = None,
+):
+    """Generate every cell; returns (grid image, cell results row by row). With a Z axis the grid of
+    each Z value is drawn under the previous one, headed by its value, and the rows of all of them
+    come back in order."""
     from tqdm import tqdm
 
-    xn, xa, xs = parse_axis(x)
+    axes = [parse_axis(a) for a in (x, y, z) if a]
+    xn, xa, xs = axes[0]
     yn, ya, ys = parse_axis(y) if y else ("", None, [""])
-    for apply, values in ((xa, xs), (ya, ys)):
+    zn, za, zs = parse_axis(z) if z else ("", None, [""])
+    for _, apply, values in axes:
         if apply is _prompt_sr:
             ctx.sr_search = values[0]
+    merging = ctx.merger is not None
     rows = []
-    bar = tqdm(total=len(xs) * len(ys), desc="grid", disable=not progress, leave=False)
-    for yv in ys:
-        row = []
-        for xv in xs:
-            p = base.replace(batch=1)
-            if ya is not None:
-                p = ya(p, yv, ctx)
-            p = xa(p, xv, ctx)
-            row.append(ctx.generator(p)[0])
-            bar.update()
-        rows.append(row)
+    grids = []
+    bar = tqdm(total=len(xs) * len(ys) * len(zs), desc="grid", disable=not progress, leave=False)
+    for zv in zs:
+        zrows = []
+        for yv in ys:
+            row = []
+            for xv in xs:
+                p = base.replace(batch=1)
+                ctx.weights = list(ctx.base_weights)
+                for apply, v in ((za, zv), (ya, yv), (xa, xv)):
+                    if apply is not None:
+                        p = apply(p, v, ctx)
+                if merging:
+                    ctx.merger.set_weights(tuple(ctx.weights))  # type: ignore[union-attr]
+                r = ctx.generator(p)[0]
+                if merging and ctx.generator.ckpt is not None:
+                    r.infotext = merge_infotext(r.infotext, ctx.generator.model, ctx.model_b, ctx.weights)
+                row.append(r)
+                bar.update()
+            zrows.append(row)
+        rows += zrows
+        labels_x = [f"{xn}: {v}" for v in xs]
+        labels_y = [f"{yn}: {v}" for v in ys] if y else [""]
+        grids.append(draw_grid([[r.image for r in row] for row in zrows], labels_x, labels_y))
     bar.close()
-    labels_x = [f"{xn}: {v}" for v in xs]
-    labels_y = [f"{yn}: {v}" for v in ys] if y else [""]
-    return draw_grid([[r.image for r in row] for row in rows], labels_x, labels_y), rows
+    if not z:
+        return grids[0], rows
+    return _stack(grids, [f"{zn}: {v}" for v in zs]), rows
+
+
+def _stack(grids: list, labels: list[str]):
+    from PIL import Image, ImageDraw
+
+    head = 22
+    out = Image.new("RGB", (max(g.width for g in grids), sum(g.height + head for g in grids)), "white")
+    d = ImageDraw.Draw(out)
+    y = 0
+    for g, label in zip(grids, labels, strict=True):
+        d.text((6, y + 5), label, fill="black")
+        out.paste(g, (0, y + head))
+        y += g.height + head
+    return out
 
 
 def draw_grid(images: list[list], labels_x: list[str], labels_y: list[str]):

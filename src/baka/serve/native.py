@@ -120,19 +120,10 @@ def preview(req: Preview, st: StateDep) -> dict:
                 gen.on_step = None
 
     r, changed = st.run("preview", work)
+    from baka.generate.grid import merge_infotext
+
     r.infotext = merge_infotext(r.infotext, pa, pb, weights)
     return {"image": png_b64(r), "info": r.infotext, "changed_blocks": changed}
-
-
-def merge_infotext(text: str, pa: Path, pb: Path, weights) -> str:
-    """A preview's infotext names the merge it shows, not model A alone (A's hash is not its hash)."""
-    from baka.generate import infotext
-
-    prompt, neg, fields = infotext.parse(text)
-    fields.pop("Model hash", None)
-    fields["Model"] = f"{pa.stem} + {pb.stem} (weight_sum)"
-    fields["Merge weights"] = ",".join(f"{w:g}" for w in weights)
-    return infotext.build(prompt, neg, fields)
 
 
 @router.get("/freeu-presets")
@@ -157,11 +148,16 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
     """An XY grid (``baka generate --xy``): axes such as ``cfg=5,7,9`` or, with ``merge_with``,
     ``blocks=ALL_A,GRAD_V,ALL_B`` through the runtime merge the live preview uses."""
     from baka.generate.engine import GenParams
-    from baka.generate.grid import GridContext, parse_axis, run_grid
+    from baka.generate.grid import AXES, GridContext, parse_axis, run_grid
 
-    for axis in (req.x, req.y):
+    axes = []
+    for axis in (req.x, req.y, req.z):
         if axis:
-            parse_axis(axis)  # a bad axis is a 400 now, not a failed job later
+            name, apply, values = parse_axis(axis)  # a bad axis is a 400 now, not a failed job later
+            if apply is AXES.get("model_b"):  # B by name in the checkpoints folder, never a raw path
+                axis = "model_b=" + "|".join(str(st.resolve("checkpoints", v)) for v in values)
+        axes.append(axis)
+    x, y, z = axes
     st.check_prompts(req.prompt, req.negative_prompt)
     model = req.model or st.options.get("sd_model_checkpoint")
     if not model:
@@ -182,10 +178,15 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
     def work(job: Job):
         if pb is None:
             gen = st.generator_for(model, None, job.device, job.worker)
-            return run_grid(GridContext(gen), params, req.x, req.y, progress=False)
+            return run_grid(GridContext(gen), params, x, y, progress=False, z=z)
         with st.preview_lock:
             gen, rt = st.preview_for(pa, pb, job.device, job.worker)
-            return run_grid(GridContext(gen, rt), params, req.x, req.y, progress=False)
+            ctx = GridContext(gen, rt, model_b=str(pb))
+            try:
+                return run_grid(ctx, params, x, y, progress=False, z=z)
+            finally:
+                if ctx.merger is not rt:  # a model_b axis swapped B: the shared preview pair is stale
+                    st.preview = None
 
     grid, rows = st.run("xy", work)
     return {

@@ -128,8 +128,9 @@ class Preview(BaseModel):
 class XYGrid(BaseModel):
     model: str | None = None  # default: the current checkpoint
     merge_with: str | None = None  # model B for the blocks axis (runtime merge)
-    x: str  # e.g. "cfg=5,7,9", "blocks=ALL_A,GRAD_V,ALL_B"
+    x: str  # e.g. "cfg=5,7,9", "blocks=ALL_A,GRAD_V,ALL_B", "IN05=0,0.5,1"
     y: str | None = None
+    z: str | None = None  # one grid per value, stacked
     prompt: str = ""
     negative_prompt: str = ""
     sampler_name: str = "Euler a"
