@@ -65,3 +65,40 @@ def test_block_diff(tiny_files, tmp_path):
     from PIL import Image
 
     assert Image.open(png).size[0] > 26 * 40
+
+
+def test_runtime_merge_by_any_method_equals_the_file_merge(tiny_files, tmp_path):
+    """add difference with C, TIES and DARE (seeded per LDM key) with per-block betas: the live
+    weights equal the streaming merge's file; only changed (alpha, beta) blocks are recomputed."""
+    import pytest
+
+    from baka.errors import BakaError
+
+    comps = ("unet", "text_encoder", "vae")
+    ck = [load_checkpoint(p) for p in tiny_files]
+    live = {c: build_module(c, ck[0].config, ck[0].components()[c]) for c in comps}
+    a, b, c = ({n: k.components()[n] for n in comps} for k in ck)
+    alpha, beta = parse_weights("GRAD_V"), parse_weights("0.3;OUT11=0.7")
+    for method, models in (("add_difference", 3), ("ties", 3), ("dare", 2)):
+        rt = RuntimeBlockMerge(live, a, b, method=method, c=c if models == 3 else None, seed=4)
+        rt.set_weights(alpha, beta)
+        out = tmp_path / f"{method}.safetensors"
+        merge_models(Recipe(method, [str(f) for f in tiny_files[:models]], alpha, beta, seed=4), out,
+                     progress=False)  # fmt: skip
+        want = load_checkpoint(out).components()
+        for comp in comps:
+            for k, v in live[comp].state_dict().items():
+                src = k if k in want[comp] else "text_model." + k
+                if v.is_floating_point():
+                    assert torch.allclose(v, want[comp][src].reshape(v.shape), atol=1e-5), (method, k)
+        assert rt.set_weights(alpha) == []  # nothing changed
+        assert rt.set_weights(alpha, parse_weights("0.3")) == ["OUT11"]  # one beta changed
+        rt.remove()
+        for comp in comps:
+            for k, v in live[comp].state_dict().items():
+                src = k if k in a[comp] else "text_model." + k
+                assert torch.equal(v, a[comp][src].reshape(v.shape)), (method, "restored", k)
+    with pytest.raises(BakaError, match="needs a pass over the whole model"):
+        RuntimeBlockMerge(None, a, b, method="cosine_a")
+    with pytest.raises(BakaError, match="needs model C"):
+        RuntimeBlockMerge(None, a, b, method="add_difference")

@@ -120,3 +120,29 @@ def test_world_probe_finds_the_style_blocks():
     assert eff["OUT09"]["texture_energy"] < -0.005  # without OUT09 a third of B's stripes are gone
     assert abs(eff["IN05"]["texture_energy"]) < 0.001 and abs(eff["M00"]["texture_energy"]) < 0.001
     assert set(eff) == {"OUT09", "IN05", "M00"} and set(BLOCK_IDS) >= set(eff)
+
+
+def test_search_with_another_method_and_its_beta(tiny_files, tmp_path, run_cli):
+    """add difference with model C, each searched block's beta too (TIES): the recipe holds the method,
+    the three models and the betas of the best trial; the written model replays it."""
+    r = search_weights(
+        tiny_files[0], tiny_files[1], "image-diff", FAST, trials=3, study=tmp_path / "m.db", blocks=["OUT11"],
+        method="ties", model_c=tiny_files[2], search_beta=True, output=tmp_path / "best.safetensors",
+        progress=False,
+    )  # fmt: skip
+    recipe = json.loads(r.recipe.read_text())
+    assert recipe["method"] == "ties" and len(recipe["models"]) == 3
+    assert recipe["beta"][25] == r.best_beta[25] and recipe["beta"][0] == 0.2  # TIES' default elsewhere
+    from baka.merge.recipe import Recipe
+
+    assert Recipe.from_file(r.model).beta == tuple(recipe["beta"])  # the model carries the same recipe
+    with pytest.raises(BakaError, match="has no beta to search"):
+        search_weights(tiny_files[0], tiny_files[1], "image-diff", FAST, trials=1, study=tmp_path / "x.db",
+                       search_beta=True, progress=False)  # fmt: skip
+    code, out, err = run_cli(
+        "merge", "probe", tiny_files[0], tiny_files[1], "--score", "image-diff", "--prompt", "a cat",
+        "--steps", 2, "--width", 64, "--height", 64, "--blocks", "IN04", "-m", "add_difference",
+        "--model-c", tiny_files[2], "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "add_difference" in out  # the effective config names the method

@@ -1,7 +1,9 @@
-"""Runtime (in-memory) block merge for previews: A and B stay resident, and changing block weights
-re-lerps only the changed blocks straight into a live diffusers UNet (and text encoder / VAE for
-BASE). It is a :class:`~baka.models.patch.Patch`: ``remove()`` writes A back, which is where the live
-weights came from, so the model is restored exactly without keeping a copy of it."""
+"""Runtime (in-memory) block merge for previews: A and B (and C) stay resident, and changing block
+weights re-merges only the changed blocks straight into a live diffusers UNet (and text encoder / VAE
+for BASE). Weighted sum by default; any merge method without a whole-model pass (add difference,
+TIES, DARE...) with its alpha and beta, each key computed by the same function as the file merge. It
+is a :class:`~baka.models.patch.Patch`: ``remove()`` writes A back, which is where the live weights
+came from, so the model is restored exactly without keeping a copy of it."""
 
 from __future__ import annotations
 
@@ -29,24 +31,62 @@ class RuntimeBlockMerge(Patch):
     the page cache rather than in process memory. Given ``modules``, the patch is applied at once.
     """
 
-    def __init__(self, modules: Modules | None, a: dict, b: dict, weights: Weights | None = None):
-        self.a, self.b = a, b
+    def __init__(
+        self,
+        modules: Modules | None,
+        a: dict,
+        b: dict,
+        weights: Weights | None = None,
+        *,
+        method: str = "weight_sum",
+        c: dict | None = None,
+        beta: Weights | None = None,
+        seed: int = 0,
+    ):
+        from baka.merge.methods import METHODS
+
+        self.a, self.b, self.c = a, b, c
+        self.method = METHODS.get(method)
+        if self.method.prepare is not None:
+            raise BakaError(
+                f"{self.method.name} needs a pass over the whole model: merge it to a file instead"
+            )
+        if self.method.needs_c and c is None:
+            raise BakaError(f"{self.method.name} needs model C")
+        self.seed = seed
         self.pending = weights
-        self.groups: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.beta: tuple[float, ...] = (
+            tuple(beta) if beta is not None else (self.method.beta_default,) * N_BLOCKS
+        )
+        self.groups: dict[str, list[tuple]] = {}
         self.weights: list[float | None] = [None] * N_BLOCKS
+        self._betas: list[float | None] = [None] * N_BLOCKS
         if modules is not None:
             self.apply(modules)
 
     @classmethod
-    def against(cls, a_ckpt, model_b: str | Path, weights: Weights | None = None) -> RuntimeBlockMerge:
-        """A (not yet applied) merge between a loaded checkpoint A and the model file ``model_b``, over
-        UNet, text encoder and VAE (BASE covers the latter two, as in merged files)."""
+    def against(
+        cls,
+        a_ckpt,
+        model_b: str | Path,
+        weights: Weights | None = None,
+        *,
+        method: str = "weight_sum",
+        model_c: str | Path | None = None,
+        beta: Weights | None = None,
+        seed: int = 0,
+    ) -> RuntimeBlockMerge:
+        """A (not yet applied) merge between a loaded checkpoint A and the model file ``model_b`` (and
+        ``model_c``), over UNet, text encoder and VAE (BASE covers the latter two, as in merged files)."""
         from baka.models.io import load_checkpoint
 
-        a, b = a_ckpt.components(), load_checkpoint(model_b).components()
-        if not set(LIVE_COMPONENTS) <= set(a) or not set(LIVE_COMPONENTS) <= set(b):
-            raise BakaError("runtime block merge needs UNet, text encoder and VAE in both models")
-        return cls(None, {c: a[c] for c in LIVE_COMPONENTS}, {c: b[c] for c in LIVE_COMPONENTS}, weights)
+        loaded = [a_ckpt.components(), load_checkpoint(model_b).components()]
+        if model_c is not None:
+            loaded.append(load_checkpoint(model_c).components())
+        if any(not set(LIVE_COMPONENTS) <= set(m) for m in loaded):
+            raise BakaError("runtime block merge needs UNet, text encoder and VAE in every model")
+        a, b, *c = ({comp: m[comp] for comp in LIVE_COMPONENTS} for m in loaded)
+        return cls(None, a, b, weights, method=method, c=c[0] if c else None, beta=beta, seed=seed)
 
     def apply(self, modules: Modules) -> None:
         self.groups = {bid: [] for bid in BLOCK_IDS}
@@ -57,33 +97,54 @@ class RuntimeBlockMerge(Patch):
                 if not target.is_floating_point():
                     continue
                 src_key = key if key in self.a[comp] else "text_model." + key
-                if src_key not in self.a[comp] or src_key not in self.b[comp]:
+                sources = [self.a, self.b] + ([self.c] if self.c is not None else [])
+                if any(src_key not in m[comp] for m in sources):
                     missing.append(f"{comp}.{key}")
                     continue
                 block = block_of_diffusers(comp, key) or "BASE"
-                self.groups[block].append((target, self.a[comp][src_key], self.b[comp][src_key]))
+                c = self.c[comp][src_key] if self.c is not None else None
+                self.groups[block].append(
+                    (target, self.a[comp][src_key], self.b[comp][src_key], c, _ldm(comp, src_key))
+                )
         if missing:
             raise ValueError(f"{len(missing)} parameters have no A/B source (first: {missing[0]})")
-        # the live weights are A's: a block at weight 0 needs no write
+        # the live weights are A's: a block at weight 0 needs no write when the method gives A there
         self.weights = [0.0] * N_BLOCKS
+        self._betas = list(self.beta)
+        if self.method.shortcut(0.0, 0.0) != "A":  # e.g. triple sum moves with beta alone
+            self.weights = [None] * N_BLOCKS
         if self.pending is not None:
             self.set_weights(self.pending)
 
     @torch.no_grad()
-    def set_weights(self, weights: Weights) -> list[str]:
-        """Apply ``weights`` (26 values); returns the block ids that were recomputed."""
-        if len(weights) != N_BLOCKS:
+    def set_weights(self, weights: Weights, beta: Weights | None = None) -> list[str]:
+        """Apply ``weights`` (26 alphas; ``beta``: 26 betas, default as before); returns the block ids
+        that were recomputed."""
+        if len(weights) != N_BLOCKS or (beta is not None and len(beta) != N_BLOCKS):
             raise ValueError(f"need {N_BLOCKS} weights")
+        if beta is not None:
+            self.beta = tuple(float(v) for v in beta)
         if not self.groups:  # not applied yet: remembered for apply()
             self.pending = tuple(weights)
             return []
+        from baka.merge.methods import Ctx
+
+        lerp = self.method.name == "weight_sum"
         changed = []
         for i, (bid, w) in enumerate(zip(BLOCK_IDS, weights, strict=True)):
-            if self.weights[i] == w:
+            if self.weights[i] == w and self._betas[i] == self.beta[i]:
                 continue
-            for target, a, b in self.groups[bid]:
-                target.copy_(torch.lerp(a.float(), b.float(), float(w)))
+            for target, a, b, c, ldm_key in self.groups[bid]:
+                if lerp:  # the fast path: one fused op
+                    target.copy_(torch.lerp(a.float(), b.float(), float(w)))
+                elif self.method.keeps(ldm_key, tuple(a.shape), float(w)):
+                    target.copy_(a)
+                else:
+                    ctx = Ctx(ldm_key, float(w), self.beta[i], self.seed)
+                    cf = None if c is None else c.float()
+                    target.copy_(self.method.fn(a.float(), b.float(), cf, ctx))
             self.weights[i] = float(w)
+            self._betas[i] = self.beta[i]
             changed.append(bid)
         self.pending = tuple(float(w) for w in weights)
         return changed
@@ -91,8 +152,27 @@ class RuntimeBlockMerge(Patch):
     @torch.no_grad()
     def remove(self) -> None:
         for i, bid in enumerate(BLOCK_IDS):
-            if self.weights[i] not in (0.0, None):
-                for target, a, _b in self.groups[bid]:
+            if self.weights[i] != 0.0 or self.method.shortcut(0.0, self._betas[i] or 0.0) != "A":
+                for target, a, *_ in self.groups[bid]:
                     target.copy_(a)
         self.groups = {}
         self.weights = [None] * N_BLOCKS
+
+
+def _ldm(component: str, key: str) -> str:
+    """The LDM key of a diffusers-layout key (the file merge's key names: seeded methods such as DARE
+    draw the same masks live and in a file)."""
+    from baka.models.keymap import (
+        TE_PREFIX,
+        UNET_PREFIX,
+        VAE_PREFIX,
+        te_key_to_ldm,
+        unet_key_to_ldm,
+        vae_key_to_ldm,
+    )
+
+    if component == "unet":
+        return UNET_PREFIX + unet_key_to_ldm(key)
+    if component == "vae":
+        return VAE_PREFIX + vae_key_to_ldm(key)
+    return TE_PREFIX + te_key_to_ldm(key)

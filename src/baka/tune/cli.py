@@ -54,8 +54,17 @@ def _shown(s) -> dict:
     return shown
 
 
+def _method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m", "--method", default="weight_sum", help="merge method (any without a whole-model pass)"
+    )
+    p.add_argument("--model-c", help="model C, for methods that take one (add difference, TIES...)")
+    p.add_argument("--beta", type=float, help="the method's beta in every block (default: its own)")
+
+
 def _probe_args(p: argparse.ArgumentParser) -> None:
     _common(p)
+    _method_args(p)
     p.add_argument("--blocks", help="comma-separated blocks to probe (default: all 26)")
     p.add_argument("--weight", type=float, default=1.0, help="B's weight in the probed block")
     p.add_argument(
@@ -76,6 +85,7 @@ def cmd_probe(a: argparse.Namespace) -> int:
     s, shown = _settings(a)
     print_config("merge probe", {"model_a": a.model_a, "model_b": a.model_b, "score": a.score,
                                  "blocks": a.blocks or "all", "weight": a.weight, "mode": a.mode,
+                                 "method": a.method, "model_c": a.model_c, "beta": a.beta,
                                  **_shown(shown)})  # fmt: skip
     r = probe_blocks(
         a.model_a,
@@ -85,6 +95,9 @@ def cmd_probe(a: argparse.Namespace) -> int:
         blocks=a.blocks.split(",") if a.blocks else None,
         weight=a.weight,
         mode=a.mode,
+        method=a.method,
+        model_c=a.model_c,
+        beta=a.beta,
         device=a.device,
         progress=not a.quiet,
     )
@@ -111,6 +124,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", type=float, default=0.0, help="weight of the blocks not searched")
     p.add_argument("--step", type=float, default=0.05, help="weight grid step (0: continuous)")
     p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument(
+        "-m", "--method", default="weight_sum", help="merge method (any without a whole-model pass)"
+    )
+    p.add_argument("--model-c", help="model C, for methods that take one (add difference, TIES...)")
+    p.add_argument("--beta", type=float, help="the method's beta in every block (default: its own)")
+    p.add_argument("--search-beta", action="store_true", help="search each block's beta too")
     p.add_argument("-o", "--output", help="also write the best merge to this .safetensors")
 
 
@@ -123,6 +142,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     cfg = {"model_a": a.model_a, "model_b": a.model_b, "score": a.score, "trials": a.trials,
            "study": a.study, "objective": a.objective or "(scorer's)", "minimize": a.minimize,
            "blocks": a.blocks or "all", "fixed": a.fixed, "step": a.step, "search_seed": a.search_seed,
+           "method": a.method, "model_c": a.model_c, "beta": a.beta, "search_beta": a.search_beta,
            **_shown(shown)}  # fmt: skip
     print_config("merge search", cfg)
     r = search_weights(
@@ -142,6 +162,10 @@ def cmd_search(a: argparse.Namespace) -> int:
         output=a.output,
         device=a.device,
         progress=not a.quiet,
+        method=a.method,
+        model_c=a.model_c,
+        beta=a.beta,
+        search_beta=a.search_beta,
     )
     print(f"best {r.best_value:.4f} after {r.trials} trials: " + ",".join(f"{w:g}" for w in r.best_weights))
     print("figures: " + ", ".join(f"{k}={v:.4f}" for k, v in r.best_figures.items()))

@@ -60,6 +60,9 @@ def probe_blocks(
     mode: str = "single",
     device: str | None = None,
     progress: bool = True,
+    method: str = "weight_sum",
+    model_c: str | Path | None = None,
+    beta: float | None = None,
 ) -> ProbeResult:
     """Score A, the merge of every block at ``weight``, and each block (all 26, or ``blocks``) alone
     (``single``) or left out of the whole merge (``leave-out``)."""
@@ -68,7 +71,10 @@ def probe_blocks(
     chosen = [parse_block_id(b) for b in blocks] if blocks else list(BLOCK_IDS)
     if len(set(chosen)) != len(chosen):
         raise BakaError("a block is named twice")
-    session = MergeSession.open(model_a, model_b, scorer, settings, device)
+    betas = (beta,) * N_BLOCKS if beta is not None else None
+    session = MergeSession.open(
+        model_a, model_b, scorer, settings, device, method=method, model_c=model_c, beta=betas
+    )
     try:
         zeros = [0.0] * N_BLOCKS
         base = session.score(zeros)

@@ -21,14 +21,26 @@ class MergeSession:
     scorer: Scorer
     settings: RenderSettings
     device: str | None = None
+    method: str = "weight_sum"
+    model_c: str | Path | None = None
+    beta: Weights | None = None  # the method's 26 betas (default: its own default)
     reference: list | None = field(default=None, init=False)
 
     @classmethod
     def open(
-        cls, model_a: str | Path, model_b: str | Path, scorer: str, settings: RenderSettings, device=None
+        cls,
+        model_a: str | Path,
+        model_b: str | Path,
+        scorer: str,
+        settings: RenderSettings,
+        device=None,
+        *,
+        method: str = "weight_sum",
+        model_c: str | Path | None = None,
+        beta: Weights | None = None,
     ) -> MergeSession:
         s = get_scorer(scorer)
-        session = cls(model_a, model_b, s, settings.for_scorer(s), device)
+        session = cls(model_a, model_b, s, settings.for_scorer(s), device, method, model_c, beta)
         session._load()
         return session
 
@@ -40,16 +52,19 @@ class MergeSession:
         kw = {"device": self.device} if self.device else {}
         self.gen = Generator(self.model_a, progress=False, **kw)
         self.v_pred, self.zero_snr = schedule_flags(self.gen, None, None)
-        self.merge = self.gen.patcher.apply(RuntimeBlockMerge.against(self.gen.ckpt, self.model_b))
+        merge = RuntimeBlockMerge.against(
+            self.gen.ckpt, self.model_b, method=self.method, model_c=self.model_c, beta=self.beta
+        )
+        self.merge = self.gen.patcher.apply(merge)
         if self.scorer.needs_reference:
             self.reference = self.render((0.0,) * N_BLOCKS)
 
-    def render(self, weights: Weights) -> list:
+    def render(self, weights: Weights, beta: Weights | None = None) -> list:
         """The pictures of every prompt (image k of prompt i at seed + 1000 i + k) with the merge at
-        ``weights`` (weighted sum, alpha = B's weight per block)."""
+        ``weights`` (alpha per block; ``beta``: the method's betas, default unchanged)."""
         from baka.generate.engine import GenParams
 
-        self.merge.set_weights(tuple(weights))
+        self.merge.set_weights(tuple(weights), tuple(beta) if beta is not None else None)
         s = self.settings
         images = []
         for i, prompt in enumerate(s.prompts):
@@ -69,8 +84,8 @@ class MergeSession:
             images += [r.image for r in self.gen(p)]
         return images
 
-    def score(self, weights: Weights) -> Figures:
-        images = self.render(weights)
+    def score(self, weights: Weights, beta: Weights | None = None) -> Figures:
+        images = self.render(weights, beta)
         return self.scorer.fn(images, self.settings.prompts, self.reference)
 
     def close(self) -> None:
