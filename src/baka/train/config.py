@@ -77,11 +77,15 @@ class TrainConfig:
     max_steps: int = 100
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = None
+    unet_lr: float | None = None  # kohya: the UNet's own LR (default learning_rate)
     train_text_encoder: bool = False
     unfreeze_last_n_layers: int | None = None  # EveryDream2: only the last N CLIP layers train
     freeze_embeddings: bool = True
     freeze_final_layer_norm: bool = True
-    optimizer: str = "AdamW"
+    clip_skip: int = 1  # kohya / A1111: condition on CLIP layer -N (anime SD1 models use 2)
+    max_token_length: int = 75  # kohya: 75, 150 or 225 caption tokens (A1111's 75-token chunks)
+    optimizer: str = "AdamW"  # kohya's names (baka.train.optim.OPTIMIZERS)
+    optimizer_args: list[str] | dict = field(default_factory=list)  # kohya: ["key=value", ...]
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -210,4 +214,16 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(f"{path}: mode 'embedding' needs token_string (the word captions use for it)")
     if cfg.save_model_as not in ("safetensors", "pt"):
         raise BakaError(f"{path}: save_model_as must be 'safetensors' or 'pt', not {cfg.save_model_as!r}")
+    try:
+        check_text_settings(cfg)
+    except BakaError as e:
+        raise BakaError(f"{path}: {e}") from None
     return cfg
+
+
+def check_text_settings(cfg: TrainConfig) -> None:
+    """kohya's ranges: ``max_token_length`` 75 / 150 / 225, ``clip_skip`` from 1 (to the encoder's 12)."""
+    if cfg.max_token_length not in (75, 150, 225):
+        raise BakaError(f"max_token_length must be 75, 150 or 225 (kohya), not {cfg.max_token_length}")
+    if not 1 <= cfg.clip_skip <= 12:
+        raise BakaError(f"clip_skip must be from 1 to 12, not {cfg.clip_skip}")

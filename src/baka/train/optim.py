@@ -3,6 +3,8 @@ block-wise LR weights (weight 0 freezes a block), the text-encoder LR, the optim
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -13,10 +15,80 @@ from baka.train.config import TrainConfig
 from baka.train.modes import Trainable
 from baka.train.network import block_lr_weights
 
-OPTIMIZERS: Registry[type] = Registry("optimizer")
-OPTIMIZERS.add("AdamW", torch.optim.AdamW)
-OPTIMIZERS.add("Adam", torch.optim.Adam)
-OPTIMIZERS.add("SGD", torch.optim.SGD)
+OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (param groups, lr=, **kwargs) -> optimizer
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+
+
+def _from(module: str, cls: str, package: str, cuda: bool = False) -> OptimizerFactory:
+    """An optimizer class of a maintained package (kohya's choices), imported when used."""
+
+    def make(groups, **kw) -> torch.optim.Optimizer:
+        import importlib
+
+        if cuda and not torch.cuda.is_available():
+            raise BakaError(f"optimizer {cls} ({package}) runs on CUDA only; this machine has no GPU")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise BakaError(f"optimizer {cls} needs the {package} package (pip install {package})") from None
+        return getattr(mod, cls)(groups, **kw)
+
+    make.target = (module, cls)  # type: ignore[attr-defined]
+    return make
+
+
+def _adafactor(groups, **kw) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    # baka's LR schedulers set the LR, so Adafactor's own relative-step schedule stays off (kohya's
+    # usual SD arguments: relative_step / scale_parameter / warmup_init False)
+    kw = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **kw}
+    if kw["relative_step"] or kw["warmup_init"]:
+        raise BakaError(
+            "Adafactor: relative_step / warmup_init would replace the LR schedule; set them False"
+        )
+    return Adafactor(groups, **kw)
+
+
+_adafactor.target = ("transformers.optimization", "Adafactor")  # type: ignore[attr-defined]
+
+
+for _name, _factory in {
+    "AdamW": _from("torch.optim", "AdamW", "torch"),
+    "Adam": _from("torch.optim", "Adam", "torch"),
+    "SGD": _from("torch.optim", "SGD", "torch"),
+    "Lion": _from("lion_pytorch", "Lion", "lion-pytorch"),
+    "Prodigy": _from("prodigyopt", "Prodigy", "prodigyopt"),
+    "DAdaptAdam": _from("dadaptation", "DAdaptAdam", "dadaptation"),
+    "DAdaptSGD": _from("dadaptation", "DAdaptSGD", "dadaptation"),
+    "DAdaptAdaGrad": _from("dadaptation", "DAdaptAdaGrad", "dadaptation"),
+    "DAdaptLion": _from("dadaptation", "DAdaptLion", "dadaptation"),
+    "Adafactor": _adafactor,
+    "AdamW8bit": _from("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", cuda=True),
+    "Lion8bit": _from("bitsandbytes.optim", "Lion8bit", "bitsandbytes", cuda=True),
+    "PagedAdamW8bit": _from("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", cuda=True),
+}.items():
+    OPTIMIZERS.add(_name, _factory, aliases=("DAdaptation",) if _name == "DAdaptAdam" else ())
+
+
+def optimizer_args(cfg: TrainConfig) -> dict:
+    """kohya's ``optimizer_args``: a list of ``key=value`` strings (values read as Python literals) or
+    a TOML table, passed to the optimizer as keyword arguments."""
+    import ast
+
+    args = cfg.optimizer_args
+    if isinstance(args, dict):
+        return dict(args)
+    out = {}
+    for item in args:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise BakaError(f"optimizer_args: {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
 
 
 def freeze_text_encoder(te: nn.Module, cfg: TrainConfig) -> set[int]:
@@ -57,13 +129,14 @@ def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[di
     parameters still trainable and the groups."""
     lr_w = block_lr_weights(cfg.network)
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     groups: dict[tuple[str, float], list] = {}
     for name, (p, block) in named.items():
         w = lr_w[block]
         if w == 0:
             p.requires_grad_(False)
             continue
-        groups.setdefault((block, (te_lr if _is_text_encoder(name) else cfg.learning_rate) * w), []).append(p)
+        groups.setdefault((block, (te_lr if _is_text_encoder(name) else unet_lr) * w), []).append(p)
     named = {k: v for k, v in named.items() if v[0].requires_grad}
     if not named:
         raise BakaError("nothing to train: every block has LR weight 0 or dim 0")
@@ -71,11 +144,28 @@ def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[di
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.optimizer)(
-        groups,
-        lr=cfg.learning_rate,
-        **({"weight_decay": cfg.weight_decay} if cfg.optimizer != "SGD" else {}),
-    )
+    """The configured optimizer over ``groups`` (each with its own lr), ``weight_decay`` and the
+    ``optimizer_args``; an unknown name suggests the nearest, a missing package names it."""
+    kw = {"weight_decay": cfg.weight_decay} if OPTIMIZERS.canonical(cfg.optimizer) != "SGD" else {}
+    kw |= optimizer_args(cfg)
+    try:
+        return OPTIMIZERS.get(cfg.optimizer)(groups, lr=cfg.learning_rate, **kw)
+    except TypeError as e:  # an argument the optimizer does not take
+        raise BakaError(f"optimizer {cfg.optimizer}: {e}") from None
+
+
+def optimizer_description(cfg: TrainConfig) -> str:
+    """kohya's ``ss_optimizer``: the optimizer class's module.name and, given, its arguments."""
+    import importlib
+
+    module, cls = OPTIMIZERS.get(cfg.optimizer).target  # type: ignore[attr-defined]
+    try:
+        klass = getattr(importlib.import_module(module), cls)
+        name = f"{klass.__module__}.{klass.__name__}"
+    except ImportError:
+        name = f"{module}.{cls}"
+    args = optimizer_args(cfg)
+    return name + (f"({','.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
 
 # diffusers' schedules under kohya's names (piecewise_constant needs step rules: not offered)

@@ -12,7 +12,7 @@ from torch import nn
 
 from baka.train.config import SAVE_PRECISIONS, TrainConfig
 from baka.train.data import Dataset
-from baka.train.optim import warmup_steps
+from baka.train.optim import optimizer_description, warmup_steps
 
 SAVE_DTYPES = dict(zip(SAVE_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
@@ -70,6 +70,10 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
         ),
         "ss_learning_rate": str(cfg.learning_rate),
         "ss_text_encoder_lr": str(cfg.text_encoder_lr),
+        "ss_unet_lr": str(cfg.unet_lr),
+        "ss_clip_skip": str(cfg.clip_skip),
+        "ss_max_token_length": str(cfg.max_token_length),
+        "ss_optimizer": optimizer_description(cfg),
         "ss_max_train_steps": str(cfg.max_steps),
         "ss_steps": str(step),
         "ss_seed": str(cfg.seed),
@@ -169,6 +173,7 @@ def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int) -> None:
                     height=size,
                     v_pred=cfg.v_prediction,
                     zero_snr=cfg.zero_terminal_snr,
+                    clip_skip=cfg.clip_skip,
                 )
             )[0]
             r.save(folder / f"step{step:06d}-{i}.png")
