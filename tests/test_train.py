@@ -667,3 +667,45 @@ def test_textual_inversion_trains_only_its_vectors_and_prompts_get_what_trained(
         load_config(write_config(tmp_path, tiny_files[0], d, mode="embedding"))
     with pytest.raises(BakaError, match="unknown training mode 'lorra'; did you mean 'lora'"):
         load_config(write_config(tmp_path, tiny_files[0], d, mode="lorra"))
+
+
+def test_clip_skip_and_long_captions_condition_as_generation(tmp_path, tiny_files):
+    """kohya's clip_skip and max_token_length: a caption of more than 75 tokens is A1111's chunks, each
+    encoded alone (brackets literal) and joined, with clip skip's layer -N: the states equal
+    generation's encoder of the same text (emphasis "None", same clip skip)."""
+    from baka.generate.conditioning import PromptEncoder
+    from baka.models.io import load_checkpoint
+    from baka.models.pipeline import build_module
+    from baka.models.tokenizer import load_tokenizer as _tokenizer
+    from baka.train.modes import plain_states, plain_tokens
+
+    ck = load_checkpoint(tiny_files[0])
+    te = build_module("text_encoder", ck.config, ck.components()["text_encoder"])
+    long = ", ".join(f"tag{i} (detail)" for i in range(40))  # ~200 tokens: 3 chunks
+    short = "red circle, simple background"
+    ids = plain_tokens(None, _tokenizer(), [long, short], "cpu", chunks=2)
+    assert ids.shape == (2, 154)
+    with torch.no_grad():
+        states = plain_states(None, te, ids, clip_skip=2)
+        enc = PromptEncoder(te, clip_skip=2, emphasis="None")
+        want_long = enc.encode_chunks(enc.chunks(long)[:2])[0]  # its first two chunks: cut at 150
+        want_short = torch.cat([enc.encode(short)[0], enc.encode("")[0]])  # padded with the empty chunk
+    assert torch.allclose(states[0], want_long, atol=1e-5)
+    assert torch.allclose(states[1], want_short, atol=1e-5)
+    one = plain_tokens(None, _tokenizer(), [short], "cpu")  # 75 tokens: the plain tokenizer, as before
+    assert one.shape == (1, 77) and torch.equal(one[0], ids[1, :77])
+
+
+def test_clip_skip_and_max_token_length_train_and_are_recorded(tmp_path, tiny_files, images):
+    cfg = load_config(
+        write_config(tmp_path, tiny_files[0], images, max_steps=2, clip_skip=2, max_token_length=150)
+    )
+    res = train(cfg, progress=False)
+    from baka.models.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(res.output) as f:
+        assert f.metadata["ss_clip_skip"] == "2" and f.metadata["ss_max_token_length"] == "150"
+        assert f.metadata["ss_optimizer"] == "torch.optim.adamw.AdamW"
+    for bad, match in (({"max_token_length": 100}, "75, 150 or 225"), ({"clip_skip": 0}, "from 1 to 12")):
+        with pytest.raises(BakaError, match=match):
+            load_config(write_config(tmp_path, tiny_files[0], images, **bad))

@@ -51,6 +51,17 @@ EMPHASIS.add("Ignore", Emphasis(_unweighted))
 EMPHASIS.add("None", Emphasis(_unweighted, parse=False))
 
 
+def clip_states(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """CLIP's states of [N, 77] token ids as A1111 and kohya take them: the last layer's output, or with
+    clip skip N the output of layer -N through the final layer norm. Gradients flow (training uses it)."""
+    out = text_encoder(input_ids=ids, output_hidden_states=clip_skip > 1)
+    if clip_skip > 1:
+        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(
+            out.hidden_states[-clip_skip]
+        )
+    return out.last_hidden_state
+
+
 @dataclass
 class PromptEncoder:
     text_encoder: torch.nn.Module
@@ -86,15 +97,10 @@ class PromptEncoder:
 
         handle = token_embedding.register_forward_hook(splice) if fixes else None
         try:
-            out = te(input_ids=ids, output_hidden_states=self.clip_skip > 1)
+            z = clip_states(te, ids, self.clip_skip)
         finally:
             if handle is not None:
                 handle.remove()
-        if self.clip_skip > 1:
-            # A1111 clip skip: the output of layer -N, then the final layer norm
-            z = getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-self.clip_skip])
-        else:
-            z = out.last_hidden_state
         z = EMPHASIS.get(self.emphasis).apply(z.float(), weights_tensor(chunks).to(z.device))
         return z.reshape(1, -1, z.shape[-1])
 

@@ -52,8 +52,11 @@ class TrainableEmbedding(nn.Module):
             rows.append([chunk.tokens, slots])
         return torch.tensor(rows, device=device)
 
-    def text_states(self, text_encoder: nn.Module, cond: torch.Tensor) -> torch.Tensor:
-        """The text encoder's last hidden states with the vectors in their slots (gradients reach them)."""
+    def text_states(self, text_encoder: nn.Module, cond: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """The text encoder's states (``clip_skip`` as generation's) with the vectors in their slots
+        (gradients reach them)."""
+        from baka.generate.conditioning import clip_states
+
         ids, slots = cond.unbind(1)
         hit = (slots >= 0)[..., None]
 
@@ -62,7 +65,7 @@ class TrainableEmbedding(nn.Module):
 
         handle = text_encoder.get_input_embeddings().register_forward_hook(splice)
         try:
-            return text_encoder(input_ids=ids).last_hidden_state
+            return clip_states(text_encoder, ids, clip_skip)
         finally:
             handle.remove()
 

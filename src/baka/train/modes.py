@@ -22,29 +22,49 @@ Build = Callable[[TrainConfig, nn.Module, nn.Module, set[int], object], tuple[nn
 Save = Callable[..., Path]
 
 
-def plain_tokens(extra: nn.Module | None, tok, captions: list[str], device) -> torch.Tensor:
-    """[B, 77] token ids of the captions (cleaned as generation cleans a prompt), cut at 77."""
+def plain_tokens(extra: nn.Module | None, tok, captions: list[str], device, chunks: int = 1) -> torch.Tensor:
+    """[B, 77 * chunks] token ids of the captions (cleaned as generation cleans a prompt). One chunk: cut
+    at 77. More (kohya's ``max_token_length`` 150 / 225): A1111's 75-token chunks as generation builds
+    them (brackets literal), the first ``chunks`` of each caption, short ones padded with the empty
+    chunk."""
     from baka.models.tokenizer import clean_text
 
-    return tok(
-        [clean_text(c) for c in captions],
-        padding="max_length",
-        max_length=77,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
+    if chunks == 1:
+        return tok(
+            [clean_text(c) for c in captions],
+            padding="max_length",
+            max_length=77,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+    from baka.generate.prompt import chunk_prompt
+
+    empty = chunk_prompt("", parse=False)[0][0].tokens
+    rows = []
+    for c in captions:
+        got = [ch.tokens for ch in chunk_prompt(c, parse=False)[0][:chunks]]
+        rows.append([t for ch in got + [empty] * (chunks - len(got)) for t in ch])
+    return torch.tensor(rows, device=device)
 
 
-def plain_states(extra: nn.Module | None, text_encoder: nn.Module, cond: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids=cond).last_hidden_state
+def plain_states(
+    extra: nn.Module | None, text_encoder: nn.Module, cond: torch.Tensor, clip_skip: int = 1
+) -> torch.Tensor:
+    """[B, 77 * chunks, width]: each 77-token chunk encoded on its own and the states joined, as
+    generation conditions on a long prompt; ``clip_skip`` as generation's."""
+    from baka.generate.conditioning import clip_states
+
+    b, n = cond.shape[0], cond.shape[1] // 77
+    z = clip_states(text_encoder, cond.reshape(b * n, 77), clip_skip)
+    return z.reshape(b, n * 77, z.shape[-1])
 
 
 @dataclass(frozen=True)
 class Mode:
     build: Build
     save: Save
-    tokens: Callable[..., torch.Tensor] = plain_tokens
-    text_states: Callable[[nn.Module | None, nn.Module, torch.Tensor], torch.Tensor] = plain_states
+    tokens: Callable[..., torch.Tensor] = plain_tokens  # (extra, tokenizer, captions, device, chunks=)
+    text_states: Callable[..., torch.Tensor] = plain_states  # (extra, text encoder, ids, clip_skip=)
 
 
 def _lora(cfg: TrainConfig, unet: nn.Module, te: nn.Module, te_layers: set[int], device):
@@ -99,12 +119,14 @@ def _save_embedding(cfg, model, ckpt, ds, step, seconds) -> Path:
     return save_textual_inversion(cfg, model.network, ds, step, seconds)
 
 
-def _embedding_tokens(extra, tok, captions: list[str], device) -> torch.Tensor:
+def _embedding_tokens(extra, tok, captions: list[str], device, chunks: int = 1) -> torch.Tensor:
+    if chunks != 1:
+        raise BakaError("textual inversion trains on 75-token captions (max_token_length 75)")
     return extra.tokenize(captions, device)
 
 
-def _embedding_states(extra, text_encoder: nn.Module, cond: torch.Tensor) -> torch.Tensor:
-    return extra.text_states(text_encoder, cond)
+def _embedding_states(extra, text_encoder: nn.Module, cond: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    return extra.text_states(text_encoder, cond, clip_skip)
 
 
 MODES: Registry[Mode] = Registry("training mode")

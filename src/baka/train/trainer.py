@@ -18,7 +18,7 @@ from tqdm import tqdm
 from baka.errors import BakaError
 from baka.train import checkpoint
 from baka.train.block_dropout import parse_schedules, resting_blocks
-from baka.train.config import TrainConfig
+from baka.train.config import TrainConfig, check_text_settings
 from baka.train.data import Dataset, LatentCache, captions_for
 from baka.train.loss import ddpm_schedule, diffusion_loss, draw_noise
 from baka.train.modes import MODES, Mode
@@ -45,12 +45,20 @@ class _Denoiser(nn.Module):
     """What DDP wraps: text encoder + UNet (+ the mode's module: LoRA network or embedding), returning
     the UNet prediction for the captions' tokens as the mode encodes them."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, network: nn.Module | None, mode: Mode):
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        network: nn.Module | None,
+        mode: Mode,
+        clip_skip: int = 1,
+    ):
         super().__init__()
         self.unet, self.text_encoder, self.network, self.mode = unet, text_encoder, network, mode
+        self.clip_skip = clip_skip
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        enc = self.mode.text_states(self.network, self.text_encoder, cond)
+        enc = self.mode.text_states(self.network, self.text_encoder, cond, clip_skip=self.clip_skip)
         return self.unet(noisy, t, enc).sample
 
 
@@ -101,7 +109,8 @@ class _Run:
         self.network, named = trainables(cfg, unet, te, te_layers, self.device)
         self.named, groups = param_groups(named, cfg)
         self.mode = MODES.get(cfg.mode)
-        denoiser = _Denoiser(unet, te, self.network, self.mode)
+        check_text_settings(cfg)
+        denoiser = _Denoiser(unet, te, self.network, self.mode, cfg.clip_skip)
         self.model, self.opt = acc.prepare(denoiser, make_optimizer(cfg, groups))
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
         self.lr_sched = make_lr_scheduler(cfg, self.opt.optimizer)
@@ -158,7 +167,9 @@ class _Run:
 
     def encode_ids(self, captions: list[str]) -> torch.Tensor:
         """The captions as the denoiser takes them (token ids; with the embedding's slots in that mode)."""
-        return self.mode.tokens(self.network, self.tok, captions, self.device)
+        return self.mode.tokens(
+            self.network, self.tok, captions, self.device, chunks=self.cfg.max_token_length // 75
+        )
 
     def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
