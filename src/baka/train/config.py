@@ -88,6 +88,7 @@ class TrainConfig:
     optimizer_args: list[str] | dict = field(default_factory=list)  # kohya: ["key=value", ...]
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1  # kohya: micro-batches per optimizer step (max_steps counts steps)
     seed: int = 0
     mixed_precision: str = "no"
     save_precision: str = "float"  # kohya's --save_precision for the LoRA file: float | fp16 | bf16
@@ -216,9 +217,17 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(f"{path}: save_model_as must be 'safetensors' or 'pt', not {cfg.save_model_as!r}")
     try:
         check_text_settings(cfg)
+        check_steps(cfg)
     except BakaError as e:
         raise BakaError(f"{path}: {e}") from None
     return cfg
+
+
+def check_steps(cfg: TrainConfig) -> None:
+    if cfg.gradient_accumulation_steps < 1:
+        raise BakaError(
+            f"gradient_accumulation_steps must be at least 1, not {cfg.gradient_accumulation_steps}"
+        )
 
 
 def check_text_settings(cfg: TrainConfig) -> None:

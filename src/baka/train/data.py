@@ -82,14 +82,18 @@ class Dataset:
         self.val = [i for i in items if i.path in val]
         self.train = [i for i in items if i.path not in val]
 
-    def epoch_batches(self, epoch: int, seed: int, world: int = 1, rank: int = 0) -> list[list[Item]]:
+    def epoch_batches(
+        self, epoch: int, seed: int, world: int = 1, rank: int = 0, accumulation: int = 1
+    ) -> list[list[Item]]:
         """This process's batches for ``epoch``: repeats expanded, shuffled within buckets, batches of
-        one bucket, batch order shuffled; a function of (seed, epoch) only, so a resume replays it."""
+        one bucket, batch order shuffled; a function of (seed, epoch) only, so a resume replays it.
+        With gradient ``accumulation`` k a batch holds k x batch_size items (one optimizer step's),
+        so accumulating k x b sees the same samples as a batch of k b."""
         rng = random.Random(f"{seed}:{epoch}")
         by_bucket: dict[tuple[int, int], list[Item]] = {}
         for it in self.train:
             by_bucket.setdefault(it.bucket, []).extend([it] * it.subset.num_repeats)
-        bs = self.cfg.batch_size
+        bs = self.cfg.batch_size * accumulation
         batches = []
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]

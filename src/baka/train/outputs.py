@@ -72,6 +72,7 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
         "ss_text_encoder_lr": str(cfg.text_encoder_lr),
         "ss_unet_lr": str(cfg.unet_lr),
         "ss_clip_skip": str(cfg.clip_skip),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
         "ss_max_token_length": str(cfg.max_token_length),
         "ss_optimizer": optimizer_description(cfg),
         "ss_max_train_steps": str(cfg.max_steps),

@@ -6,6 +6,7 @@ LR groups, optimizer, EMA), :mod:`~baka.train.outputs` (the saved model), :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from baka.errors import BakaError
 from baka.train import checkpoint
 from baka.train.block_dropout import parse_schedules, resting_blocks
-from baka.train.config import TrainConfig, check_text_settings
+from baka.train.config import TrainConfig, check_steps, check_text_settings
 from baka.train.data import Dataset, LatentCache, captions_for
 from baka.train.loss import ddpm_schedule, diffusion_loss, draw_noise
 from baka.train.modes import MODES, Mode
@@ -110,6 +111,7 @@ class _Run:
         self.named, groups = param_groups(named, cfg)
         self.mode = MODES.get(cfg.mode)
         check_text_settings(cfg)
+        check_steps(cfg)
         denoiser = _Denoiser(unet, te, self.network, self.mode, cfg.clip_skip)
         self.model, self.opt = acc.prepare(denoiser, make_optimizer(cfg, groups))
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
@@ -120,7 +122,9 @@ class _Run:
         self.block_schedules = parse_schedules(cfg.block_dropout)
         self.ds = Dataset(cfg.dataset)
         self.cache = LatentCache(self.vae, cfg.dataset.cache_latents)
-        self.n_batches = len(self.ds.epoch_batches(0, cfg.seed, self.world, self.rank))
+        self.n_batches = len(
+            self.ds.epoch_batches(0, cfg.seed, self.world, self.rank, cfg.gradient_accumulation_steps)
+        )
         if self.n_batches == 0:
             raise BakaError(f"dataset has too few batches for {self.world} processes")
         self.tok = load_tokenizer()
@@ -171,16 +175,18 @@ class _Run:
             self.network, self.tok, captions, self.device, chunks=self.cfg.max_token_length // 75
         )
 
-    def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def draw(self, shape: torch.Size, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        noise, t = draw_noise(
-            latents.shape,
+        return draw_noise(
+            shape,
             gen,
             self.schedule.num_timesteps,
             cfg.noise_offset,
             self.device,
             (cfg.min_timestep, cfg.max_timestep),
         )
+
+    def loss_of(self, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
         return diffusion_loss(
             self.model,
             latents,
@@ -188,14 +194,18 @@ class _Run:
             noise,
             t,
             self.schedule,
-            v_prediction=cfg.v_prediction,
+            v_prediction=self.cfg.v_prediction,
             weighting=self.weighting,
         )
+
+    def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.loss_of(latents, ids, *self.draw(latents.shape, gen))
 
     def batch(self) -> list:
         epoch, idx = divmod(self.step, self.n_batches)
         if epoch not in self._epoch:
-            self._epoch = {epoch: self.ds.epoch_batches(epoch, self.cfg.seed, self.world, self.rank)}
+            k = self.cfg.gradient_accumulation_steps
+            self._epoch = {epoch: self.ds.epoch_batches(epoch, self.cfg.seed, self.world, self.rank, k)}
         return self._epoch[epoch][idx]
 
     def train_step(self) -> None:
@@ -211,8 +221,18 @@ class _Run:
         self.model.train()
         latents = self.cache.get(items, self.device)
         ids = self.encode_ids(captions_for(items, cfg.seed, step, rank))
-        loss = self.loss(latents, ids, gen)
-        acc.backward(loss)
+        # noise and t for the whole step's batch at once, so accumulating k micro-batches of b draws
+        # what one batch of k b draws; each micro-batch's mean loss weighted by its share of the batch
+        noise, t = self.draw(latents.shape, gen)
+        bs, n = cfg.dataset.batch_size if cfg.dataset else len(items), len(items)
+        loss = torch.zeros((), device=self.device)
+        for i in range(0, n, bs):
+            part = slice(i, i + bs)
+            sync = contextlib.nullcontext() if i + bs >= n or self.world == 1 else acc.no_sync(self.model)
+            with sync:
+                micro = self.loss_of(latents[part], ids[part], noise[part], t[part])
+                acc.backward(micro * (min(bs, n - i) / n))
+            loss = loss + micro.detach() * (min(bs, n - i) / n)
         if acc.sync_gradients and cfg.max_grad_norm:
             acc.clip_grad_norm_([p for p, _ in self.named.values()], cfg.max_grad_norm)
         for b in resting:  # a resting block gets no optimizer update at all (not even momentum)
