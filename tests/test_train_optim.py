@@ -70,3 +70,17 @@ def test_unet_and_text_encoder_lrs():
     cfg = TrainConfig("m", learning_rate=1e-4, unet_lr=3e-4, text_encoder_lr=5e-5)
     _, groups = param_groups(named, cfg)
     assert sorted(g["lr"] for g in groups) == [5e-5, 3e-4]
+
+
+def test_a_user_registered_optimizer_class_works():
+    """An optimizer class added to the registry by a user (the GPU bench does) trains and is described."""
+    from baka.train.optim import OPTIMIZERS
+
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    OPTIMIZERS.add("MyAdamWForTest", MyAdamW)
+    cfg = TrainConfig("m", optimizer="MyAdamWForTest", learning_rate=0.1)
+    opt, before, after = _step(cfg)
+    assert isinstance(opt, MyAdamW) and (after.abs() < before.abs()).all()
+    assert optimizer_description(cfg).endswith("MyAdamW")

@@ -158,12 +158,17 @@ def optimizer_description(cfg: TrainConfig) -> str:
     """kohya's ``ss_optimizer``: the optimizer class's module.name and, given, its arguments."""
     import importlib
 
-    module, cls = OPTIMIZERS.get(cfg.optimizer).target  # type: ignore[attr-defined]
-    try:
-        klass = getattr(importlib.import_module(module), cls)
-        name = f"{klass.__module__}.{klass.__name__}"
-    except ImportError:
-        name = f"{module}.{cls}"
+    entry = OPTIMIZERS.get(cfg.optimizer)
+    target = getattr(entry, "target", None)
+    if target is None:  # registered by a user as an optimizer class (or any factory) itself
+        name = f"{entry.__module__}.{getattr(entry, '__qualname__', cfg.optimizer)}"
+    else:
+        module, cls = target
+        try:
+            klass = getattr(importlib.import_module(module), cls)
+            name = f"{klass.__module__}.{klass.__name__}"
+        except ImportError:
+            name = f"{module}.{cls}"
     args = optimizer_args(cfg)
     return name + (f"({','.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
