@@ -255,6 +255,57 @@ def test_kohya_dataset_toml_and_errors(tmp_path, tiny_files, images):
         load_config(tmp_path / "bad.toml")
 
 
+def test_kohya_caption_keys_flip_aug_and_key_checks(tmp_path, tiny_files, images):
+    """caption_prefix / caption_suffix around the caption (before shuffle and dropout, as kohya),
+    class_tokens for images without a caption file, flip_aug mirrored latents drawn per step; every
+    dataset key at every level known or refused by name."""
+    from baka.models.io import load_checkpoint
+    from baka.models.pipeline import build_module
+    from baka.train.data import LatentCache, captions_for, flips_for, load_image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted(images.glob("img[01].*")):
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "img1.txt").unlink()  # img1 has no caption file: class_tokens
+    sub = {"image_dir": str(folder), "caption_prefix": "masterpiece,", "caption_suffix": ", by sks",
+           "class_tokens": "sks circle", "flip_aug": True}  # fmt: skip
+    ds_toml = "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in sub.items()
+    )
+    (tmp_path / "ds.toml").write_text(ds_toml)
+    (tmp_path / "t.toml").write_text(f'model = "{tiny_files[0]}"\ndataset_config = "ds.toml"\n')
+    cfg = load_config(tmp_path / "t.toml")
+    ds = Dataset(cfg.dataset)
+    items = sorted(ds.train, key=lambda it: it.path.name)
+    assert captions_for(items, 0, 0, 0) == [
+        "masterpiece, 1girl, red circle, simple background, solo, by sks",
+        "masterpiece, sks circle, by sks",
+    ]
+    flips = [flips_for(items, 0, step, 0) for step in range(40)]
+    assert flips == [flips_for(items, 0, step, 0) for step in range(40)]  # replayable
+    assert 10 < sum(f[0] for f in flips) < 30  # about half
+    ck = load_checkpoint(tiny_files[0])
+    vae = build_module("vae", ck.config, ck.components()["vae"])
+    cache = LatentCache(vae)
+    lat = cache.get(items[:1], "cpu", [True])
+    img = torch.flip(load_image(items[0].path, items[0].bucket), dims=[-1])[None]
+    with torch.no_grad():
+        want = vae.encode(img).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(lat, want, atol=1e-5)
+    assert not torch.allclose(cache.get(items[:1], "cpu", [False]), lat)  # the two are cached apart
+    for bad, match in (
+        ("caption_prefx", "did you mean 'caption_prefix'"),
+        ("is_reg", "kohya's 'is_reg' is not supported"),
+    ):
+        (tmp_path / "ds.toml").write_text(ds_toml + f"{bad} = true\n")
+        with pytest.raises(BakaError, match=match):
+            load_config(tmp_path / "t.toml")
+    (tmp_path / "ds.toml").write_text("[general]\ncolour_aug = true\n" + ds_toml)
+    with pytest.raises(BakaError, match=r"\[general\]: unknown dataset setting 'colour_aug'"):
+        load_config(tmp_path / "t.toml")
+
+
 def test_lora_module_dropout_semantics(tiny_files):
     from baka.models.config import tiny_config
     from baka.models.io import load_checkpoint

@@ -31,6 +31,10 @@ class Subset:
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
     caption_separator: str = ","
+    caption_prefix: str = ""  # kohya: "prefix caption suffix", before dropout / shuffle
+    caption_suffix: str = ""
+    class_tokens: str = ""  # kohya: the caption of an image without a caption file
+    flip_aug: bool = False  # kohya: each step an image is mirrored with probability 1/2
 
 
 @dataclass
@@ -146,14 +150,53 @@ def _build(cls, data: dict, where: str):
     return cls(**data)
 
 
+# kohya dataset keys baka does not build yet: refused by name, never silently dropped
+KOHYA_UNSUPPORTED = (
+    "is_reg",
+    "color_aug",
+    "random_crop",
+    "face_crop_aug_range",
+    "token_warmup_min",
+    "token_warmup_step",
+    "secondary_separator",
+    "enable_wildcard",
+    "keep_tokens_separator",
+    "metadata_file",
+    "conditioning_data_dir",
+    "alpha_mask",
+    "caption_dropout_every_n_epochs",
+    "cache_latents_to_disk",
+)
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    for key in table:
+        if key in allowed:
+            continue
+        if key in KOHYA_UNSUPPORTED:
+            raise BakaError(f"{where}: kohya's {key!r} is not supported by baka yet; remove it")
+        import difflib
+
+        hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+        raise BakaError(
+            f"{where}: unknown dataset setting {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+
+
 def parse_dataset_toml(data: dict, where: str) -> DatasetConfig:
-    """kohya dataset TOML: general settings, then datasets with subsets (first dataset's settings win)."""
+    """kohya dataset TOML: general settings, then datasets with subsets (first dataset's settings win).
+    Every key at every level is a known setting, or an error naming it."""
     general = dict(data.get("general", {}))
     datasets = data.get("datasets") or []
     if not datasets:
         raise BakaError(f"{where}: no [[datasets]] in the dataset config")
     subset_fields = {f.name for f in dataclasses.fields(Subset)}
     ds_fields = {f.name for f in dataclasses.fields(DatasetConfig)} - {"subsets"}
+    _check_keys(general, subset_fields | ds_fields, f"{where} [general]")
+    for ds in datasets:
+        _check_keys(ds, subset_fields | ds_fields | {"subsets"}, f"{where} [[datasets]]")
+        for sub in ds.get("subsets", []):
+            _check_keys(sub, subset_fields, f"{where} [[datasets.subsets]]")
     settings = {k: v for k, v in general.items() if k in ds_fields}
     subsets = []
     for ds in datasets:

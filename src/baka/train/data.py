@@ -65,7 +65,9 @@ class Dataset:
                 if p.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 cap_file = p.with_suffix(sub.caption_extension)
-                caption = cap_file.read_text(encoding="utf-8").strip() if cap_file.exists() else ""
+                caption = (
+                    cap_file.read_text(encoding="utf-8").strip() if cap_file.exists() else sub.class_tokens
+                )
                 try:
                     with Image.open(p) as im:
                         w, h = im.size
@@ -127,16 +129,20 @@ class LatentCache:
     def __init__(self, vae, enabled: bool = True):
         self.vae = vae
         self.enabled = enabled
-        self._cache: dict[tuple[Path, tuple[int, int]], torch.Tensor] = {}
+        self._cache: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
 
     @torch.no_grad()
-    def get(self, items: list[Item], device) -> torch.Tensor:
+    def get(self, items: list[Item], device, flips: list[bool] | None = None) -> torch.Tensor:
+        """The latents of ``items`` (``flips``: mirrored ones, kohya's flip_aug; cached apart)."""
         out = []
-        for it in items:
-            key = (it.path, it.bucket)
+        for i, it in enumerate(items):
+            flip = bool(flips[i]) if flips else False
+            key = (it.path, it.bucket, flip)
             lat = self._cache.get(key)
             if lat is None:
                 img = load_image(it.path, it.bucket)[None].to(device, self.vae.dtype)
+                if flip:
+                    img = torch.flip(img, dims=[-1])
                 lat = self.vae.encode(img).latent_dist.mean[0] * self.vae.config.scaling_factor
                 lat = lat.float().cpu()
                 if self.enabled:
@@ -145,15 +151,25 @@ class LatentCache:
         return torch.stack(out).to(device)
 
 
+def flips_for(items: list[Item], seed: int, step: int, rank: int) -> list[bool]:
+    """kohya's flip_aug: each item of a flip_aug subset mirrored with probability 1/2, drawn from
+    (seed, step, rank, slot) so a resume replays it."""
+    return [
+        it.subset.flip_aug and random.Random(f"{seed}:{step}:{rank}:{i}:flip").random() < 0.5
+        for i, it in enumerate(items)
+    ]
+
+
 def captions_for(items: list[Item], seed: int, step: int, rank: int) -> list[str]:
     """Processed captions for a batch; the randomness is a function of (seed, step, rank, slot)."""
     out = []
     for i, it in enumerate(items):
         rng = random.Random(f"{seed}:{step}:{rank}:{i}")
         s = it.subset
+        caption = " ".join(x for x in (s.caption_prefix, it.caption, s.caption_suffix) if x)
         out.append(
             process_caption(
-                it.caption,
+                caption,
                 rng,
                 keep_tokens=s.keep_tokens,
                 shuffle=s.shuffle_caption,

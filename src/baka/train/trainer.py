@@ -20,7 +20,7 @@ from baka.errors import BakaError
 from baka.train import checkpoint
 from baka.train.block_dropout import parse_schedules, resting_blocks
 from baka.train.config import TrainConfig, check_steps, check_text_settings
-from baka.train.data import Dataset, LatentCache, captions_for
+from baka.train.data import Dataset, LatentCache, captions_for, flips_for
 from baka.train.loss import ddpm_schedule, diffusion_loss, draw_noise
 from baka.train.modes import MODES, Mode
 from baka.train.network import LoRANetwork
@@ -219,7 +219,7 @@ class _Run:
             for m in self.network.lora.values():
                 m.resting = m.block in resting
         self.model.train()
-        latents = self.cache.get(items, self.device)
+        latents = self.cache.get(items, self.device, flips_for(items, cfg.seed, step, rank))
         ids = self.encode_ids(captions_for(items, cfg.seed, step, rank))
         # noise and t for the whole step's batch at once, so accumulating k micro-batches of b draws
         # what one batch of k b draws; each micro-batch's mean loss weighted by its share of the batch
