@@ -784,3 +784,37 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_files, ima
     assert runs["b2"].losses == pytest.approx(runs["b1k2"].losses, rel=1e-5)
     with pytest.raises(BakaError, match="at least 1"):
         load_config(write_config(tmp_path, tiny_files[0], images, gradient_accumulation_steps=0))
+
+
+def test_periodic_outputs_and_continuing_from_a_lora(tmp_path, tiny_files, images):
+    """kohya's save_every_n_steps / save_every_n_epochs write loadable files named as kohya names them;
+    network_weights continues from one (a step at LR 0 writes the same tensors back)."""
+    from baka.generate.engine import Generator, GenParams
+
+    cfg = load_config(write_config(tmp_path, tiny_files[0], images, max_steps=5, save_every_n_steps=2,
+                                   save_every_n_epochs=1))  # fmt: skip
+    res = train(cfg, progress=False)
+    per_epoch = len(Dataset(cfg.dataset).epoch_batches(0, cfg.seed))
+    epochs = [f"baka-{e:06d}.safetensors" for e in range(1, 5) if e * per_epoch < 5]
+    names = sorted(p.name for p in cfg.out.glob("baka-*.safetensors"))
+    assert epochs and names == sorted(
+        [*epochs, "baka-step00000002.safetensors", "baka-step00000004.safetensors"]
+    )
+    step2 = cfg.out / "baka-step00000002.safetensors"
+    gen = Generator(tiny_files[0], lora_dirs=[cfg.out], progress=False)
+    gen(GenParams("red circle <lora:baka-step00000002:1>", steps=2, width=64, height=64, seed=1))
+    assert gen.lora_unmatched == []
+    early, final = lora_tensors(step2), lora_tensors(res.output)
+    assert set(early) == set(final) and any(not torch.equal(early[k], final[k]) for k in early)  # it moved on
+
+    d = tmp_path / "cont"
+    d.mkdir()
+    cont = load_config(write_config(d, tiny_files[0], images, max_steps=1, learning_rate=0.0, optimizer="SGD",
+                                    network_weights=str(res.output)))  # fmt: skip
+    out = lora_tensors(train(cont, progress=False).output)
+    start = lora_tensors(res.output)
+    assert set(out) == set(start) and all(torch.equal(out[k], start[k]) for k in out)
+    wrong = load_config(write_config(d, tiny_files[0], images, max_steps=1, network={"dim": 8},
+                                     network_weights=str(res.output)))  # fmt: skip
+    with pytest.raises(BakaError, match="dims differ"):
+        train(wrong, progress=False)

@@ -113,6 +113,9 @@ class TrainConfig:
     max_timestep: int | None = None  # None: the schedule's length (1000)
     ema_decay: float | None = None
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    save_every_n_steps: int = 0  # kohya: also write the output (LoRA / model / embedding) every N steps
+    save_every_n_epochs: int = 0  # kohya: ... and at the end of every N epochs
+    network_weights: str | None = None  # kohya: continue from this LoRA file (its modules must fit)
     validate_every: int = 0
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)

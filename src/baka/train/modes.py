@@ -73,6 +73,8 @@ def _lora(cfg: TrainConfig, unet: nn.Module, te: nn.Module, te_layers: set[int],
     unet.requires_grad_(False)
     te.requires_grad_(False)
     network = LoRANetwork(unet, te if cfg.train_text_encoder else None, cfg.network, te_layers).to(device)
+    if cfg.network_weights:
+        network.load_kohya(cfg.network_weights)
     named = {
         f"{name}.{pn}": (p, m.block) for name, m in network.lora.items() for pn, p in m.named_parameters()
     }

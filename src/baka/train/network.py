@@ -11,10 +11,12 @@ act in train mode only. Saved keys: ``lora_unet_<path>`` / ``lora_te_<path>`` wi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from baka.errors import BakaError
 from baka.models.blocks import BLOCK_IDS, block_of_diffusers
 from baka.models.keymap import kohya_module_name
 from baka.train.config import NetworkConfig
@@ -122,6 +124,35 @@ class LoRANetwork(nn.Module):
             sd[f"{name}.lora_up.weight"] = m.up.weight.detach().to(dtype).contiguous()
             sd[f"{name}.alpha"] = m.alpha.detach().to(dtype)
         return sd
+
+    @torch.no_grad()
+    def load_kohya(self, path: str | Path) -> None:
+        """Continue from a kohya LoRA file (kohya's ``network_weights``): each module's down, up and
+        alpha from the file. Every module of the file must be one this network has, with the same
+        shapes (the same dims); modules the file lacks keep their fresh initialisation."""
+        from baka.models.sources import read_raw
+
+        raw, _ = read_raw(path)
+        names: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in raw.items():
+            name, _, suffix = key.partition(".")
+            names.setdefault(name, {})[suffix] = t
+        for name, tensors in names.items():
+            m = self.lora[name] if name in self.lora else None
+            if m is None:
+                raise BakaError(f"{path}: module {name} is not in this network (other targets or layers)")
+            for suffix, param in (("lora_down.weight", m.down.weight), ("lora_up.weight", m.up.weight)):
+                t = tensors.get(suffix)
+                if t is None or tuple(t.shape) != tuple(param.shape):
+                    got = None if t is None else tuple(t.shape)
+                    want = tuple(param.shape)
+                    raise BakaError(
+                        f"{path}: {name}.{suffix} is {got}, the network's is {want} (dims differ)"
+                    )
+                param.copy_(t.to(param.dtype))
+            if "alpha" in tensors:
+                m.alpha.copy_(tensors["alpha"].float())
+                m.scale = float(tensors["alpha"]) / m.dim
 
     def remove(self) -> None:
         for m in self.lora.values():

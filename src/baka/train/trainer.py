@@ -274,6 +274,29 @@ class _Run:
             self.samples()
         if cfg.save_every and step % cfg.save_every == 0:
             self.save_checkpoint()
+        # kohya's periodic outputs: loadable files named output_name-stepNNNNNNNN / output_name-NNNNNN
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < cfg.max_steps:
+            self.save_named(f"{cfg.output_name}-step{step:08d}")
+        epoch, rest = divmod(step, self.n_batches)
+        if (
+            cfg.save_every_n_epochs
+            and rest == 0
+            and epoch % cfg.save_every_n_epochs == 0
+            and step < cfg.max_steps
+        ):
+            self.save_named(f"{cfg.output_name}-{epoch:06d}")
+
+    def save_named(self, name: str) -> Path | None:
+        """The output as it is now, under another name (main process)."""
+        import dataclasses
+
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            cfg = dataclasses.replace(self.cfg, output_name=name)
+            path = save_output(cfg, self.acc.unwrap_model(self.model), self.ckpt, self.ds, self.step, 0.0)
+        self.acc.wait_for_everyone()
+        return path
 
     # -- the end -------------------------------------------------------------------------------------
 
