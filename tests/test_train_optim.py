@@ -84,3 +84,21 @@ def test_a_user_registered_optimizer_class_works():
     opt, before, after = _step(cfg)
     assert isinstance(opt, MyAdamW) and (after.abs() < before.abs()).all()
     assert optimizer_description(cfg).endswith("MyAdamW")
+
+
+def test_loraplus_ratios():
+    """LoRA+ (kohya's loraplus_lr_ratio, per-component overrides): up matrices at ratio x the LR."""
+    from baka.train.config import NetworkConfig
+
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(4)]
+    named = {
+        "lora_unet_x.up.weight": (ps[0], "IN01"),
+        "lora_unet_x.down.weight": (ps[1], "IN01"),
+        "lora_te_y.up.weight": (ps[2], "BASE"),
+        "lora_te_y.down.weight": (ps[3], "BASE"),
+    }
+    net = NetworkConfig(loraplus_lr_ratio=16, loraplus_text_encoder_lr_ratio=4)
+    cfg = TrainConfig("m", learning_rate=1e-4, text_encoder_lr=5e-5, network=net)
+    _, groups = param_groups(named, cfg)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert [lr_of[id(p)] for p in ps] == pytest.approx([16e-4, 1e-4, 4 * 5e-5, 5e-5])

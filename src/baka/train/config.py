@@ -64,6 +64,10 @@ class NetworkConfig:
     down_lr_weight: str | list[float] | None = None  # 12 values or a preset (cosine, sine, linear, ...)
     mid_lr_weight: float | None = None
     up_lr_weight: str | list[float] | None = None
+    # LoRA+ (Hayou et al. 2024; kohya's network_args): the up matrices train at ratio x the LR
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None  # overrides it for the UNet
+    loraplus_text_encoder_lr_ratio: float | None = None  # ... and for the text encoder
 
 
 @dataclass

@@ -86,6 +86,7 @@ class LoRANetwork(nn.Module):
         mods: dict[str, LoRAModule] = {}
         block_dims = _block_values(cfg.block_dims, cfg.dim)
         block_alphas = _block_values(cfg.block_alphas, cfg.alpha)
+        lr_w = block_lr_weights(cfg)
         targets = UNET_ATTN + (UNET_CONV if cfg.conv_dim else ())
         for parent_name, parent in unet.named_modules():
             if type(parent).__name__ not in targets:
@@ -100,7 +101,7 @@ class LoRANetwork(nn.Module):
                     continue
                 dim = cfg.conv_dim if is_3x3 else block_dims[block]
                 alpha = cfg.conv_alpha if is_3x3 else block_alphas[block]
-                if dim <= 0:
+                if dim <= 0 or lr_w[block] == 0:  # kohya creates no module where the LR weight is 0
                     continue
                 name = kohya_module_name("unet", full)
                 mods[name] = LoRAModule(name, child, dim, alpha, cfg, block)

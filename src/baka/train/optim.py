@@ -123,6 +123,14 @@ def _is_text_encoder(name: str) -> bool:
     return "lora_te_" in name or name.startswith("text_encoder.")
 
 
+def _loraplus(cfg: TrainConfig, text_encoder: bool) -> float:
+    """LoRA+'s LR ratio for the up matrices (the component's own ratio first, as kohya)."""
+    n = cfg.network
+    own = n.loraplus_text_encoder_lr_ratio if text_encoder else n.loraplus_unet_lr_ratio
+    ratio = own if own is not None else n.loraplus_lr_ratio
+    return 1.0 if ratio is None else float(ratio)
+
+
 def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[dict]]:
     """Optimizer groups, one per (block, lr): lr = (text_encoder_lr or learning_rate) * block weight.
     Parameters of a block with LR weight 0 are frozen (requires_grad off) and left out. Returns the
@@ -136,7 +144,9 @@ def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[di
         if w == 0:
             p.requires_grad_(False)
             continue
-        groups.setdefault((block, (te_lr if _is_text_encoder(name) else unet_lr) * w), []).append(p)
+        te = _is_text_encoder(name)
+        lr = (te_lr if te else unet_lr) * w * (_loraplus(cfg, te) if name.endswith(".up.weight") else 1.0)
+        groups.setdefault((block, lr), []).append(p)
     named = {k: v for k, v in named.items() if v[0].requires_grad}
     if not named:
         raise BakaError("nothing to train: every block has LR weight 0 or dim 0")
