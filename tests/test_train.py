@@ -757,6 +757,23 @@ def test_clip_skip_and_max_token_length_train_and_are_recorded(tmp_path, tiny_fi
     with SafetensorsFile(res.output) as f:
         assert f.metadata["ss_clip_skip"] == "2" and f.metadata["ss_max_token_length"] == "150"
         assert f.metadata["ss_optimizer"] == "torch.optim.adamw.AdamW"
+        meta = dict(f.metadata)
+    # kohya's dataset / model fields, with kohya's value types (strings; JSON for the tables)
+    from baka.models.hashes import legacy_hash, sha256_file
+
+    assert meta["ss_sd_model_hash"] == legacy_hash(tiny_files[0])
+    assert meta["ss_new_sd_model_hash"] == sha256_file(tiny_files[0])
+    train_items = Dataset(cfg.dataset).train
+    n = len(train_items)
+    assert json.loads(meta["ss_dataset_dirs"]) == {images.name: {"n_repeats": 1, "img_count": n}}
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sum(b["count"] for b in buckets.values()) == n
+    assert sorted(tuple(b["resolution"]) for b in buckets.values()) == sorted(
+        {it.bucket for it in train_items}
+    )
+    per_epoch = int(meta["ss_num_batches_per_epoch"])
+    assert meta["ss_num_epochs"] == str(-(-2 // per_epoch)) and meta["ss_total_batch_size"] == "2"
+    assert all(isinstance(v, str) for v in meta.values())
     for bad, match in (({"max_token_length": 100}, "75, 150 or 225"), ({"clip_skip": 0}, "from 1 to 12")):
         with pytest.raises(BakaError, match=match):
             load_config(write_config(tmp_path, tiny_files[0], images, **bad))

@@ -3,6 +3,7 @@ both with modelspec metadata, and preview samples."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -95,7 +96,73 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
         "ss_max_timestep": str(cfg.max_timestep or 1000),
         "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
         "ss_tag_frequency": json.dumps(tag_frequency(ds)),
+        **dataset_metadata(cfg, ds, step, seconds),
+        **model_hashes(cfg.model),
     }
+
+
+def dataset_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> dict[str, str]:
+    """kohya's dataset and batch ``ss_*`` fields (strings, as kohya writes them)."""
+    import math
+    import time
+
+    d = cfg.dataset
+    assert d is not None
+    k = cfg.gradient_accumulation_steps
+    per_epoch = max(1, len(ds.epoch_batches(0, cfg.seed, 1, 0, k)))
+    dirs: dict[str, dict[str, int]] = {}
+    for it in ds.train:
+        entry = dirs.setdefault(
+            Path(it.subset.image_dir).name, {"n_repeats": it.subset.num_repeats, "img_count": 0}
+        )
+        entry["img_count"] += 1
+    counts: dict[tuple[int, int], int] = {}
+    for it in ds.train:
+        counts[it.bucket] = counts.get(it.bucket, 0) + it.subset.num_repeats
+    buckets = {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))}
+    first = d.subsets[0]
+    return {
+        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_bucket_info": json.dumps({"buckets": buckets}),
+        "ss_num_batches_per_epoch": str(per_epoch),
+        "ss_num_epochs": str(math.ceil(cfg.max_steps / per_epoch)),
+        "ss_epoch": str(math.ceil(step / per_epoch)),
+        "ss_batch_size_per_device": str(d.batch_size),
+        "ss_total_batch_size": str(d.batch_size * k),
+        "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_cache_latents": str(d.cache_latents),
+        "ss_enable_bucket": str(d.enable_bucket),
+        "ss_min_bucket_reso": str(d.min_bucket_reso),
+        "ss_max_bucket_reso": str(d.max_bucket_reso),
+        "ss_bucket_no_upscale": "False",
+        "ss_keep_tokens": str(first.keep_tokens),
+        "ss_shuffle_caption": str(first.shuffle_caption),
+        "ss_caption_dropout_rate": str(first.caption_dropout_rate),
+        "ss_caption_tag_dropout_rate": str(first.caption_tag_dropout_rate),
+        "ss_flip_aug": str(first.flip_aug),
+        "ss_color_aug": "False",
+        "ss_num_reg_images": "0",
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_training_started_at": str(time.time() - seconds),
+    }
+
+
+def model_hashes(model: str) -> dict[str, str]:
+    """kohya's ``ss_sd_model_hash`` (A1111's legacy hash) and ``ss_new_sd_model_hash`` (the file's
+    sha256) of the base model, when it is one file."""
+    from baka.models.shipped import resolve
+
+    path = resolve(model)
+    if not path.is_file():
+        return {}
+    return _hashes(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+
+
+@functools.cache
+def _hashes(path: str, size: int, mtime: int) -> dict[str, str]:
+    from baka.models.hashes import legacy_hash, sha256_file
+
+    return {"ss_sd_model_hash": legacy_hash(path), "ss_new_sd_model_hash": sha256_file(path)}
 
 
 def save_lora(cfg: TrainConfig, network, ds: Dataset, step: int, seconds: float) -> Path:
