@@ -26,7 +26,6 @@ from baka.models import detect
 from baka.models.blocks import BLOCK_INDEX, block_of
 from baka.models.hashes import sha256_file
 from baka.models.io import DTYPE_BY_NAME
-from baka.models.keymap import UNET_PREFIX
 from baka.models.safetensors_io import TensorSpec, atomic_output, build_header, tensor_bytes
 from baka.models.sources import open_source, shapes_of_source
 
@@ -81,8 +80,10 @@ def merge_models(
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_source(p)) for p in recipe.models]
         all_specs = [s.specs() for s in sources]
-        for path, src in zip(recipe.models, sources, strict=True):
-            detect.require_sd1(path, detect.classify(shapes_of_source(src)), inpaint=True)
+        kinds = [detect.classify(shapes_of_source(src)) for src in sources]
+        for path, kind in zip(recipe.models, kinds, strict=True):
+            detect.require_sd1(path, kind, inpaint=True)
+        inpainting = kinds[0].name == "sd1-inpaint"
         spec_a = all_specs[0]
         keys = [k for k in spec_a if block_of(k) is not None]
         dropped = [k for k in spec_a if block_of(k) is None]
@@ -124,7 +125,7 @@ def merge_models(
             for p in recipe.models
         ]
         copied = 0
-        adjust_keys = adjust.keys() if adjust else set()
+        adjust_keys = adjust.keys() if adjust is not None else set()
         position = {k: i for i, k in enumerate(spec_a)}  # a key's index in A (random elemental ratios)
         state = None
         if method.prepare is not None:  # a whole-model pass first (cosine's similarity range)
@@ -152,25 +153,31 @@ def merge_models(
                     copied += 1
                     yield k, a.to(want)
                     continue
+                # Adjust's six keys are merged in fp32, adjusted, then cast (every other key streams)
+                adjusting = adjust is not None and k in adjust_keys
                 pick = method.shortcut(alpha, beta)
-                if pick is not None and k not in wide and not (adjust and k in adjust_keys):
+                if pick is not None and k not in wide and not adjusting:
                     copied += pick == "A"
                     b = others[0]
                     assert b is not None  # checked above: every model given has the key
                     yield k, (a if pick == "A" else b).to(want)
                     continue
                 ctx = Ctx(k, alpha, beta, recipe.seed, state, recipe.gamma)
+                dtype = torch.float32 if adjusting else want
                 if k in wide:  # A's first 4 input channels merged, its extra ones kept
                     head = _whole(_compute(method, a[:, :4], others, ctx, torch.float32))
-                    out = torch.cat([head, a[:, 4:].float()], dim=1).to(
-                        want if adjust is None else torch.float32
-                    )
+                    out = torch.cat([head, a[:, 4:].float()], dim=1).to(dtype)
                 else:
-                    out = _compute(method, a, others, ctx, want if adjust is None else torch.float32)
-                yield k, out if adjust is None else adjust.apply(k, _whole(out)).to(want)
+                    out = _compute(method, a, others, ctx, dtype)
+                if adjusting:
+                    assert adjust is not None
+                    out = adjust.apply(k, _whole(out)).to(want)
+                yield k, out
 
         with atomic_output(out_path, protect=recipe.models) as tmp:
-            head_guess = len(build_header(out_specs, _metadata(recipe, sources, ["0" * 64] * len(futures))))
+            head_guess = len(
+                build_header(out_specs, _metadata(recipe, sources, ["0" * 64] * len(futures), inpainting))
+            )
             reserve = head_guess + _HEADER_SLACK
             total = sum(s.nbytes for s in out_specs.values())
             with open(tmp, "wb") as f:
@@ -183,7 +190,7 @@ def merge_models(
                     bar.update(n)
                 bar.close()
                 recipe.model_sha256 = [fu.result() if fu else "" for fu in futures]
-                header = build_header(out_specs, _metadata(recipe, sources, recipe.model_sha256))
+                header = build_header(out_specs, _metadata(recipe, sources, recipe.model_sha256, inpainting))
                 header = _pad_header(header, reserve)
                 f.seek(0)
                 f.write(header)
@@ -192,11 +199,9 @@ def merge_models(
     return MergeResult(out_path, recipe, len(out_specs), copied, dropped, filled)
 
 
-def _metadata(recipe: Recipe, sources, shas: list[str]) -> dict[str, str]:
+def _metadata(recipe: Recipe, sources, shas: list[str], inpainting: bool) -> dict[str, str]:
     r = Recipe(**{**recipe.__dict__, "model_sha256": list(shas)})
     metas = [dict(getattr(s, "metadata", {}) or {}) for s in sources]
-    conv_in = sources[0].specs().get(UNET_PREFIX + "input_blocks.0.0.weight")
-    inpainting = conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] == 9
     return metadata_for(r, metas, Path(recipe.models[0]).stem + "-merge", inpainting=inpainting)
 
 

@@ -8,6 +8,8 @@ per-block overrides ``;IN05=0.3;OUT11=1`` (also given on the CLI as ``--block IN
 
 from __future__ import annotations
 
+import functools
+
 from baka.errors import BakaError
 from baka.merge.presets import builtin_presets
 from baka.models.blocks import BLOCK_IDS, BLOCK_INDEX, N_BLOCKS, parse_block_id
@@ -34,11 +36,15 @@ RANDOM_TOKENS = {
 BETA_OFFSET = 50
 
 
+@functools.lru_cache(maxsize=4)
 def randomer(seed: int):
-    """supermerger's random stream: ``np.random.seed(seed); np.random.rand(3000)``."""
+    """supermerger's random stream: ``np.random.seed(seed); np.random.rand(3000)`` (drawn once per seed:
+    random elemental ratios read it for every matching key; read-only)."""
     import numpy as np
 
-    return np.random.RandomState(seed).rand(3000)
+    r = np.random.RandomState(seed).rand(3000)
+    r.flags.writeable = False
+    return r
 
 
 def _random_values(tokens: list[str], seed: int | None, offset: int, text: str) -> list[float] | None:
