@@ -166,13 +166,13 @@ def run_grid(
     come back in order."""
     from tqdm import tqdm
 
-    axes = [parse_axis(a) for a in (x, y, z) if a]
-    xn, xa, xs = axes[0]
-    yn, ya, ys = parse_axis(y) if y else ("", None, [""])
-    zn, za, zs = parse_axis(z) if z else ("", None, [""])
-    for _, apply, values in axes:
+    none: tuple[str, Apply | None, list[str]] = ("", None, [""])
+    (xn, xa, xs), (yn, ya, ys), (zn, za, zs) = (parse_axis(a) if a else none for a in (x, y, z))
+    for apply, values in ((xa, xs), (ya, ys), (za, zs)):
         if apply is _prompt_sr:
             ctx.sr_search = values[0]
+    labels_x = [f"{xn}: {v}" for v in xs]
+    labels_y = [f"{yn}: {v}" for v in ys] if y else [""]
     merging = ctx.merger is not None
     rows = []
     grids = []
@@ -196,8 +196,6 @@ def run_grid(
                 bar.update()
             zrows.append(row)
         rows += zrows
-        labels_x = [f"{xn}: {v}" for v in xs]
-        labels_y = [f"{yn}: {v}" for v in ys] if y else [""]
         grids.append(draw_grid([[r.image for r in row] for row in zrows], labels_x, labels_y))
     bar.close()
     if not z:

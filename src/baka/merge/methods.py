@@ -314,6 +314,13 @@ def _top_k(delta: Tensor, density: float) -> Tensor:
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
+def _trimmed_deltas(
+    a: Tensor, b: Tensor, c: Tensor | None, trim: Callable[[Tensor, float], Tensor], density: float
+) -> Tensor:
+    """TIES step 1 for both variants: B - A (and C - A) each trimmed, stacked."""
+    return torch.stack([trim(m - a, density) for m in (b, c) if m is not None])
+
+
 @method(
     "ties",
     aliases=("TIES", "ties_add_difference"),
@@ -327,8 +334,7 @@ def ties(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """A + alpha * TIES(B - A[, C - A]): trim each delta to its top-beta fraction by |value| (round(n *
     beta) kept), elect the sign of the summed deltas (by mass, as the paper), average the nonzero deltas
     that agree with it (Yadav et al. 2023; ties_mecha: sd-mecha's count vote and trim)"""
-    deltas = [_top_k(b - a, x.beta)] + ([_top_k(c - a, x.beta)] if c is not None else [])
-    stack = torch.stack(deltas)
+    stack = _trimmed_deltas(a, b, c, _top_k, x.beta)
     sign = torch.sign(stack.sum(dim=0))
     agree = (torch.sign(stack) == sign) & (stack != 0)
     total = (stack * agree).sum(dim=0)
@@ -356,9 +362,7 @@ def _top_k_mecha(delta: Tensor, density: float) -> Tensor:
 def ties_mecha(a: Tensor, b: Tensor, c: Tensor | None, x: Ctx) -> Tensor:
     """A + alpha * TIES as sd-mecha's ties_sum: the trim above, the sign elected by count (sum of
     signs), the mean over entries whose sign equals it (zeros too where the vote is 0)"""
-    stack = torch.stack(
-        [_top_k_mecha(b - a, x.beta)] + ([_top_k_mecha(c - a, x.beta)] if c is not None else [])
-    )
+    stack = _trimmed_deltas(a, b, c, _top_k_mecha, x.beta)
     signs = torch.sign(stack)
     agree = (signs == torch.sign(signs.sum(dim=0))).float()
     merged = torch.nan_to_num((stack * agree).sum(dim=0) / agree.sum(dim=0), nan=0.0, posinf=0.0, neginf=0.0)

@@ -91,13 +91,13 @@ class RuntimeBlockMerge(Patch):
     def apply(self, modules: Modules) -> None:
         self.groups = {bid: [] for bid in BLOCK_IDS}
         missing: list[str] = []
+        sources = [self.a, self.b] + ([self.c] if self.c is not None else [])
         for comp in self.a:
             own = dict(modules[comp].named_parameters()) | dict(modules[comp].named_buffers())
             for key, target in own.items():
                 if not target.is_floating_point():
                     continue
                 src_key = key if key in self.a[comp] else "text_model." + key
-                sources = [self.a, self.b] + ([self.c] if self.c is not None else [])
                 if any(src_key not in m[comp] for m in sources):
                     missing.append(f"{comp}.{key}")
                     continue

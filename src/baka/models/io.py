@@ -39,6 +39,8 @@ from baka.models.sources import (
 )
 
 DTYPE_BY_NAME = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# kohya's --save_precision names (LoRA / embedding / model files the trainer and the LoRA tools write)
+SAVE_PRECISION_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -178,6 +180,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "DTYPE_BY_NAME",
+    "SAVE_PRECISION_DTYPES",
     "PICKLE_SUFFIXES",
     "Checkpoint",
     "DictSource",

@@ -39,7 +39,12 @@ class Target:
 
     @property
     def is_conv3x3(self) -> bool:
-        return len(self.shape) == 4 and self.shape[2:] != (1, 1)
+        return is_conv3x3(self.shape)
+
+
+def is_conv3x3(shape: tuple[int, ...]) -> bool:
+    """A conv with a kernel larger than 1x1: kohya gives these conv_dim, every other layer the dim."""
+    return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
 
 
 def module_names(component: str, module_path: str, ldm_path: str | None = None) -> list[str]:
@@ -70,4 +75,4 @@ def checkpoint_targets(shapes: dict[str, tuple[int, ...]]) -> dict[str, Target]:
     return out
 
 
-__all__ = ["Target", "checkpoint_targets", "module_names"]
+__all__ = ["Target", "checkpoint_targets", "is_conv3x3", "module_names"]

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from baka.models.io import SAVE_PRECISION_DTYPES
 from baka.train.config import SAVE_PRECISIONS, TrainConfig
 from baka.train.data import Dataset
 from baka.train.optim import optimizer_description, warmup_steps
 
-SAVE_DTYPES = dict(zip(SAVE_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
+SAVE_DTYPES = {name: SAVE_PRECISION_DTYPES[name] for name in SAVE_PRECISIONS}
 
 
 def save_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -229,10 +229,11 @@ class _Run:
         for i in range(0, n, bs):
             part = slice(i, i + bs)
             sync = contextlib.nullcontext() if i + bs >= n or self.world == 1 else acc.no_sync(self.model)
+            share = min(bs, n - i) / n
             with sync:
                 micro = self.loss_of(latents[part], ids[part], noise[part], t[part])
-                acc.backward(micro * (min(bs, n - i) / n))
-            loss = loss + micro.detach() * (min(bs, n - i) / n)
+                acc.backward(micro * share)
+            loss = loss + micro.detach() * share
         if acc.sync_gradients and cfg.max_grad_norm:
             acc.clip_grad_norm_([p for p, _ in self.named.values()], cfg.max_grad_norm)
         for b in resting:  # a resting block gets no optimizer update at all (not even momentum)

@@ -82,7 +82,8 @@ def bake_loras(
                         report.applied += 1
                 elif k in bias_plan:
                     for m, mult in bias_plan[k]:
-                        t = patched_bias(t, m, mult) if m.bias_delta() is not None else t
+                        patched = patched_bias(t, m, mult)
+                        t = t if patched is None else patched
                 yield k, t.to(spec.dtype)
 
         meta = dict(getattr(src, "metadata", {}) or {})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from baka._cli import args, command, print_config
 
-PRECISIONS = ["float", "fp16", "bf16"]  # baka.merge.lora.common.SAVE_PRECISIONS (torch-free here)
+PRECISIONS = ["float", "fp16", "bf16"]  # baka.models.io.SAVE_PRECISION_DTYPES (torch-free here)
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:

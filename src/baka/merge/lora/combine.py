@@ -25,7 +25,7 @@ from baka.models.lbw import parse_lbw
 from baka.models.networks import LoRA, Module, load_network, multiplier
 from baka.models.safetensors_io import save_file
 from baka.models.sources import open_source, shapes_of_source
-from baka.models.targets import Target, checkpoint_targets
+from baka.models.targets import Target, checkpoint_targets, is_conv3x3
 from baka.models.tiny import model_specs
 
 
@@ -111,7 +111,7 @@ def merge_loras(
                     (mult * _delta(net_name, m, torch.Size(shape), orig) for net_name, m, mult in uses),
                     torch.zeros(shape),
                 )
-                rank = (conv_dim or dim) if len(shape) == 4 and shape[2:] != (1, 1) else dim
+                rank = (conv_dim or dim) if is_conv3x3(shape) else dim
                 up, down = svd_factors(delta, rank, RankRule(), clamp_quantile)
                 errors.add("TE" if target.component == "text_encoder" else target.block, delta, up, down)
             r = down.shape[0]
@@ -124,8 +124,7 @@ def merge_loras(
     if not tensors:
         raise BakaError("the merged LoRA would be empty (every weight is 0)")
     report.modules = len(report.ranks)
-    downs = {n: tensors[f"{n}.lora_down.weight"] for n in report.ranks}
-    conv = {n for n, d in downs.items() if d.ndim == 4 and d.shape[2:] != (1, 1)}
+    conv = {n for n in report.ranks if is_conv3x3(tuple(tensors[f"{n}.lora_down.weight"].shape))}
     lin_dim = max((r for n, r in report.ranks.items() if n not in conv), default=0)
     conv_rank = max((report.ranks[n] for n in conv), default=0)
     tool = {

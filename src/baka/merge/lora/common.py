@@ -13,9 +13,8 @@ import torch
 
 from baka.errors import BakaError
 from baka.merge.lora.ranks import RankRule
+from baka.models.io import SAVE_PRECISION_DTYPES
 from baka.models.networks import find_network
-
-SAVE_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -28,12 +27,11 @@ class LoraArg:
     lbw: str | None = None
 
     @classmethod
-    def parse(cls, spec: str, folders: list[Path] | None = None, *, allow_lbw: bool = True) -> LoraArg:
+    def parse(cls, spec: str, folders: list[Path] | None = None) -> LoraArg:
         parts = spec.split(":")
         head, rest = parts[0], parts[1:]
-        if len(rest) > (2 if allow_lbw else 1):
-            form = "FILE[:WEIGHT[:LBW]]" if allow_lbw else "FILE[:WEIGHT]"
-            raise BakaError(f"{spec!r}: want {form}")
+        if len(rest) > 2:
+            raise BakaError(f"{spec!r}: want FILE[:WEIGHT[:LBW]]")
         try:
             weight = float(rest[0]) if rest and rest[0] else 1.0
         except ValueError:
@@ -120,13 +118,12 @@ def lora_metadata(
 
 def save_precision(name: str) -> torch.dtype:
     try:
-        return SAVE_PRECISIONS[name]
+        return SAVE_PRECISION_DTYPES[name]
     except KeyError:
-        raise BakaError(f"save precision {name!r}: one of {', '.join(SAVE_PRECISIONS)}") from None
+        raise BakaError(f"save precision {name!r}: one of {', '.join(SAVE_PRECISION_DTYPES)}") from None
 
 
 __all__ = [
-    "SAVE_PRECISIONS",
     "BlockError",
     "LoraArg",
     "lora_metadata",
