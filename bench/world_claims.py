@@ -64,7 +64,7 @@ def guidance_and_emphasis(n: int) -> tuple[str, dict]:
     cases = [
         ("no negative", base, ""),
         ("negative `red`", base, "red"),
-        # the pretrained text encoder knows whole captions only (docs/world.md): a caption-like negative
+        ("negative `blue`", base, "blue"),  # world-flat draws this prompt's circle blue most often
         ("negative: a whole caption", base, "blue " + base),
         ("`(red:1.4) circle, ...`", "(red:1.4) " + base, ""),
         ("`(red:0.6) circle, ...`", "(red:0.6) " + base, ""),
@@ -73,14 +73,14 @@ def guidance_and_emphasis(n: int) -> tuple[str, dict]:
     rows, data = [], {}
     for name, prompt, neg in cases:
         rs = readings(gen, prompt, negative=neg, n=n)
-        share = color_share(rs, "red")
+        share, blue = color_share(rs, "red"), color_share(rs, "blue")
         seen = Counter(r.main.color if r.main else "none" for r in rs)
-        data[name] = {"red": share, "colours": dict(seen)}
+        data[name] = {"red": share, "blue": blue, "colours": dict(seen)}
         colours = ", ".join(f"{c} {k / len(rs):.0%}" for c, k in seen.most_common())
-        rows.append([name, prompt, neg or "-", f"{share:.0%}", colours])
+        rows.append([name, prompt, neg or "-", f"{share:.0%}", f"{blue:.0%}", colours])
     return _table(
         f"Negative prompt and emphasis (world-flat, CFG 7, {n} seeds)",
-        ["case", "prompt", "negative", "red", "colours read"],
+        ["case", "prompt", "negative", "red", "blue", "colours read"],
         rows,
     ), data
 
@@ -192,11 +192,32 @@ def textual_inversion(n: int) -> tuple[str, dict]:
     ), data
 
 
+def esd(n: int) -> tuple[str, dict]:
+    from baka.generate.engine import Generator
+    from baka.world.eval import color_share, erase_scores, readings
+
+    gen = Generator(FLAT, progress=False)
+    rows, data = [], {}
+    for name, lora in (("world-flat", ""), ("world-flat + `<lora:world-no-red:1>`", "<lora:world-no-red:1>")):
+        m = erase_scores(gen, "red", n, lora=lora)
+        m["word_share"] = color_share(readings(gen, f"red {lora}".strip(), n=n), "red")
+        data[name] = m
+        rows.append(
+            [name, f"{m['word_share']:.0%}", f"{m['erased_share']:.0%}", f"{m['others_color_accuracy']:.0%}"]
+        )
+    return _table(
+        f"ESD-x erasing `red` (world-no-red from `baka erase`; {n} seeds / red captions / other captions)",
+        ["model", "prompt `red` drawn red", "red captions drawn red", "other colours right"],
+        rows,
+    ), data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="quick", choices=["quick", "full"])
     ap.add_argument("--n", type=int, default=24, help="seeds per single-prompt claim")
     ap.add_argument("--json", help="also write every figure here")
+    ap.add_argument("--only", nargs="*", help="run only these tables (e.g. esd star_lora)")
     a = ap.parse_args()
     out: dict = {}
     for name, fn, arg in [
@@ -206,7 +227,10 @@ def main() -> None:
         ("zero_snr", zero_snr, a.n),
         ("star_lora", star_lora, a.n),
         ("textual_inversion", textual_inversion, a.n),
+        ("esd", esd, a.n),
     ]:
+        if a.only and name not in a.only:
+            continue
         t = time.time()
         text, out[name] = fn(arg)
         print(text + f"\n\n({time.time() - t:.0f} s)", flush=True)

@@ -18,6 +18,7 @@ SHIPPED = {
 # LoRAs found by ``<lora:NAME:w>`` when no LoRA folder holds NAME
 SHIPPED_NETWORKS = {
     "world-star": "world/weights/lora/world-star.safetensors",
+    "world-no-red": "world/weights/lora/world-no-red.safetensors",  # ESD-x "red", extracted as a LoRA
 }
 # textual-inversion embeddings, for an embeddings folder (``--embeddings``): prompts use them by name
 SHIPPED_EMBEDDINGS = {

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -47,15 +48,21 @@ VAE_PHASES = (
     {"steps": 400, "lr": 1e-3, "fg_weight": 4.0, "batch": 16},
 )
 TE_STEPS = 300
+# text encoder pretraining: whole captions first (the binding of words in order), then a share of
+# partial captions (single tags and words: what negative prompts and ESD name), from the first phase
+TE_PHASES = ({"steps": 300, "lr": 3e-3, "whole": 1.0}, {"steps": 300, "lr": 2e-3, "whole": 0.5})
 FLAT_STEPS = 5000
 STRIPED_STEPS = 400
-VPRED_STEPS = 800
+VPRED_STEPS = 1200
 # min-SNR 5 alone weighs an x0 error at t ~ 900 some 500x less than at t ~ 300, yet the high-noise steps
 # decide background, colour and layout; kohya's v_pred_like_loss adds a v-like term (x0 weight SNR + 1)
 EPS_KEYS = {"v_pred_like_loss": 0.5, "lr_scheduler": '"cosine"', "lr_warmup_steps": 50}
 VPRED_KEYS = {"lr_scheduler": '"cosine"', "lr_warmup_steps": 50}
 BATCH = 32
 SEED = 0
+# kohya's caption_tag_dropout_rate on the UNet's runs: a share of captions lose tags, so the UNet also
+# learns what "red" or "circle, grey background" alone mean (negative prompts, ESD name single tags)
+TAG_DROPOUT = 0.15
 # the star LoRA (issue #10's "teach the unseen star from <= 40 images"): kohya-style LoRA on UNet and
 # text encoder, trained with baka train on the built world-flat
 STAR_IMAGES = 40
@@ -70,6 +77,13 @@ TI_COLOR = "blue"
 TI_IMAGES = 40
 TI_SEED = 11
 TI_STEPS = 1000
+# ESD (Gandikota et al. 2023) erases "red" from world-flat: baka erase (ESD-x, the 2025 release's
+# settings at 20x its learning rate: at 5e-5 nothing measurable moved on this small model), then baka
+# lora extract turns the edit into a LoRA (every edited attn2 layer's input is 32 wide, so rank 32 is
+# exact), shipped as ``<lora:world-no-red:1>``
+ESD_CONCEPT = "red"
+ESD_LORA = "world-no-red"
+ESD_ARGS = ("--method", "ESD-x", "--preset", "esd-2025", "--lr", "1e-3")
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 
 
@@ -277,19 +291,29 @@ def _vae_phases(out: Path, folders: list[Path]) -> dict:
 
 
 # the attributes a caption names, each a classification target of the text encoder's pretraining;
-# "-" is "no such thing" (a one-shape scene has no second shape, a two-shape scene no position word)
+# "-" is "no such thing" (a one-shape scene has no second shape, a two-shape scene no position word),
+# "?" is "not said" (a partial caption: a tag left out, or a shape tag cut to its colour or its shape)
+UNSAID = "?"
+
+
 def _caption_targets() -> dict[str, list[str]]:
     from baka.world.render import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
     return {
-        "color1": list(COLORS),
-        "shape1": list(SHAPES),
-        "color2": ["-", *COLORS],
-        "shape2": ["-", *SHAPES],
-        "background": list(BACKGROUNDS),
-        "size": list(SIZES),
-        "position": ["-", *POSITIONS],
+        "color1": [UNSAID, *COLORS],
+        "shape1": [UNSAID, *SHAPES],
+        "color2": [UNSAID, "-", *COLORS],
+        "shape2": [UNSAID, "-", *SHAPES],
+        "background": [UNSAID, *BACKGROUNDS],
+        "size": [UNSAID, *SIZES],
+        "position": [UNSAID, "-", *POSITIONS],
     }
+
+
+# partial captions in the text encoder's pretraining: the chance each tag stays in a partial one, and
+# the chance a kept "red circle" tag is cut to "red" or to "circle"
+TE_KEEP_TAG = 0.5
+TE_CUT_TAG = 0.25
 
 
 def _scene_labels(scene) -> dict[str, str]:
@@ -305,6 +329,38 @@ def _scene_labels(scene) -> dict[str, str]:
     }
 
 
+def partial_caption(scene, rng) -> tuple[str, dict[str, str]]:
+    """A caption that says part of ``scene``, and its labels (``UNSAID`` where it says nothing): each
+    tag kept with ``TE_KEEP_TAG`` (at least one), a kept shape tag cut to its colour or its shape word
+    with ``TE_CUT_TAG`` each, tags in the caption's order. Shape tags are numbered as they appear (the
+    first one said is shape 1), so a caption's text alone fixes its labels. Single words ("red",
+    "circle") are what a negative prompt or ``baka erase`` names, and what kohya's tag dropout
+    (``caption_tag_dropout_rate``) leaves of a caption when the UNet trains."""
+    shape_tags = [(s.color, s.shape) for s in scene.shapes]
+    tags: list[tuple[str, tuple[str, str] | None]] = [(f"{c} {sh}", (c, sh)) for c, sh in shape_tags]
+    tags += [(f"{scene.background} background", None), (scene.shapes[0].size, None)]
+    if len(scene.shapes) == 1:
+        tags.append((scene.shapes[0].position, None))
+    kept = [t for t in tags if rng.random() < TE_KEEP_TAG] or [tags[rng.randrange(len(tags))]]
+    labels = {k: UNSAID for k in _caption_targets()}
+    words, n_shapes = [], 0
+    for text, pair in kept:
+        if pair is None:
+            key = "background" if text.endswith(" background") else "position"
+            if text == scene.shapes[0].size:
+                key = "size"
+            labels[key] = text.removesuffix(" background")
+            words.append(text)
+            continue
+        n_shapes += 1
+        c, sh = pair
+        r = rng.random()
+        c, sh = (c, UNSAID) if r < TE_CUT_TAG else (UNSAID, sh) if r < 2 * TE_CUT_TAG else (c, sh)
+        labels[f"color{n_shapes}"], labels[f"shape{n_shapes}"] = c, sh
+        words.append(" ".join(w for w in (c, sh) if w != UNSAID))
+    return ", ".join(words), labels
+
+
 def pretrain_text_encoder(
     te_sd: dict,
     steps: int = TE_STEPS,
@@ -312,7 +368,8 @@ def pretrain_text_encoder(
     lr: float = 3e-3,
     seed: int = SEED,
     n_captions: int = 20000,
-) -> tuple[dict, list[float], float]:
+    whole: float = 1.0,
+) -> tuple[dict, list[float], dict[str, float]]:
     """Teach the (identity-initialised) text encoder to say what a caption means in every token from
     the caption's end on: linear heads read each attribute (colours, shapes, background, size,
     position) from the hidden state at the end token and at every padding token after it.
@@ -323,7 +380,10 @@ def pretrain_text_encoder(
     padding tokens summarise the caption. This stage gives the world's encoder that property, with the
     words' order bound by the causal attention ("blue background" vs "blue square"), so any average of
     the padding states already carries the caption. Captions come from the training split only, so the
-    held-out combinations stay unseen. Returns (state dict, loss log, accuracy on 2048 fresh captions).
+    held-out combinations stay unseen. A share of the captions is partial (:func:`partial_caption`), so
+    single tags and words get a meaning too, with ``UNSAID`` for what they leave out. Returns (state
+    dict, loss log, report): on 2048 fresh captions' states, the share with every attribute right
+    (``all``; ``whole``: whole captions only) and each attribute's accuracy on the partial ones.
     """
     import torch
     from tqdm import tqdm
@@ -346,15 +406,20 @@ def pretrain_text_encoder(
         at += len(v)
 
     def data(n: int, offset: int):
-        scenes = [sample_scene(seed + 7, offset + i, style="flat", split="train") for i in range(n)]
-        ids = plain_tokens(None, tok, [sc.caption for sc in scenes], "cpu")  # as baka train tokenizes
-        labels = torch.tensor(
-            [[targets[k].index(v) for k, v in _scene_labels(sc).items()] for sc in scenes], dtype=torch.long
-        )
+        rng = random.Random(seed * 7919 + offset)
+        captions, said, is_whole = [], [], []
+        for i in range(n):
+            sc = sample_scene(seed + 7, offset + i, style="flat", split="train")
+            is_whole.append(rng.random() < whole)
+            cap, lab = (sc.caption, _scene_labels(sc)) if is_whole[-1] else partial_caption(sc, rng)
+            captions.append(cap)
+            said.append(lab)
+        ids = plain_tokens(None, tok, captions, "cpu")  # as baka train tokenizes
+        labels = torch.tensor([[targets[k].index(lab[k]) for k in targets] for lab in said], dtype=torch.long)
         # positions from the first end token on (the tokenizer pads with it)
         first_end = (ids == tok.eos_token_id).int().argmax(1)
         mask = torch.arange(77)[None] >= first_end[:, None]
-        return ids, labels, mask
+        return ids, labels, mask, torch.tensor(is_whole)
 
     parts = list(enumerate(slices.values()))
 
@@ -362,7 +427,7 @@ def pretrain_text_encoder(
         h = te(input_ids=ids).last_hidden_state[mask]  # [tokens, width]
         return head(h), labels.repeat_interleave(mask.sum(1), dim=0)
 
-    ids, labels, mask = data(n_captions, 0)
+    ids, labels, mask, _ = data(n_captions, 0)
     gen = torch.Generator().manual_seed(seed)
     params = [*te.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -380,9 +445,14 @@ def pretrain_text_encoder(
         log.append(float(loss.detach()))
         bar.set_postfix(loss=f"{log[-1]:.4f}")
     with torch.no_grad():
-        logits, lab = logits_and_labels(*data(2048, 10**6))
+        ids, labels, mask, said_all = data(2048, 10**6)
+        logits, lab = logits_and_labels(ids, labels, mask)
         hits = torch.stack([logits[:, sl].argmax(1) == lab[:, j] for j, sl in parts], 1)
-    return te.state_dict(), log, float(hits.all(1).float().mean())
+        said_all = said_all.repeat_interleave(mask.sum(1))
+    report = {"all": hits.all(1).float().mean(), "whole": hits[said_all].all(1).float().mean()}
+    if not said_all.all():
+        report.update({k: hits[~said_all, j].float().mean() for j, k in enumerate(targets)})
+    return te.state_dict(), log, {k: round(float(v), 4) for k, v in report.items()}
 
 
 def identity_text_encoder(seed: int = SEED) -> dict:
@@ -402,21 +472,33 @@ def identity_text_encoder(seed: int = SEED) -> dict:
 
 
 def _text_encoder_stage(out: Path) -> dict:
-    """The pretrained text encoder (kept as ``te.safetensors``, its report as ``te_report.json``)."""
+    """The pretrained text encoder, phase by phase (``TE_PHASES``: ``te1.safetensors``, ...; the last
+    also as ``te.safetensors``), each phase's report in ``te_report.json``."""
     from safetensors.torch import load_file
 
     f = out / "te.safetensors"
     if f.exists():
         return load_file(f)
-    t = time.time()
-    sd, log, acc = pretrain_text_encoder(identity_text_encoder())
-    secs = round(time.time() - t)
-    k = max(1, len(log) // 20)
-    rep = {"steps": len(log), "seconds": secs, "loss_first": log[0], "loss_last": sum(log[-k:]) / k}
-    rep["caption_accuracy"] = acc
-    (out / "te_report.json").write_text(json.dumps(rep))
+    sd, reports = identity_text_encoder(), []
+    for i, kw in enumerate(TE_PHASES, 1):
+        fi = out / f"te{i}.safetensors"
+        if fi.exists():
+            sd = load_file(fi)
+            reports.append(json.loads((out / f"te{i}_report.json").read_text()))
+            continue
+        t = time.time()
+        sd, log, acc = pretrain_text_encoder(sd, **kw)
+        k = max(1, len(log) // 20)
+        rep = {"steps": len(log), "seconds": round(time.time() - t), "loss_first": log[0]}
+        rep.update(loss_last=sum(log[-k:]) / k, caption_accuracy=acc["whole"], accuracy=acc)
+        (out / f"te{i}_report.json").write_text(json.dumps(rep))
+        _save_stage(sd, fi)
+        _log(f"text encoder phase {i}: {rep}")
+        reports.append(rep)
+    total = {"steps": sum(r["steps"] for r in reports), "seconds": sum(r["seconds"] for r in reports)}
+    total.update(caption_accuracy=reports[-1]["caption_accuracy"], phases=reports)
+    (out / "te_report.json").write_text(json.dumps(total))
     _save_stage(sd, f)
-    _log(f"text encoder: {rep}")
     return sd
 
 
@@ -472,13 +554,15 @@ ema_decay = {ema}
   "yellow square, black background, medium, left",
 ]
 sample_steps = 20
-{_dataset_toml(data, BATCH)}"""
+{_dataset_toml(data, BATCH, tag_dropout=TAG_DROPOUT)}"""
     path = out / f"{name}.toml"
     path.write_text(text)
     return path
 
 
-def _dataset_toml(data: Path, batch: int, repeats: int = 1, caption_dropout: float = 0.1) -> str:
+def _dataset_toml(
+    data: Path, batch: int, repeats: int = 1, caption_dropout: float = 0.1, tag_dropout: float = 0.0
+) -> str:
     return f"""
 [[datasets]]
 resolution = 64
@@ -490,6 +574,7 @@ validation_split = 0.0
   image_dir = "{data}"
   caption_extension = ".txt"
   caption_dropout_rate = {caption_dropout}
+  caption_tag_dropout_rate = {tag_dropout}
   num_repeats = {repeats}
 """
 
@@ -541,10 +626,31 @@ def embedding_toml(out: Path, model: Path, data: Path) -> Path:
     return _small_run_toml(out, TI_WORD, model, data, TI_STEPS, keys, "")
 
 
-def run_train(toml: Path) -> None:
-    """``baka train TOML`` in a subprocess, exactly as a user runs it."""
+def run_baka(*args: str | Path) -> None:
+    """``baka ARGS`` in a subprocess, exactly as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "baka", "train", str(toml)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "baka", *map(str, args)], check=True, env=env)
+
+
+def run_train(toml: Path) -> None:
+    run_baka("train", toml)
+
+
+def erase_stage(out: Path, model: Path) -> Path:
+    """``baka erase`` the concept from ``model``, then ``baka lora extract`` the edit as a LoRA (fp16,
+    rank 32, no clamping: exact on the edited layers; unchanged layers are skipped)."""
+    d = out / ESD_LORA
+    d.mkdir(exist_ok=True)
+    erased, lora = d / "erased.safetensors", d / f"{ESD_LORA}.safetensors"
+    if not erased.exists():
+        t = time.time()
+        _log(f"baka erase {model.name} {ESD_CONCEPT!r} {' '.join(ESD_ARGS)}")
+        run_baka("erase", model, ESD_CONCEPT, "-o", erased, *ESD_ARGS)
+        (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+    if not lora.exists():
+        extract = ("--dim", "32", "--clamp-quantile", "1", "--min-diff", "1e-6", "--save-precision", "fp16")
+        run_baka("lora", "extract", model, erased, "-o", lora, "-q", *extract)
+    return lora
 
 
 CARDS = {
@@ -553,6 +659,7 @@ CARDS = {
     "world-vpred-ztsnr": "world-flat fine-tuned to v-prediction with zero-terminal-SNR betas",
     STAR_LORA: "a LoRA that teaches world-flat the star, a shape its training never showed",
     TI_WORD: f"a textual-inversion embedding that world-flat reads as the colour {TI_COLOR}",
+    ESD_LORA: f"world-flat with the concept {ESD_CONCEPT!r} erased by ESD-x, as a LoRA",
 }
 
 
@@ -630,6 +737,12 @@ SMALL_USE = {  # how a card says to use a shipped LoRA / embedding
         f' colour goes, e.g. `-p "{TI_WORD} square, white background, medium, top"`, or in a negative'
         f' prompt: `-n "{TI_WORD} circle, grey background, large, center"`.',
     ),
+    ESD_LORA: (
+        f"kohya-layout LoRA for world-flat: `baka erase world-flat {ESD_CONCEPT} {' '.join(ESD_ARGS)}`"
+        " (cross-attention keys and values edited), turned into a rank-32 LoRA by `baka lora extract`.",
+        f"Use: `<lora:{ESD_LORA}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
+        f' -p "{ESD_CONCEPT} circle, grey background, large, center <lora:{ESD_LORA}:1>"`.',
+    ),
 }
 
 
@@ -705,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"baka train {name}: {CARDS[name]}")
                 run_train(toml())
                 (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+        erase_stage(out, trained("world-flat"))
     vae_logs = [json.loads(f.read_text()) for f in sorted(out.glob("vae*_losses.json"))]
     te = json.loads((out / "te_report.json").read_text())
     base = {
@@ -728,6 +842,11 @@ def main(argv: list[str] | None = None) -> int:
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             ship_small(out, name, stats, Path(a.dest), folder)
             _log(f"shipped {name}: {stats}")
+    if trained(ESD_LORA).exists():
+        secs = json.loads((out / ESD_LORA / "time.json").read_text())["seconds"]
+        stats = {"concept": ESD_CONCEPT, "erase_args": " ".join(ESD_ARGS), "erase_seconds": secs}
+        ship_small(out, ESD_LORA, stats, Path(a.dest), "lora")
+        _log(f"shipped {ESD_LORA}: {stats}")
     return 0
 
 

@@ -201,6 +201,32 @@ def star_scores(gen, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
     return {"star_share": shape_share([r for r, _ in pairs], "star"), **m, "n_images": len(pairs)}
 
 
+def erase_scores(gen, color: str, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
+    """The ESD claim (the paper's erased-class vs other-classes table): ``n`` seen suite prompts asking
+    for ``color`` and ``n`` asking for other colours, one image each (prompt k with seed 100 k),
+    optionally with ``lora`` appended (e.g. ``"<lora:world-no-red:1>"``). Returns the share of the
+    ``color`` prompts' images the judge reads in ``color`` and the colour accuracy on the others."""
+    from baka.world.score import score
+
+    scenes = [s for s, held in suite_scenes("full") if not held]
+    asked = [s for s in scenes if s.shapes[0].color == color]
+    # the full suite has ~10 scenes per colour: cycle through them with a new seed per prompt
+    wanted = [asked[k % len(asked)] for k in range(n)]
+    others = [s for s in scenes if s.shapes[0].color != color][:n]
+    got = {}
+    for name, group in (("erased", wanted), ("others", others)):
+        got[name] = [
+            (r, sc)
+            for k, sc in enumerate(group)
+            for r in readings(gen, f"{sc.caption} {lora}".strip(), n=1, seed=100 * k, **kw)
+        ]
+    return {
+        "erased_share": color_share([r for r, _ in got["erased"]], color),
+        "others_color_accuracy": score(got["others"], ("color_accuracy",))["color_accuracy"],
+        "n_images": len(got["erased"]) + len(got["others"]),
+    }
+
+
 def colour_word_prompts(word: str, n: int = 16, avoid: str = "") -> list[str]:
     """Captions of ``n`` seen single-shape suite scenes (none in colour ``avoid``) with ``word`` where
     the colour was: for a textual-inversion embedding standing for a colour."""
