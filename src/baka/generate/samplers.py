@@ -77,7 +77,13 @@ _add("DPM++ 2S a", "DPMSolverSinglestepScheduler", ("dpmsingle",), auto="Karras"
 _add("DDIM", "DDIMScheduler", eta=0.0, set_alpha_to_one=False)
 _add("PLMS", "PNDMScheduler", ("pndm",), skip_prk_steps=True)
 # DPM-Solver (not ++) multistep: kohya's sample sampler "dpmsolver" (no A1111 sampler is this one)
-_add("DPM-Solver 2M", "DPMSolverMultistepScheduler", ("dpmsolver",), algorithm_type="dpmsolver")
+_add(
+    "DPM-Solver 2M",
+    "DPMSolverMultistepScheduler",
+    ("dpmsolver",),
+    algorithm_type="dpmsolver",
+    final_sigmas_type="sigma_min",  # diffusers refuses "zero" for this algorithm
+)
 _add("UniPC", "UniPCMultistepScheduler")
 _add("DEIS", "DEISMultistepScheduler")
 _add("LCM", "LCMScheduler")
