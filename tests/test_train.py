@@ -360,7 +360,7 @@ def test_lora_training_loss_falls_and_output_loads(tmp_path, tiny_files, images)
     assert (
         len(res.val_losses) == 2
         and (cfg.out / "loss.png").exists()
-        and list((cfg.out / "samples").glob("*.png"))
+        and list((cfg.out / "sample").glob("baka_000040_00_*_0.png"))
     )
     from baka.models.hashes import addnet_hash
     from baka.models.safetensors_io import SafetensorsFile
@@ -835,3 +835,141 @@ def test_periodic_outputs_and_continuing_from_a_lora(tmp_path, tiny_files, image
                                      network_weights=str(res.output)))  # fmt: skip
     with pytest.raises(BakaError, match="dims differ"):
         train(wrong, progress=False)
+
+
+# kohya's sample prompt options, expected values from its documented rules: sizes rounded down to a
+# multiple of 8 (at least 64), steps clamped to 1..1000
+SAMPLE_LINES = [
+    (
+        "a cat --n lowres, bad --w 515 --h 40 --d 7 --s 2000 --l 6.5 --ss k_euler_a",
+        dict(
+            prompt="a cat",
+            negative="lowres, bad",
+            width=512,
+            height=64,
+            seed=7,
+            steps=1000,
+            scale=6.5,
+            sampler="k_euler_a",
+        ),
+    ),
+    ("1girl, solo", dict(prompt="1girl, solo")),
+    ("x --s 0 --W 768", dict(prompt="x", steps=1, width=768)),
+    ("x --g 3.5 --d 2", dict(prompt="x", seed=2)),  # --g is another model's option: ignored
+]
+
+
+@pytest.mark.parametrize(("line", "want"), SAMPLE_LINES)
+def test_kohya_sample_prompt_lines(line, want):
+    from baka.train.samples import SamplePrompt, parse_line
+
+    assert parse_line(line) == SamplePrompt(**want)
+
+
+def test_kohya_sample_prompt_files_and_errors(tmp_path):
+    from baka.train.samples import SamplePrompt, load_prompts
+
+    txt = tmp_path / "p.txt"
+    txt.write_text("# a comment\n\nred circle --d 3\n  \nblue square --n red\n")
+    assert [p.prompt for p in load_prompts(str(txt))] == ["red circle", "blue square"]
+    toml = tmp_path / "p.toml"
+    toml.write_text(
+        '[prompt]\nwidth = 128\nscale = 5\n[[prompt.subset]]\nprompt = "a"\n'
+        '[[prompt.subset]]\nprompt = "b"\nwidth = 64\nnegative_prompt = "c"\nsample_sampler = "euler"\n'
+    )
+    assert load_prompts(str(toml)) == [
+        SamplePrompt("a", width=128, scale=5.0),
+        SamplePrompt("b", "c", width=64, scale=5.0, sampler="euler"),
+    ]
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps(["x --d 1", {"prompt": "y", "seed": 2, "sample_steps": 4}]))
+    assert load_prompts(str(js)) == [SamplePrompt("x", seed=1), SamplePrompt("y", seed=2, steps=4)]
+    for bad, msg in [
+        (["x --w wide"], "--w 'wide'"),
+        ([{"prompt": "x", "cfg": 3}], "unknown key 'cfg'"),
+        ([{"negative_prompt": "x"}], "needs 'prompt'"),
+        ([3], "string or a table"),
+    ]:
+        with pytest.raises(BakaError, match=msg):
+            load_prompts(bad)
+    with pytest.raises(BakaError, match="p.yaml: sample prompts file must be"):
+        (tmp_path / "p.yaml").write_text("x")
+        load_prompts(str(tmp_path / "p.yaml"))
+
+
+KOHYA_SAMPLERS = {  # kohya's sample_sampler names -> the diffusers scheduler kohya builds for them
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "k_lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "k_euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "k_euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpmsingle": "DPMSolverSinglestepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm_2": "KDPM2DiscreteScheduler",
+    "k_dpm_2": "KDPM2DiscreteScheduler",
+    "dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+    "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+}
+
+
+def test_kohya_sample_sampler_names_reach_kohyas_schedulers():
+    from baka.generate.samplers import SAMPLERS
+
+    for name, scheduler in KOHYA_SAMPLERS.items():
+        assert SAMPLERS.get(name).scheduler == scheduler, name
+    # kohya's dpmsolver / dpmsolver++ set the scheduler's algorithm_type to their own name
+    assert SAMPLERS.get("dpmsolver").options["algorithm_type"] == "dpmsolver"
+    assert SAMPLERS.get("dpmsolver++").options.get("algorithm_type", "dpmsolver++") == "dpmsolver++"
+
+
+def test_sample_settings_are_checked_before_training(tmp_path, tiny_files, images):
+    (tmp_path / "prompts.txt").write_text("red circle --ss k_eulr_a\n")
+    with pytest.raises(BakaError, match="train.toml: .*k_eulr_a.*did you mean"):
+        load_config(write_config(tmp_path, tiny_files[0], images, sample_prompts="prompts.txt"))
+    with pytest.raises(BakaError, match="disagree"):
+        load_config(write_config(tmp_path, tiny_files[0], images, sample_every=2, sample_every_n_steps=3))
+    (tmp_path / "prompts.txt").write_text("red circle --d 5 --s 2\n")
+    cfg = load_config(
+        write_config(tmp_path, tiny_files[0], images, sample_prompts="prompts.txt", sample_every=2)
+    )
+    assert cfg.sample_prompts == str(tmp_path / "prompts.txt") and cfg.sample_every_n_steps == 2
+
+
+def test_kohya_samples_at_first_and_per_epoch(tmp_path, tiny_files, images):
+    """4 images in batches of 2: 2 steps an epoch. sample_at_first draws before step 1, per-epoch
+    sampling at the end of epochs 1 and 2 (replacing per-step sampling, as in kohya), and the end of
+    the run once more; names are kohya's."""
+    import re
+
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            tiny_files[0],
+            images,
+            max_steps=4,
+            sample_prompts=["red circle --d 5 --s 2 --ss euler", "blue circle --s 2 --n red --w 72"],
+            sample_at_first=True,
+            sample_every_n_epochs=1,
+            sample_every_n_steps=1,
+        )
+    )
+    train(cfg, progress=False)
+    names = sorted(p.name for p in (cfg.out / "sample").glob("*.png"))
+    stamps = [re.sub(r"_\d{14}_", "_T_", n) for n in names]
+    want = ["baka_000000_00_T_5.png", "baka_000000_01_T_1.png", "baka_e000001_00_T_5.png"]
+    want += ["baka_e000001_01_T_1.png", "baka_e000002_00_T_5.png", "baka_e000002_01_T_1.png"]
+    want += ["baka_000004_00_T_5.png", "baka_000004_01_T_1.png"]
+    assert sorted(stamps) == sorted(want), names
+    from baka.generate.infotext import parse, read_png
+
+    path = next((cfg.out / "sample").glob("baka_e000001_01_*.png"))
+    with Image.open(path) as im:
+        assert im.size == (72, 64)
+    prompt, negative, params = parse(read_png(path))
+    assert (prompt, negative) == ("blue circle", "red")
+    assert params["Sampler"] == "DDIM" and params["Steps"] == "2" and params["Seed"] == "1", params

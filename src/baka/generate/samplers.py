@@ -37,16 +37,17 @@ def _add(
 
 
 _KARRAS = {"use_karras_sigmas": True}
-_add("Euler", "EulerDiscreteScheduler")
-_add("Euler a", "EulerAncestralDiscreteScheduler", ("euler_a", "Euler Ancestral"), eta=1.0)
+# aliases: A1111 API / ComfyUI-style names, and kohya's sample_sampler names (k_euler, dpm_2_a, pndm, ...)
+_add("Euler", "EulerDiscreteScheduler", ("k_euler",))
+_add("Euler a", "EulerAncestralDiscreteScheduler", ("euler_a", "Euler Ancestral", "k_euler_a"), eta=1.0)
 _add("Heun", "HeunDiscreteScheduler")
-_add("LMS", "LMSDiscreteScheduler")
+_add("LMS", "LMSDiscreteScheduler", ("k_lms",))
 _add("LMS Karras", "LMSDiscreteScheduler", **_KARRAS)
-_add("DPM2", "KDPM2DiscreteScheduler", auto="Karras")
+_add("DPM2", "KDPM2DiscreteScheduler", ("dpm_2", "k_dpm_2"), auto="Karras")
 _add("DPM2 Karras", "KDPM2DiscreteScheduler", **_KARRAS)
-_add("DPM2 a", "KDPM2AncestralDiscreteScheduler", auto="Karras", eta=1.0)
+_add("DPM2 a", "KDPM2AncestralDiscreteScheduler", ("dpm_2_a", "k_dpm_2_a"), auto="Karras", eta=1.0)
 _add("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", eta=1.0, **_KARRAS)
-_add("DPM++ 2M", "DPMSolverMultistepScheduler", ("dpmpp_2m",), auto="Karras")
+_add("DPM++ 2M", "DPMSolverMultistepScheduler", ("dpmpp_2m", "dpmsolver++"), auto="Karras")
 _add("DPM++ 2M Karras", "DPMSolverMultistepScheduler", ("dpmpp_2m_karras",), **_KARRAS)
 _add(
     "DPM++ 2M SDE",
@@ -72,9 +73,17 @@ _add("DPM++ 3M SDE", "DPMSolverMultistepScheduler", auto="Exponential", eta=1.0,
 _add("DPM++ SDE", "DPMSolverSDEScheduler", auto="Karras", eta=1.0)
 _add("DPM++ SDE Karras", "DPMSolverSDEScheduler", ("dpmpp_sde_karras",), eta=1.0, **_KARRAS)
 # diffusers' single-step DPM-Solver++ adds no noise: A1111's "2S a" at eta 0
-_add("DPM++ 2S a", "DPMSolverSinglestepScheduler", auto="Karras", eta=0.0)
+_add("DPM++ 2S a", "DPMSolverSinglestepScheduler", ("dpmsingle",), auto="Karras", eta=0.0)
 _add("DDIM", "DDIMScheduler", eta=0.0, set_alpha_to_one=False)
-_add("PLMS", "PNDMScheduler", skip_prk_steps=True)
+_add("PLMS", "PNDMScheduler", ("pndm",), skip_prk_steps=True)
+# DPM-Solver (not ++) multistep: kohya's sample sampler "dpmsolver" (no A1111 sampler is this one)
+_add(
+    "DPM-Solver 2M",
+    "DPMSolverMultistepScheduler",
+    ("dpmsolver",),
+    algorithm_type="dpmsolver",
+    final_sigmas_type="sigma_min",  # diffusers refuses "zero" for this algorithm
+)
 _add("UniPC", "UniPCMultistepScheduler")
 _add("DEIS", "DEISMultistepScheduler")
 _add("LCM", "LCMScheduler")

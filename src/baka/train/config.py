@@ -121,9 +121,14 @@ class TrainConfig:
     save_every_n_epochs: int = 0  # kohya: ... and at the end of every N epochs
     network_weights: str | None = None  # kohya: continue from this LoRA file (its modules must fit)
     validate_every: int = 0
-    sample_every: int = 0
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 20
+    # kohya's sample settings (baka.train.samples): prompts inline or a .txt / .toml / .json file
+    sample_prompts: list | str = field(default_factory=list)
+    sample_every_n_steps: int = 0
+    sample_every: int = 0  # baka's older name of sample_every_n_steps
+    sample_every_n_epochs: int = 0  # wins over sample_every_n_steps, as in kohya
+    sample_at_first: bool = False
+    sample_steps: int = 30  # a prompt's steps unless it says --s
+    sample_sampler: str = "ddim"  # kohya's names (ddim, k_euler_a, dpmsolver++, ...) or A1111's
     block_dropout: dict[str, str] = field(default_factory=dict)  # block -> "step:p, step:p, ..."
     network: NetworkConfig = field(default_factory=NetworkConfig)
     dataset: DatasetConfig | None = None
@@ -218,6 +223,25 @@ def parse_dataset_toml(data: dict, where: str) -> DatasetConfig:
     return DatasetConfig(subsets=subsets, **settings)
 
 
+def _check_samples(cfg: TrainConfig, path: Path) -> None:
+    """kohya's sample settings, checked before training: the prompts parse, the samplers exist, and a
+    prompt file's path is taken relative to the config file (as ``dataset_config`` is)."""
+    from baka.generate.samplers import SAMPLERS
+    from baka.train.samples import load_prompts
+
+    if cfg.sample_every and cfg.sample_every_n_steps and cfg.sample_every != cfg.sample_every_n_steps:
+        raise BakaError(f"{path}: sample_every and sample_every_n_steps disagree; keep one")
+    cfg.sample_every_n_steps = cfg.sample_every_n_steps or cfg.sample_every
+    cfg.sample_every = cfg.sample_every_n_steps
+    if isinstance(cfg.sample_prompts, str):
+        cfg.sample_prompts = str((path.parent / cfg.sample_prompts).resolve())
+    try:
+        for name in {cfg.sample_sampler, *(p.sampler for p in load_prompts(cfg.sample_prompts) if p.sampler)}:
+            SAMPLERS.get(name)
+    except BakaError as e:
+        raise BakaError(f"{path}: {e}") from None
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     try:
@@ -245,6 +269,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     if dataset is None:
         raise BakaError(f"{path}: no dataset (a [[datasets]] table, or dataset_config = 'file.toml')")
     cfg.dataset = parse_dataset_toml(dataset, str(path))
+    _check_samples(cfg, path)
     hi = 1000 if cfg.max_timestep is None else cfg.max_timestep
     if not 0 <= cfg.min_timestep < hi <= 1000:
         raise BakaError(

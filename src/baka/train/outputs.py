@@ -220,31 +220,40 @@ def save_textual_inversion(cfg: TrainConfig, emb, ds: Dataset, step: int, second
     return save_embedding(cfg.out / cfg.output_name, cfg.output_name, vectors, meta, cfg.save_model_as)
 
 
-def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int) -> None:
-    """``output_dir/samples/stepNNNNNN-I.png`` for each of ``sample_prompts``, at the model's native size."""
+def save_samples(cfg: TrainConfig, model, vae, sd_config, step: int, epoch: int | None = None) -> list[Path]:
+    """kohya's sample images for ``sample_prompts`` (:mod:`baka.train.samples`): one per prompt, in
+    ``output_dir/sample``, named as kohya names them; the model's native size unless a prompt says."""
     from baka.generate.engine import Generator, GenParams
+    from baka.generate.samplers import SAMPLERS
+    from baka.train.samples import load_prompts, sample_name
 
     was = model.training
     model.eval()
+    written = []
     try:
         gen = Generator.from_modules(model.unet, model.text_encoder, vae, sd_config, name=cfg.output_name)
         if hasattr(model.network, "snapshot"):  # textual inversion: the prompts use the embedding so far
             gen.embeddings.add(model.network.snapshot())
-        folder = cfg.out / "samples"
-        for i, prompt in enumerate(cfg.sample_prompts):
-            size = 8 * model.unet.config.sample_size
+        native = 8 * model.unet.config.sample_size
+        for i, sp in enumerate(load_prompts(cfg.sample_prompts)):
+            seed = cfg.seed + i if sp.seed is None else sp.seed
             r = gen(
                 GenParams(
-                    prompt,
-                    steps=cfg.sample_steps,
-                    seed=cfg.seed + i,
-                    width=size,
-                    height=size,
+                    sp.prompt,
+                    sp.negative,
+                    steps=sp.steps or cfg.sample_steps,
+                    sampler=SAMPLERS.get(sp.sampler or cfg.sample_sampler).name,
+                    cfg=sp.scale,
+                    seed=seed,
+                    width=sp.width or native,
+                    height=sp.height or native,
                     v_pred=cfg.v_prediction,
                     zero_snr=cfg.zero_terminal_snr,
                     clip_skip=cfg.clip_skip,
                 )
             )[0]
-            r.save(folder / f"step{step:06d}-{i}.png")
+            name = sample_name(cfg.output_name, i, seed, step=step, epoch=epoch)
+            written.append(r.save(cfg.out / "sample" / name))
     finally:
         model.train(was)
+    return written

@@ -261,8 +261,9 @@ class _Run:
             )
         return sum(total) / len(total)
 
-    def samples(self) -> None:
-        save_samples(self.cfg, self.acc.unwrap_model(self.model), self.vae, self.ckpt.config, self.step)
+    def samples(self, epoch: int | None = None) -> None:
+        model = self.acc.unwrap_model(self.model)
+        save_samples(self.cfg, model, self.vae, self.ckpt.config, self.step, epoch)
 
     def after_step(self) -> None:
         """Validation, samples and checkpoint, each every so many steps."""
@@ -271,14 +272,19 @@ class _Run:
             v = self.validate()
             if v is not None:
                 self.val_losses.append((step, v))
-        if cfg.sample_every and step % cfg.sample_every == 0 and self.acc.is_main_process:
-            self.samples()
+        epoch, rest = divmod(step, self.n_batches)
+        if cfg.sample_prompts and self.acc.is_main_process:
+            # kohya: per-epoch sampling, when set, replaces per-step sampling
+            if cfg.sample_every_n_epochs:
+                if rest == 0 and epoch % cfg.sample_every_n_epochs == 0:
+                    self.samples(epoch)
+            elif (every := cfg.sample_every_n_steps or cfg.sample_every) and step % every == 0:
+                self.samples()
         if cfg.save_every and step % cfg.save_every == 0:
             self.save_checkpoint()
         # kohya's periodic outputs: loadable files named output_name-stepNNNNNNNN / output_name-NNNNNN
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < cfg.max_steps:
             self.save_named(f"{cfg.output_name}-step{step:08d}")
-        epoch, rest = divmod(step, self.n_batches)
         if (
             cfg.save_every_n_epochs
             and rest == 0
@@ -332,6 +338,8 @@ def train(
     show = progress and run.acc.is_main_process
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", disable=not show)
     t0 = time.time()
+    if cfg.sample_at_first and cfg.sample_prompts and run.step == 0 and run.acc.is_main_process:
+        run.samples()  # kohya's sample_at_first: the model before its first step
     while run.step < target:
         run.train_step()
         bar.update()
