@@ -6,15 +6,17 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 2. train the VAE as a plain autoencoder on both styles (:func:`train_vae`), then rescale its latent
    space so SD1.x's fixed ``scaling_factor`` (0.18215) gives unit-variance, zero-mean latents;
 3. pretrain the text encoder on the captions (:func:`pretrain_text_encoder`: its end and padding tokens
-   learn to say what the caption means), then assemble ``init.safetensors``: random UNet (seeded),
-   that text encoder, the trained VAE;
+   learn to say what the caption means; a second phase adds partial captions), then assemble
+   ``init.safetensors``: random UNet (seeded), that text encoder, the trained VAE;
 4. ``baka train`` (``mode = "full"``, the UNet) trains ``world-flat`` from it (epsilon loss, min-SNR
    plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR); ``world-striped`` and
    ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``;
 5. ``baka train`` (``mode = "lora"``) teaches ``world-flat`` the unseen star from 40 images
    (``world-star``, UNet + text encoder LoRA), and (``mode = "embedding"``) learns ``world-azure``, a
    textual-inversion vector for the colour blue;
-6. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights`` (the LoRA to
+6. ``baka erase`` (ESD-x) erases "red" from ``world-flat``; ``baka lora extract`` turns the edit into the
+   LoRA ``world-no-red`` (:func:`erase_stage`);
+7. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights`` (the LoRAs to
    ``weights/lora``, the embedding to ``weights/embeddings``).
 
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
