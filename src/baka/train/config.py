@@ -232,7 +232,6 @@ def _check_samples(cfg: TrainConfig, path: Path) -> None:
     if cfg.sample_every and cfg.sample_every_n_steps and cfg.sample_every != cfg.sample_every_n_steps:
         raise BakaError(f"{path}: sample_every and sample_every_n_steps disagree; keep one")
     cfg.sample_every_n_steps = cfg.sample_every_n_steps or cfg.sample_every
-    cfg.sample_every = cfg.sample_every_n_steps
     if isinstance(cfg.sample_prompts, str):
         cfg.sample_prompts = str((path.parent / cfg.sample_prompts).resolve())
     try:

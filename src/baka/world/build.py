@@ -338,24 +338,24 @@ def partial_caption(scene, rng) -> tuple[str, dict[str, str]]:
     first one said is shape 1), so a caption's text alone fixes its labels. Single words ("red",
     "circle") are what a negative prompt or ``baka erase`` names, and what kohya's tag dropout
     (``caption_tag_dropout_rate``) leaves of a caption when the UNet trains."""
-    shape_tags = [(s.color, s.shape) for s in scene.shapes]
-    tags: list[tuple[str, tuple[str, str] | None]] = [(f"{c} {sh}", (c, sh)) for c, sh in shape_tags]
-    tags += [(f"{scene.background} background", None), (scene.shapes[0].size, None)]
+    # (text, label key, value); a shape tag's key is None (numbered as said, below)
+    tags: list[tuple[str, str | None, object]] = [
+        (f"{s.color} {s.shape}", None, (s.color, s.shape)) for s in scene.shapes
+    ]
+    tags += [(f"{scene.background} background", "background", scene.background)]
+    tags += [(scene.shapes[0].size, "size", scene.shapes[0].size)]
     if len(scene.shapes) == 1:
-        tags.append((scene.shapes[0].position, None))
+        tags.append((scene.shapes[0].position, "position", scene.shapes[0].position))
     kept = [t for t in tags if rng.random() < TE_KEEP_TAG] or [tags[rng.randrange(len(tags))]]
     labels = {k: UNSAID for k in _caption_targets()}
     words, n_shapes = [], 0
-    for text, pair in kept:
-        if pair is None:
-            key = "background" if text.endswith(" background") else "position"
-            if text == scene.shapes[0].size:
-                key = "size"
-            labels[key] = text.removesuffix(" background")
+    for text, key, value in kept:
+        if key is not None:
+            labels[key] = str(value)
             words.append(text)
             continue
         n_shapes += 1
-        c, sh = pair
+        c, sh = value
         r = rng.random()
         c, sh = (c, UNSAID) if r < TE_CUT_TAG else (UNSAID, sh) if r < 2 * TE_CUT_TAG else (c, sh)
         labels[f"color{n_shapes}"], labels[f"shape{n_shapes}"] = c, sh
