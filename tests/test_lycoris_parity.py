@@ -96,3 +96,20 @@ def test_dora_as_a1111():
     merged = conv + (t["lora_up.weight"].flatten(1) @ t["lora_down.weight"].flatten(1)).reshape(conv.shape)
     norms = torch.stack([merged[:, j].norm() for j in range(3)]).reshape(1, 3, 1, 1)
     assert torch.allclose(got, merged * mag / norms - conv, atol=1e-5)
+
+
+def test_dora_per_output_channel_as_lycoris_writes_it():
+    """LyCORIS's default (wd_on_out = True) stores dora_scale per output channel, [out, 1, ...]: each
+    row of W + delta is rescaled to its magnitude (ComfyUI reads it so); square layers included."""
+    from baka.models.networks import LoRA
+
+    g = torch.Generator().manual_seed(4)
+    for out_dim, in_dim in ((5, 6), (6, 6)):
+        orig = torch.randn(out_dim, in_dim, generator=g)
+        up, down = torch.randn(out_dim, 2, generator=g), torch.randn(2, in_dim, generator=g)
+        mag = torch.rand(out_dim, 1, generator=g) + 0.5
+        t = {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(2.0), "dora_scale": mag}
+        got = LoRA.delta_weight(t, orig.shape, orig)
+        merged = orig + up @ down
+        want = torch.stack([merged[i] * mag[i, 0] / merged[i].norm() for i in range(out_dim)]) - orig
+        assert torch.allclose(got, want, atol=1e-5)

@@ -261,7 +261,8 @@ def test_kohya_caption_keys_flip_aug_and_key_checks(tmp_path, tiny_files, images
     dataset key at every level known or refused by name."""
     from baka.models.io import load_checkpoint
     from baka.models.pipeline import build_module
-    from baka.train.data import LatentCache, captions_for, flips_for, load_image
+    from baka.train.augment import Aug, augments_for
+    from baka.train.data import LatentCache, captions_for, load_image
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -282,21 +283,21 @@ def test_kohya_caption_keys_flip_aug_and_key_checks(tmp_path, tiny_files, images
         "masterpiece, 1girl, red circle, simple background, solo, by sks",
         "masterpiece, sks circle, by sks",
     ]
-    flips = [flips_for(items, 0, step, 0) for step in range(40)]
-    assert flips == [flips_for(items, 0, step, 0) for step in range(40)]  # replayable
+    flips = [[a.flip for a in augments_for(items, 0, step, 0)] for step in range(40)]
+    assert flips == [[a.flip for a in augments_for(items, 0, step, 0)] for step in range(40)]  # replayable
     assert 10 < sum(f[0] for f in flips) < 30  # about half
     ck = load_checkpoint(tiny_files[0])
     vae = build_module("vae", ck.config, ck.components()["vae"])
     cache = LatentCache(vae)
-    lat = cache.get(items[:1], "cpu", [True])
+    lat = cache.get(items[:1], "cpu", [Aug(flip=True)])
     img = torch.flip(load_image(items[0].path, items[0].bucket), dims=[-1])[None]
     with torch.no_grad():
         want = vae.encode(img).latent_dist.mean * vae.config.scaling_factor
     assert torch.allclose(lat, want, atol=1e-5)
-    assert not torch.allclose(cache.get(items[:1], "cpu", [False]), lat)  # the two are cached apart
+    assert not torch.allclose(cache.get(items[:1], "cpu", [Aug()]), lat)  # the two are cached apart
     for bad, match in (
         ("caption_prefx", "did you mean 'caption_prefix'"),
-        ("is_reg", "kohya's 'is_reg' is not supported"),
+        ("alpha_mask", "kohya's 'alpha_mask' is not supported"),
     ):
         (tmp_path / "ds.toml").write_text(ds_toml + f"{bad} = true\n")
         with pytest.raises(BakaError, match=match):
@@ -973,3 +974,74 @@ def test_kohya_samples_at_first_and_per_epoch(tmp_path, tiny_files, images):
     prompt, negative, params = parse(read_png(path))
     assert (prompt, negative) == ("blue circle", "red")
     assert params["Sampler"] == "DDIM" and params["Steps"] == "2" and params["Seed"] == "1", params
+
+
+def test_tensorboard_logs_kohya_names(tmp_path, tiny_files, images):
+    """logging_dir alone means TensorBoard (kohya's rule); the run's folder is logging_dir /
+    {log_prefix}{time} / {tracker name}; per step loss/current, loss/average (over one epoch of steps),
+    lr/unet and lr/textencoder; loss/epoch at step = epoch; loss/validation; sample images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            tiny_files[0],
+            images,
+            max_steps=4,
+            train_text_encoder=True,
+            text_encoder_lr=5e-3,
+            logging_dir=str(tmp_path / "logs"),
+            log_prefix="style-",
+            validate_every=2,
+            sample_prompts=["red circle --s 2"],
+            dataset={"validation_split": 0.3},
+        )
+    )
+    res = train(cfg, progress=False)
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("style-") and len(runs[0].name) == len("style-") + 14
+    ev = EventAccumulator(str(runs[0] / "network_train"), size_guidance={"images": 0, "scalars": 0})
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch"} <= tags, tags
+    cur = [(e.step, e.value) for e in ev.Scalars("loss/current")]
+    assert [s for s, _ in cur] == [1, 2, 3, 4]
+    assert [v for _, v in cur] == pytest.approx(res.losses, rel=1e-6)
+    per_epoch = len(Dataset(cfg.dataset).epoch_batches(0, cfg.seed))
+    avg = [e.value for e in ev.Scalars("loss/average")]
+    assert avg[-1] == pytest.approx(sum(res.losses[-per_epoch:]) / per_epoch, rel=1e-6)
+    assert [e.value for e in ev.Scalars("lr/textencoder")] == pytest.approx([5e-3] * 4)
+    assert [e.value for e in ev.Scalars("lr/unet")] == pytest.approx([1e-2] * 4)
+    assert [e.step for e in ev.Scalars("loss/epoch")] == list(range(1, 4 // per_epoch + 1))
+    assert res.val_losses and [(e.step, e.value) for e in ev.Scalars("loss/validation")] == [
+        (s, pytest.approx(v, rel=1e-6)) for s, v in res.val_losses
+    ]
+    assert "samples/00" in ev.Tags()["images"]
+
+
+def test_logging_settings_are_checked(tmp_path, tiny_files, images):
+    cases = [
+        ({"log_with": "tensorbord", "logging_dir": "l"}, "did you mean 'tensorboard'"),
+        ({"log_with": "tensorboard"}, "needs logging_dir"),
+    ]
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        cases.append(({"log_with": "wandb"}, "needs the wandb package"))
+    for over, match in cases:
+        with pytest.raises(BakaError, match=match):
+            load_config(write_config(tmp_path, tiny_files[0], images, **over))
+
+
+def test_lr_log_names():
+    from baka.train.logs import lr_names
+
+    g = lambda block, lr, te=False: {"block": block, "lr": lr, "te": te}  # noqa: E731
+    # one LR per kind (however many block groups): kohya's two names
+    assert lr_names([g("IN01", 1e-4), g("OUT02", 1e-4), g("BASE", 5e-5, True)]) == [
+        "lr/unet", "lr/unet", "lr/textencoder"
+    ]  # fmt: skip
+    # block LR weights: per block; LoRA+ gives a block a second LR: the group index tells them apart
+    assert lr_names([g("IN01", 1e-4), g("IN01", 1.6e-3), g("OUT02", 5e-5)]) == [
+        "lr/unet/IN01", "lr/unet/IN01/1", "lr/unet/OUT02"
+    ]  # fmt: skip

@@ -86,9 +86,16 @@ def dora(delta: torch.Tensor, orig: torch.Tensor, magnitude: torch.Tensor) -> to
     """DoRA's weight decomposition (Liu et al. 2024) as A1111 1.10 applies it
     (``apply_weight_decompose``): W + delta is normalised per input channel (the norm over every other
     axis), scaled by ``dora_scale`` and W taken away again. A1111 does this before the alpha / rank
-    scale and the multiplier, so a multiplier scales the whole change."""
+    scale and the multiplier, so a multiplier scales the whole change.
+
+    LyCORIS's current default (``wd_on_out = True``) stores the magnitude per *output* channel, shape
+    [out, 1, ...]; such a file is normalised per output row instead (ComfyUI's test: the magnitude's first
+    axis is the layer's output axis). A1111 reads only the per-input layout."""
     merged = orig + delta
     ones = [1] * (merged.ndim - 1)
+    if magnitude.shape[0] == merged.shape[0] != 1:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *ones)
+        return merged * (magnitude.reshape(norm.shape) / norm) - orig
     norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(merged.shape[1], *ones)
     return merged * (magnitude.reshape(norm.transpose(0, 1).shape) / norm.transpose(0, 1)) - orig
 

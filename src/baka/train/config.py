@@ -2,11 +2,14 @@
 (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]`` with ``image_dir``, ``num_repeats``,
 ``keep_tokens``, ``shuffle_caption``, ``caption_extension``, ``caption_dropout_rate``,
 ``caption_tag_dropout_rate``, ``resolution``, ``enable_bucket``, ``min_bucket_reso``,
-``max_bucket_reso``, ``bucket_reso_steps``), either inline or in a separate file."""
+``max_bucket_reso``, ``bucket_reso_steps``, ``flip_aug``, ``random_crop``, ``color_aug``, ``is_reg``, ...),
+either inline or in a separate file, or kohya's folder layout (``train_data_dir`` / ``reg_data_dir`` with
+``N_name`` subfolders and kohya's command-line dataset names at the top level)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,8 @@ from baka.errors import BakaError
 if TYPE_CHECKING:
     from baka.train.loss import LossWeighting
 
+
+log = logging.getLogger(__name__)
 
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 
@@ -35,6 +40,10 @@ class Subset:
     caption_suffix: str = ""
     class_tokens: str = ""  # kohya: the caption of an image without a caption file
     flip_aug: bool = False  # kohya: each step an image is mirrored with probability 1/2
+    random_crop: bool = False  # kohya: crop the resized image at a random place, not its centre
+    color_aug: bool = False  # kohya: weak hue / gamma changes (baka.train.augment)
+    is_reg: bool = False  # kohya: regularisation images (prior_loss_weight, repeats balanced to training)
+    recursive: bool = False  # EveryDream2: images in subfolders too (each folder may have multiply.txt)
 
 
 @dataclass
@@ -47,11 +56,17 @@ class DatasetConfig:
     bucket_reso_steps: int = 64
     batch_size: int = 1
     cache_latents: bool = True
+    cache_latents_to_disk: bool = False  # kohya: latents in files (latent_cache_dir), not in memory
+    latent_cache_dir: str | None = None  # default: output_dir/latent_cache
     validation_split: float = 0.0
 
 
 @dataclass
 class NetworkConfig:
+    algo: str = "lora"  # lora (LoCon with conv_dim) | loha | lokr (LyCORIS's names; baka.train.network.ALGOS)
+    dora_wd: bool = False  # LyCORIS: DoRA's weight decomposition (a magnitude per input channel)
+    factor: int = -1  # LoKr: LyCORIS's factorisation limit (-1: the most balanced split)
+    decompose_both: bool = False  # LoKr: the small Kronecker factor as a low-rank product too
     dim: int = 8
     alpha: float = 8.0
     conv_dim: int = 0  # > 0: LoCon, also train the resnet/sampler convs
@@ -130,6 +145,16 @@ class TrainConfig:
     sample_steps: int = 30  # a prompt's steps unless it says --s
     sample_sampler: str = "ddim"  # kohya's names (ddim, k_euler_a, dpmsolver++, ...) or A1111's
     block_dropout: dict[str, str] = field(default_factory=dict)  # block -> "step:p, step:p, ..."
+    prior_loss_weight: float = 1.0  # kohya: loss weight of the regularisation (is_reg) images
+    cache_text_encoder_outputs: bool = (
+        False  # kohya: a frozen text encoder's states computed once per caption
+    )
+    # kohya's logging (baka.train.logs): logging_dir alone means TensorBoard
+    log_with: str | None = None  # tensorboard | wandb | all
+    logging_dir: str | None = None
+    log_prefix: str | None = None
+    log_tracker_name: str | None = None  # default: kohya's per-script name (network_train, finetuning)
+    log_config: bool = False  # kohya: the training settings as the run's hyperparameters
     network: NetworkConfig = field(default_factory=NetworkConfig)
     dataset: DatasetConfig | None = None
 
@@ -164,9 +189,6 @@ def _build(cls, data: dict, where: str):
 
 # kohya dataset keys baka does not build yet: refused by name, never silently dropped
 KOHYA_UNSUPPORTED = (
-    "is_reg",
-    "color_aug",
-    "random_crop",
     "face_crop_aug_range",
     "token_warmup_min",
     "token_warmup_step",
@@ -177,7 +199,6 @@ KOHYA_UNSUPPORTED = (
     "conditioning_data_dir",
     "alpha_mask",
     "caption_dropout_every_n_epochs",
-    "cache_latents_to_disk",
 )
 
 
@@ -223,6 +244,83 @@ def parse_dataset_toml(data: dict, where: str) -> DatasetConfig:
     return DatasetConfig(subsets=subsets, **settings)
 
 
+# kohya's command-line dataset arguments, taken with train_data_dir (its folder layout); the dataset
+# setting each one fills
+KOHYA_DATASET_ARGS = {
+    "train_batch_size": "batch_size",
+    **{
+        k: k
+        for k in (
+            "resolution",
+            "enable_bucket",
+            "min_bucket_reso",
+            "max_bucket_reso",
+            "bucket_reso_steps",
+            "cache_latents",
+            "cache_latents_to_disk",
+            "latent_cache_dir",
+            "caption_extension",
+            "caption_separator",
+            "shuffle_caption",
+            "keep_tokens",
+            "flip_aug",
+            "color_aug",
+            "random_crop",
+            "caption_dropout_rate",
+            "caption_tag_dropout_rate",
+            "caption_prefix",
+            "caption_suffix",
+        )
+    },
+}
+
+
+CACHE_ARGS = ("cache_latents", "cache_latents_to_disk", "latent_cache_dir")
+
+
+def folder_subsets(root: str | Path, is_reg: bool, where: str) -> list[dict]:
+    """kohya's DreamBooth folders: each subfolder ``N_tokens`` of ``root`` is a subset repeated N times
+    whose images without a caption file get the caption ``tokens``; other subfolders are skipped with a
+    warning, as kohya does."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BakaError(f"{where}: {root} is not a folder")
+    out = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        head, _, tokens = sub.name.partition("_")
+        if not head.isdigit() or int(head) < 1:
+            log.warning("baka: warning: %s: no repeat count in the folder name ('10_name'); skipped", sub)
+            continue
+        out.append(
+            {"image_dir": str(sub), "num_repeats": int(head), "class_tokens": tokens, "is_reg": is_reg}
+        )
+    if not out:
+        if not is_reg:
+            raise BakaError(f"{where}: {root} has no 'N_name' image folders (kohya's train_data_dir layout)")
+        log.warning("baka: warning: %s has no 'N_name' folders: no regularisation images", root)
+    return out
+
+
+def folder_dataset(data: dict, path: Path) -> dict | None:
+    """The dataset of kohya's ``train_data_dir`` / ``reg_data_dir`` (taken out of ``data`` with kohya's
+    top-level dataset arguments), as a dataset TOML table; None without ``train_data_dir``."""
+    root = data.pop("train_data_dir", None)
+    reg = data.pop("reg_data_dir", None)
+    general = {KOHYA_DATASET_ARGS[k]: data.pop(k) for k in list(data) if k in KOHYA_DATASET_ARGS}
+    if root is None:
+        if reg is not None or general:
+            name = "reg_data_dir" if reg is not None else next(iter(general))
+            raise BakaError(f"{path}: {name!r} goes with train_data_dir (or into a [[datasets]] table)")
+        return None
+    if isinstance(general.get("resolution"), str):  # kohya: "512" or "512,768"
+        general["resolution"] = [int(x) for x in general["resolution"].split(",")]
+    where = str(path)
+    subsets = folder_subsets(path.parent / root, False, where)
+    if reg is not None:
+        subsets += folder_subsets(path.parent / reg, True, where)
+    return {"general": general, "datasets": [{"subsets": subsets}]}
+
+
 def _check_samples(cfg: TrainConfig, path: Path) -> None:
     """kohya's sample settings, checked before training: the prompts parse, the samplers exist, and a
     prompt file's path is taken relative to the config file (as ``dataset_config`` is)."""
@@ -255,6 +353,13 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     if "datasets" in data:  # kohya dataset tables inline in the training config
         dataset = {"datasets": data.pop("datasets"), "general": data.pop("general", {})}
     dataset_config = data.pop("dataset_config", None)
+    # kohya's latent caching settings are training arguments: taken at the top level with any dataset
+    caching = {k: data.pop(k) for k in CACHE_ARGS if k in data and "train_data_dir" not in data}
+    folders = folder_dataset(data, path)
+    if folders is not None:
+        if dataset is not None or dataset_config:
+            raise BakaError(f"{path}: train_data_dir and a dataset table / dataset_config: keep one")
+        dataset = folders
     if dataset_config:
         dpath = (path.parent / dataset_config).resolve()
         try:
@@ -268,6 +373,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     if dataset is None:
         raise BakaError(f"{path}: no dataset (a [[datasets]] table, or dataset_config = 'file.toml')")
     cfg.dataset = parse_dataset_toml(dataset, str(path))
+    for k, v in caching.items():
+        setattr(cfg.dataset, k, v)
     _check_samples(cfg, path)
     hi = 1000 if cfg.max_timestep is None else cfg.max_timestep
     if not 0 <= cfg.min_timestep < hi <= 1000:
@@ -287,14 +394,42 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(f"{path}: {e}") from None
     if cfg.mode == "embedding" and not cfg.token_string:
         raise BakaError(f"{path}: mode 'embedding' needs token_string (the word captions use for it)")
+    if cfg.cache_text_encoder_outputs:
+        check_text_cache(cfg, path)
+    if cfg.prior_loss_weight < 0:
+        raise BakaError(f"{path}: prior_loss_weight must be >= 0, not {cfg.prior_loss_weight}")
     if cfg.save_model_as not in ("safetensors", "pt"):
         raise BakaError(f"{path}: save_model_as must be 'safetensors' or 'pt', not {cfg.save_model_as!r}")
     try:
         check_text_settings(cfg)
         check_steps(cfg)
+        from baka.train.logs import log_target
+        from baka.train.network import module_factory
+
+        log_target(cfg)
+        if cfg.mode == "lora":
+            module_factory(cfg.network)
     except BakaError as e:
         raise BakaError(f"{path}: {e}") from None
     return cfg
+
+
+def check_text_cache(cfg: TrainConfig, path: Path) -> None:
+    """kohya's conditions for cache_text_encoder_outputs: the encoder does not train, and captions do not
+    change from step to step (baka caches per caption, so caption dropout's empty caption is allowed)."""
+    why = None
+    if cfg.train_text_encoder:
+        why = "the text encoder trains (train_text_encoder)"
+    elif cfg.mode == "embedding":
+        why = "textual inversion changes the encoder's input"
+    else:
+        assert cfg.dataset is not None
+        for s in cfg.dataset.subsets:
+            if s.shuffle_caption or s.caption_tag_dropout_rate > 0:
+                why = f"{s.image_dir} shuffles or drops tags (every step a new caption)"
+                break
+    if why:
+        raise BakaError(f"{path}: cache_text_encoder_outputs cannot be used: {why}")
 
 
 def check_steps(cfg: TrainConfig) -> None:

@@ -134,12 +134,16 @@ def diffusion_loss(
     *,
     v_prediction: bool = False,
     weighting: LossWeighting | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over the batch of the per-sample MSE between ``denoiser(x_t, t, cond)`` and the target
-    (``noise``, or the velocity with ``v_prediction``), weighted per timestep by ``weighting``."""
+    (``noise``, or the velocity with ``v_prediction``), weighted per timestep by ``weighting`` and
+    per sample by ``sample_weights`` (kohya's prior_loss_weight on regularisation images)."""
     pred = denoiser(add_noise(schedule.alphas_cumprod, latents, noise, t), t, cond)
     target = velocity(schedule.alphas_cumprod, latents, noise, t) if v_prediction else noise
     per = nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if weighting is not None:
         per = per * weighting.weights(schedule.snr[t], v_prediction)
+    if sample_weights is not None:
+        per = per * sample_weights
     return per.mean()

@@ -138,7 +138,7 @@ def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[di
     lr_w = block_lr_weights(cfg.network)
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
     unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    groups: dict[tuple[str, float], list] = {}
+    groups: dict[tuple[str, float, bool], list] = {}  # text encoder and UNet apart, as kohya
     for name, (p, block) in named.items():
         w = lr_w[block]
         if w == 0:
@@ -146,11 +146,11 @@ def param_groups(named: Trainable, cfg: TrainConfig) -> tuple[Trainable, list[di
             continue
         te = _is_text_encoder(name)
         lr = (te_lr if te else unet_lr) * w * (_loraplus(cfg, te) if name.endswith(".up.weight") else 1.0)
-        groups.setdefault((block, lr), []).append(p)
+        groups.setdefault((block, lr, te), []).append(p)
     named = {k: v for k, v in named.items() if v[0].requires_grad}
     if not named:
         raise BakaError("nothing to train: every block has LR weight 0 or dim 0")
-    return named, [{"params": ps, "lr": lr, "block": b} for (b, lr), ps in groups.items()]
+    return named, [{"params": ps, "lr": lr, "block": b, "te": te} for (b, lr, te), ps in groups.items()]
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:

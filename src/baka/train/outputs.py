@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -53,12 +54,16 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
     n = cfg.network
     return {
         "modelspec.architecture": "stable-diffusion-v1/lora",
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if n.algo == "lora" and not n.dora_wd else "lycoris.kohya",
         "ss_network_dim": str(n.dim),
         "ss_network_alpha": str(n.alpha),
         "ss_network_dropout": str(n.dropout),
         "ss_network_args": json.dumps(
             {
+                "algo": n.algo,
+                "dora_wd": n.dora_wd,
+                "factor": n.factor,
+                "decompose_both": n.decompose_both,
                 "conv_dim": n.conv_dim,
                 "conv_alpha": n.conv_alpha,
                 "rank_dropout": n.rank_dropout,
@@ -81,7 +86,8 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
         "ss_steps": str(step),
         "ss_seed": str(cfg.seed),
         "ss_training_time_s": f"{seconds:.0f}",
-        "ss_num_train_images": str(len(ds.train)),
+        # kohya: images x repeats of the training (not regularisation) folders
+        "ss_num_train_images": str(math.floor(sum(it.repeats for it in ds.train if not it.subset.is_reg))),
         "ss_resolution": f"({cfg.dataset.resolution}, {cfg.dataset.resolution})",
         "ss_v2": "False",
         "ss_base_model_version": "sd_v1",
@@ -102,28 +108,36 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
     }
 
 
+def reg_counts(ds: Dataset) -> list[tuple]:
+    """(subset, images found) of each regularisation subset."""
+    found: dict[int, list] = {}
+    for it in ds.reg_found:
+        found.setdefault(id(it.subset), [it.subset, 0])[1] += 1
+    return [(s, n) for s, n in found.values()]
+
+
 def dataset_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> dict[str, str]:
     """kohya's dataset and batch ``ss_*`` fields (strings, as kohya writes them)."""
-    import math
     import time
 
     d = cfg.dataset
     assert d is not None
     k = cfg.gradient_accumulation_steps
     per_epoch = max(1, len(ds.epoch_batches(0, cfg.seed, 1, 0, k)))
-    dirs: dict[str, dict[str, int]] = {}
+    dirs: dict[bool, dict[str, dict[str, int]]] = {False: {}, True: {}}
     for it in ds.train:
-        entry = dirs.setdefault(
+        entry = dirs[it.subset.is_reg].setdefault(
             Path(it.subset.image_dir).name, {"n_repeats": it.subset.num_repeats, "img_count": 0}
         )
         entry["img_count"] += 1
     counts: dict[tuple[int, int], int] = {}
     for it in ds.train:
-        counts[it.bucket] = counts.get(it.bucket, 0) + it.subset.num_repeats
+        counts[it.bucket] = counts.get(it.bucket, 0) + math.floor(it.repeats)
     buckets = {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))}
     first = d.subsets[0]
     return {
-        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_dataset_dirs": json.dumps(dirs[False]),
+        "ss_reg_dataset_dirs": json.dumps(dirs[True]),
         "ss_bucket_info": json.dumps({"buckets": buckets}),
         "ss_num_batches_per_epoch": str(per_epoch),
         "ss_num_epochs": str(math.ceil(cfg.max_steps / per_epoch)),
@@ -141,8 +155,11 @@ def dataset_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -
         "ss_caption_dropout_rate": str(first.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(first.caption_tag_dropout_rate),
         "ss_flip_aug": str(first.flip_aug),
-        "ss_color_aug": "False",
-        "ss_num_reg_images": "0",
+        "ss_color_aug": str(first.color_aug),
+        "ss_random_crop": str(first.random_crop),
+        # kohya: the reg folders' images x repeats as found (before balancing)
+        "ss_num_reg_images": str(sum(s.num_repeats * n for s, n in reg_counts(ds))),
+        "ss_prior_loss_weight": str(cfg.prior_loss_weight),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_training_started_at": str(time.time() - seconds),
     }

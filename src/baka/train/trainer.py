@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from baka.errors import BakaError
 from baka.train import checkpoint
+from baka.train.augment import augments_for
 from baka.train.block_dropout import parse_schedules, resting_blocks
 from baka.train.config import TrainConfig, check_steps, check_text_settings
-from baka.train.data import Dataset, LatentCache, captions_for, flips_for
+from baka.train.data import Dataset, LatentCache, captions_for
+from baka.train.logs import DEFAULT_TRACKER_NAME, StepLogs, log_target, lr_names
 from baka.train.loss import ddpm_schedule, diffusion_loss, draw_noise
 from baka.train.modes import MODES, Mode
 from baka.train.network import LoRANetwork
@@ -53,14 +55,36 @@ class _Denoiser(nn.Module):
         network: nn.Module | None,
         mode: Mode,
         clip_skip: int = 1,
+        cache_text: bool = False,
     ):
         super().__init__()
         self.unet, self.text_encoder, self.network, self.mode = unet, text_encoder, network, mode
         self.clip_skip = clip_skip
+        # kohya's cache_text_encoder_outputs: a frozen encoder's states per token sequence
+        self.text_cache: dict[bytes, torch.Tensor] | None = {} if cache_text else None
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        enc = self.mode.text_states(self.network, self.text_encoder, cond, clip_skip=self.clip_skip)
+        if self.text_cache is None:
+            enc = self.mode.text_states(self.network, self.text_encoder, cond, clip_skip=self.clip_skip)
+        else:
+            enc = self.cached_states(cond)
         return self.unet(noisy, t, enc).sample
+
+    @torch.no_grad()
+    def cached_states(self, cond: torch.Tensor) -> torch.Tensor:
+        """The encoder's states row by row, each computed once per distinct token sequence."""
+        assert self.text_cache is not None
+        rows = []
+        for row in cond:
+            key = row.cpu().numpy().tobytes()
+            states = self.text_cache.get(key)
+            if states is None:
+                states = self.mode.text_states(
+                    self.network, self.text_encoder, row[None], clip_skip=self.clip_skip
+                )[0]
+                self.text_cache[key] = states
+            rows.append(states)
+        return torch.stack(rows)
 
 
 @dataclass
@@ -75,12 +99,15 @@ def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    log_with, log_dir = log_target(cfg)
     # cpu=True without CUDA: under torchrun that makes accelerate run MULTI_CPU (gloo) across processes;
     # find_unused_parameters because module / block dropout leave some LoRA weights out of a step
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=log_with,
+        project_dir=None if log_dir is None else str(log_dir),
     )
 
 
@@ -112,7 +139,7 @@ class _Run:
         self.mode = MODES.get(cfg.mode)
         check_text_settings(cfg)
         check_steps(cfg)
-        denoiser = _Denoiser(unet, te, self.network, self.mode, cfg.clip_skip)
+        denoiser = _Denoiser(unet, te, self.network, self.mode, cfg.clip_skip, cfg.cache_text_encoder_outputs)
         self.model, self.opt = acc.prepare(denoiser, make_optimizer(cfg, groups))
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
         self.lr_sched = make_lr_scheduler(cfg, self.opt.optimizer)
@@ -121,7 +148,9 @@ class _Run:
         self.by_block = by_block(self.named)
         self.block_schedules = parse_schedules(cfg.block_dropout)
         self.ds = Dataset(cfg.dataset)
-        self.cache = LatentCache(self.vae, cfg.dataset.cache_latents)
+        d = cfg.dataset
+        disk = Path(d.latent_cache_dir or cfg.out / "latent_cache") if d.cache_latents_to_disk else None
+        self.cache = LatentCache(self.vae, d.cache_latents or d.cache_latents_to_disk, disk)
         self.n_batches = len(
             self.ds.epoch_batches(0, cfg.seed, self.world, self.rank, cfg.gradient_accumulation_steps)
         )
@@ -131,6 +160,9 @@ class _Run:
         self.ck_root = cfg.out / "checkpoints"
         self.step, self.losses, self.val_losses = 0, [], []
         self._epoch: dict[int, list] = {}
+        self.logging = bool(acc.log_with)
+        self.step_logs = StepLogs(self.n_batches)
+        self.lr_names = lr_names(self.opt.param_groups)
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -186,7 +218,14 @@ class _Run:
             (cfg.min_timestep, cfg.max_timestep),
         )
 
-    def loss_of(self, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    def loss_of(
+        self,
+        latents: torch.Tensor,
+        ids: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        sample_weights: torch.Tensor | None = None,
+    ):
         return diffusion_loss(
             self.model,
             latents,
@@ -196,6 +235,7 @@ class _Run:
             self.schedule,
             v_prediction=self.cfg.v_prediction,
             weighting=self.weighting,
+            sample_weights=sample_weights,
         )
 
     def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -219,8 +259,13 @@ class _Run:
             for m in self.network.lora.values():
                 m.resting = m.block in resting
         self.model.train()
-        latents = self.cache.get(items, self.device, flips_for(items, cfg.seed, step, rank))
+        latents = self.cache.get(items, self.device, augments_for(items, cfg.seed, step, rank))
         ids = self.encode_ids(captions_for(items, cfg.seed, step, rank))
+        # kohya: regularisation images' losses count prior_loss_weight times
+        weights = None
+        if any(it.subset.is_reg for it in items):
+            w = [cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]
+            weights = torch.tensor(w, device=self.device)
         # noise and t for the whole step's batch at once, so accumulating k micro-batches of b draws
         # what one batch of k b draws; each micro-batch's mean loss weighted by its share of the batch
         noise, t = self.draw(latents.shape, gen)
@@ -231,7 +276,9 @@ class _Run:
             sync = contextlib.nullcontext() if i + bs >= n or self.world == 1 else acc.no_sync(self.model)
             share = min(bs, n - i) / n
             with sync:
-                micro = self.loss_of(latents[part], ids[part], noise[part], t[part])
+                micro = self.loss_of(
+                    latents[part], ids[part], noise[part], t[part], None if weights is None else weights[part]
+                )
                 acc.backward(micro * share)
             loss = loss + micro.detach() * share
         if acc.sync_gradients and cfg.max_grad_norm:
@@ -263,16 +310,38 @@ class _Run:
 
     def samples(self, epoch: int | None = None) -> None:
         model = self.acc.unwrap_model(self.model)
-        save_samples(self.cfg, model, self.vae, self.ckpt.config, self.step, epoch)
+        written = save_samples(self.cfg, model, self.vae, self.ckpt.config, self.step, epoch)
+        if self.logging:
+            self.log_images(written)
+
+    def log_images(self, paths: list[Path]) -> None:
+        """The sample images to the trackers that take images (TensorBoard: samples/NN at this step)."""
+        import numpy as np
+        from PIL import Image
+
+        images = {}
+        for i, p in enumerate(paths):
+            with Image.open(p) as im:
+                images[f"samples/{i:02d}"] = np.asarray(im.convert("RGB"))[None]
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images(images, step=self.step, dataformats="NHWC")
 
     def after_step(self) -> None:
         """Validation, samples and checkpoint, each every so many steps."""
         cfg, step = self.cfg, self.step
+        epoch, rest = divmod(step, self.n_batches)
+        if self.logging:
+            lrs = [float(g["lr"]) for g in self.opt.param_groups]
+            self.acc.log(self.step_logs.step(self.losses[-1], lrs, self.lr_names), step=step)
+            if rest == 0:  # kohya: the epoch's mean loss at step = epoch
+                self.acc.log({"loss/epoch": sum(self.losses[-self.n_batches :]) / self.n_batches}, step=epoch)
         if cfg.validate_every and step % cfg.validate_every == 0:
             v = self.validate()
             if v is not None:
                 self.val_losses.append((step, v))
-        epoch, rest = divmod(step, self.n_batches)
+                if self.logging:
+                    self.acc.log({"loss/validation": v}, step=step)
         if cfg.sample_prompts and self.acc.is_main_process:
             # kohya: per-epoch sampling, when set, replaces per-step sampling
             if cfg.sample_every_n_epochs:
@@ -321,6 +390,8 @@ class _Run:
             if self.cfg.sample_prompts:
                 self.samples()
         self.acc.wait_for_everyone()
+        if self.logging:
+            self.acc.end_training()
         return output
 
 
@@ -332,6 +403,16 @@ def train(
     run = _Run(cfg)
     if resume:
         run.resume()
+    if run.logging:
+        import dataclasses
+
+        settings = None
+        if cfg.log_config:  # scalars only (TensorBoard's hyperparameters)
+            flat = {
+                k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))
+            }
+            settings = flat
+        run.acc.init_trackers(cfg.log_tracker_name or DEFAULT_TRACKER_NAME.get(cfg.mode, "train"), settings)
     if run.acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
     target = cfg.max_steps if stop_after is None else min(cfg.max_steps, run.step + stop_after)
