@@ -102,9 +102,11 @@ class TrainConfig:
     text_encoder_lr: float | None = None
     unet_lr: float | None = None  # kohya: the UNet's own LR (default learning_rate)
     train_text_encoder: bool = False
-    unfreeze_last_n_layers: int | None = None  # EveryDream2: only the last N CLIP layers train
-    freeze_embeddings: bool = True
-    freeze_final_layer_norm: bool = True
+    # EveryDream2's text-encoder freezing, with ED2's defaults (baka.train.optim.freeze_text_encoder)
+    unfreeze_last_n_layers: int | None = None  # only the last N CLIP layers train (None: all)
+    freeze_front_n_layers: int | None = None  # ED2's older name: N front layers frozen (-N: all but N)
+    freeze_embeddings: bool | None = None  # None: ED2's rule (frozen when only some layers train)
+    freeze_final_layer_norm: bool = False  # ED2 trains the final layer norm unless told not to
     clip_skip: int = 1  # kohya / A1111: condition on CLIP layer -N (anime SD1 models use 2)
     max_token_length: int = 75  # kohya: 75, 150 or 225 caption tokens (A1111's 75-token chunks)
     optimizer: str = "AdamW"  # kohya's names (baka.train.optim.OPTIMIZERS)
@@ -114,6 +116,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # kohya: micro-batches per optimizer step (max_steps counts steps)
     seed: int = 0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False  # kohya: recompute activations in backward (less memory)
+    sdpa: bool = True  # kohya: torch's scaled-dot-product attention (diffusers' default); false: plain
+    xformers: bool = False  # kohya: xformers attention; baka uses SDPA (true is refused)
+    training_comment: str | None = None  # kohya: written to ss_training_comment
     save_precision: str = "float"  # kohya's --save_precision for the LoRA file: float | fp16 | bf16
     v_prediction: bool = False
     zero_terminal_snr: bool = False
@@ -396,6 +402,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(f"{path}: mode 'embedding' needs token_string (the word captions use for it)")
     if cfg.cache_text_encoder_outputs:
         check_text_cache(cfg, path)
+    if cfg.xformers:
+        raise BakaError(f"{path}: xformers is not used by baka; torch's SDPA (sdpa = true) does its job")
     if cfg.prior_loss_weight < 0:
         raise BakaError(f"{path}: prior_loss_weight must be >= 0, not {cfg.prior_loss_weight}")
     if cfg.save_model_as not in ("safetensors", "pt"):

@@ -37,27 +37,38 @@ class TrainableEmbedding(nn.Module):
         self.db = EmbeddingDB(table.shape[1])
         self.db.add(Embedding(token_string, self.vectors, Path(token_string)))
 
-    def tokenize(self, captions: list[str], device) -> torch.Tensor:
-        """[B, 2, 77]: each caption's first 77-token chunk as generation builds it, and for each position
-        the index of the vector that replaces it (-1: the token's own embedding)."""
+    def tokenize(self, captions: list[str], device, chunks: int = 1) -> torch.Tensor:
+        """[B, 2, 77 chunks]: each caption's first ``chunks`` 77-token chunks as generation builds them
+        (kohya's max_token_length 150 / 225; short captions padded with the empty chunk), and for each
+        position the index of the vector that replaces it (-1: the token's own embedding)."""
         from baka.generate.prompt import chunk_prompt
 
+        empty = chunk_prompt("", parse=False)[0][0].tokens
         rows = []
         for caption in captions:
-            chunk = chunk_prompt(caption, self.db, parse=False)[0][0]
-            slots = [-1] * len(chunk.tokens)
-            for pos, emb in chunk.fixes:
-                for k in range(emb.vectors.shape[0]):
-                    slots[pos + k] = k
-            rows.append([chunk.tokens, slots])
+            ids: list[int] = []
+            slots: list[int] = []
+            got = chunk_prompt(caption, self.db, parse=False)[0][:chunks]
+            for chunk in got:
+                here = [-1] * len(chunk.tokens)
+                for pos, emb in chunk.fixes:
+                    for k in range(emb.vectors.shape[0]):
+                        here[pos + k] = k
+                ids += chunk.tokens
+                slots += here
+            for _ in range(chunks - len(got)):
+                ids += empty
+                slots += [-1] * len(empty)
+            rows.append([ids, slots])
         return torch.tensor(rows, device=device)
 
     def text_states(self, text_encoder: nn.Module, cond: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """The text encoder's states (``clip_skip`` as generation's) with the vectors in their slots
-        (gradients reach them)."""
+        """The text encoder's states (``clip_skip`` as generation's; each 77-token chunk encoded alone
+        and the states joined) with the vectors in their slots (gradients reach them)."""
         from baka.generate.conditioning import clip_states
 
-        ids, slots = cond.unbind(1)
+        b, n = cond.shape[0], cond.shape[-1] // 77
+        ids, slots = (x.reshape(b * n, 77) for x in cond.unbind(1))
         hit = (slots >= 0)[..., None]
 
         def splice(_module, _inp, out):
@@ -65,9 +76,10 @@ class TrainableEmbedding(nn.Module):
 
         handle = text_encoder.get_input_embeddings().register_forward_hook(splice)
         try:
-            return clip_states(text_encoder, ids, clip_skip)
+            z = clip_states(text_encoder, ids, clip_skip)
         finally:
             handle.remove()
+        return z.reshape(b, n * 77, z.shape[-1])
 
     def snapshot(self):
         """The vectors now, as an :class:`~baka.generate.embeddings.Embedding` a generator can use."""

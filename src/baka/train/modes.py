@@ -122,9 +122,7 @@ def _save_embedding(cfg, model, ckpt, ds, step, seconds) -> Path:
 
 
 def _embedding_tokens(extra, tok, captions: list[str], device, chunks: int = 1) -> torch.Tensor:
-    if chunks != 1:
-        raise BakaError("textual inversion trains on 75-token captions (max_token_length 75)")
-    return extra.tokenize(captions, device)
+    return extra.tokenize(captions, device, chunks)
 
 
 def _embedding_states(extra, text_encoder: nn.Module, cond: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -91,17 +91,36 @@ def optimizer_args(cfg: TrainConfig) -> dict:
     return out
 
 
+def trainable_te_layers(cfg: TrainConfig, n: int) -> int:
+    """How many of the last CLIP layers train, by EveryDream2's rules (optimizer/optimizers.py
+    ``_apply_text_encoder_freeze``): ``unfreeze_last_n_layers`` wins over the older
+    ``freeze_front_n_layers`` (N: the first N frozen; -N: all but the last N); neither: all ``n``."""
+    if cfg.unfreeze_last_n_layers is not None:
+        keep = cfg.unfreeze_last_n_layers
+    elif cfg.freeze_front_n_layers is not None:
+        f = cfg.freeze_front_n_layers
+        keep = -f if f < 0 else n - f
+    else:
+        return n
+    if keep <= 0:
+        raise BakaError(f"the text encoder's trainable layers must be at least 1 (ED2), not {keep}")
+    return min(n, keep)
+
+
 def freeze_text_encoder(te: nn.Module, cfg: TrainConfig) -> set[int]:
-    """EveryDream2 freezing by requires_grad; returns the indices of CLIP layers left trainable."""
+    """EveryDream2 freezing by requires_grad, with ED2's defaults: the embeddings train unless only some
+    layers do (or ``freeze_embeddings``), the final layer norm trains unless ``freeze_final_layer_norm``.
+    Returns the indices of CLIP layers left trainable."""
     tm = getattr(te, "text_model", te)
     n = len(tm.encoder.layers)
     te.requires_grad_(cfg.train_text_encoder)
     if not cfg.train_text_encoder:
         return set()
-    keep = n if cfg.unfreeze_last_n_layers is None else max(0, min(n, cfg.unfreeze_last_n_layers))
+    keep = trainable_te_layers(cfg, n)
     for i, layer in enumerate(tm.encoder.layers):
         layer.requires_grad_(i >= n - keep)
-    if cfg.freeze_embeddings:
+    freeze_embeddings = keep < n if cfg.freeze_embeddings is None else cfg.freeze_embeddings
+    if freeze_embeddings:
         tm.embeddings.requires_grad_(False)
     if cfg.freeze_final_layer_norm:
         tm.final_layer_norm.requires_grad_(False)

@@ -103,8 +103,37 @@ def lora_metadata(cfg: TrainConfig, ds: Dataset, step: int, seconds: float) -> d
         "ss_max_timestep": str(cfg.max_timestep or 1000),
         "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
         "ss_tag_frequency": json.dumps(tag_frequency(ds)),
+        **run_metadata(cfg, ds),
         **dataset_metadata(cfg, ds, step, seconds),
         **model_hashes(cfg.model),
+    }
+
+
+def run_metadata(cfg: TrainConfig, ds: Dataset) -> dict[str, str]:
+    """More of kohya's ss_* fields: the session (a random id, as kohya), the finish time, and settings
+    baka has or fixes (loss l2, no fp8 / full-fp16 / low-RAM modes, kohya's "None" for unset ones)."""
+    import random
+    import time
+
+    return {
+        "ss_session_id": str(random.SystemRandom().randint(0, 2**32)),
+        "ss_training_finished_at": str(time.time()),
+        "ss_training_comment": str(cfg.training_comment),
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_loss_type": "l2",
+        "ss_full_fp16": "False",
+        "ss_fp8_base": "False",
+        "ss_fp8_base_unet": "False",
+        "ss_lowram": "False",
+        "ss_vae_name": "None",  # the base model's own VAE
+        "ss_validation_split": str(cfg.dataset.validation_split if cfg.dataset else 0.0),
+        "ss_validate_every_n_steps": str(cfg.validate_every or None),
+        "ss_num_validation_images": str(len(ds.val)),
+        "ss_caption_dropout_every_n_epochs": "0",
+        "ss_face_crop_aug_range": "None",
+        "ss_ip_noise_gamma": "None",
+        "ss_multires_noise_iterations": "None",
+        "ss_adaptive_noise_scale": "None",
     }
 
 

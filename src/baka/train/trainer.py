@@ -131,6 +131,16 @@ class _Run:
         comps = {c: cast(sd, torch.float32) for c, sd in comps.items()}
         unet = build_module("unet", self.ckpt.config, comps["unet"]).to(self.device)
         te = build_module("text_encoder", self.ckpt.config, comps["text_encoder"]).to(self.device)
+        if not cfg.sdpa:  # kohya's default without --sdpa: plain attention
+            from diffusers.models.attention_processor import AttnProcessor
+
+            unet.set_attn_processor(AttnProcessor())
+        if (
+            cfg.gradient_checkpointing
+        ):  # kohya: recompute activations in backward (diffusers' / transformers')
+            unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                te.gradient_checkpointing_enable()
         self.vae = build_module("vae", self.ckpt.config, comps["vae"]).to(self.device).requires_grad_(False)
         self.schedule = ddpm_schedule(self.ckpt.config.scheduler, cfg.zero_terminal_snr, self.device)
         te_layers = freeze_text_encoder(te, cfg)
