@@ -113,3 +113,47 @@ def test_dora_per_output_channel_as_lycoris_writes_it():
         merged = orig + up @ down
         want = torch.stack([merged[i] * mag[i, 0] / merged[i].norm() for i in range(out_dim)]) - orig
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_oft_as_lycoris():
+    """LyCORIS diag-oft's get_diff_weight (lycoris-lora 4.1.3 run locally: tests/data/lycoris_oft_cases.json):
+    plain, norm-constrained, at multiplier 0.5, rescaled, and on a conv; BOFT's butterfly too."""
+    import json
+    from pathlib import Path
+
+    from baka.models.networks import NETWORK_FORMATS, OFT, Module
+
+    data = json.loads((Path(__file__).parent / "data" / "lycoris_oft_cases.json").read_text())["cases"]
+    assert len(data) == 8
+    for name, case in data.items():
+        w = torch.tensor(case["weight"])
+        t = {k: torch.tensor(v) for k, v in case["tensors"].items()}
+        m = Module("x", t)
+        assert m.format is NETWORK_FORMATS.get("OFT") and m.unsupported() == []
+        got = OFT.delta_weight(t, w.shape, w) * case["multiplier"]
+        want = torch.tensor(case["delta"])
+        assert torch.allclose(got, want, atol=1e-5), (name, float((got - want).abs().max()))
+
+
+def test_oft_is_a_reversible_patch():
+    import json
+    from pathlib import Path
+
+    from baka.generate.lora import LoraPatch, NetworkUse
+    from baka.models.networks import Module, Network
+
+    case = json.loads((Path(__file__).parent / "data" / "lycoris_oft_cases.json").read_text())["cases"][
+        "linear_8x6"
+    ]
+    lin = torch.nn.Linear(6, 8)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(case["weight"]))
+    w0 = lin.weight.detach().clone()
+    t = {k: torch.tensor(v) for k, v in case["tensors"].items()}
+    net = Network("oft", Path("oft.safetensors"), {"lora_unet_x": Module("lora_unet_x", t)})
+    patch = LoraPatch([NetworkUse(net, 1.0, 0.5, None)], {"lora_unet_x": ("unet", lin, "IN01")})
+    patch.apply({})
+    assert not patch.unmatched
+    assert torch.allclose(lin.weight, w0 + 0.5 * torch.tensor(case["delta"]), atol=1e-5)
+    patch.remove()
+    assert torch.equal(lin.weight, w0)

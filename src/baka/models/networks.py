@@ -8,6 +8,7 @@ Deltas (scale = alpha / rank, alpha defaulting to rank):
 - LoHa: (w1a @ w1b) * (w2a @ w2b)  (Hadamard product; Tucker ``hada_t1/t2`` supported)
 - LoKr: kron(w1, w2), each factor full or a low-rank product (scale 1 unless a factor is decomposed)
 - IA3: W * w per channel; GLoRA: W a1 a2 + b1 b2 (both need the layer's weight); Full: diff (+ bias)
+- OFT (kohya networks.oft, LyCORIS diag-oft) and BOFT: W's output channels rotated by Cayley R blocks
 """
 
 from __future__ import annotations
@@ -208,6 +209,63 @@ class GLoRA(NetworkFormat):
 
 
 @_format
+class OFT(NetworkFormat):
+    """OFT (Qiu et al. 2023): W's output channels in blocks, each block rotated by the Cayley transform
+    R = (I + Q)(I - Q)^-1 of Q = B - B^T (``oft_blocks`` B: [blocks, size, size]); W' = R^T W per block,
+    delta = W' - W (linear in the multiplier, as LyCORIS's ``get_diff_weight`` and kohya's weighted R).
+    BOFT's ``oft_blocks`` [m, blocks, size, size] chain m butterfly factors (:func:`_butterfly`); its
+    multiplier also scales the whole change here, where LyCORIS interpolates each factor (equal at 1).
+    ``alpha`` > 0 bounds ||Q|| by alpha x out_dim (LyCORIS's diag-oft and kohya's networks.oft; kohya
+    clamps with a 1e-8 fudge); optional LyCORIS ``rescale`` per output channel. No rank scale."""
+
+    name = "OFT"
+    marker = "oft_blocks"
+    keys = frozenset({"oft_blocks", "alpha", "rescale"})
+    needs_orig = True
+
+    @classmethod
+    def raw_delta_orig(cls, t: Tensors, orig: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        blocks = t["oft_blocks"]
+        if blocks.ndim not in (3, 4):
+            raise BakaError(
+                f"OFT blocks of shape {tuple(blocks.shape)}: want [n, b, b] or BOFT's [m, n, b, b]"
+            )
+        size, out_dim = blocks.shape[-1], orig.shape[0]
+        if blocks.shape[-3] * size != out_dim:
+            raise BakaError(
+                f"OFT blocks {tuple(blocks.shape)} do not cover the layer's {out_dim} output channels"
+            )
+        q = blocks - blocks.transpose(-1, -2)
+        limit = float(t["alpha"]) * out_dim if "alpha" in t else 0.0
+        norm = torch.linalg.norm(q)
+        if limit > 0 and norm > limit:
+            q = q * (limit / (norm + 1e-8))
+        eye = torch.eye(size, dtype=q.dtype)
+        r = (eye + q) @ torch.linalg.inv(eye - q)
+        if blocks.ndim == 3:  # diagonal OFT: W' = R^T W per block
+            w = orig.reshape(blocks.shape[0], size, *orig.shape[1:])
+            new = orig + torch.einsum("knm,kn...->km...", r - eye, w).reshape(orig.shape)
+        else:
+            new = _butterfly(r, orig)
+        if "rescale" in t:  # LyCORIS rescaled: s W'
+            new = new * t["rescale"].reshape(out_dim, *[1] * (orig.ndim - 1))
+        return new - orig, None
+
+
+def _butterfly(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """BOFT (Liu et al. 2024; LyCORIS ButterflyOFTModule.make_weight): the m factors R_i [n, b, b] applied
+    in turn, factor i to the output channels regrouped by the butterfly permutation of stride 2^i b/2."""
+    b = r.shape[-1]
+    out = w
+    for i, ri in enumerate(r):
+        k = 2**i * (b // 2)
+        x = out.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = torch.einsum("bij,bj...->bi...", ri, x)
+        out = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return out
+
+
+@_format
 class Full(NetworkFormat):
     """A full weight difference (LyCORIS "full" / A1111 network_full): ``diff``, and ``diff_b`` for
     the bias."""
@@ -346,6 +404,7 @@ __all__ = [
     "LoKr",
     "LoRA",
     "Module",
+    "OFT",
     "Network",
     "NetworkFormat",
     "find_network",

@@ -34,14 +34,15 @@ def methods() -> list[dict]:
     ]
 
 
-def _output_path(st: State, output_name: str) -> Path:
-    """Where a merge called ``output_name`` goes: a new file in the first checkpoint folder."""
+def output_path(st: State, output_name: str, kind: str = "checkpoints") -> Path:
+    """Where an output called ``output_name`` goes: a new file in the first ``kind`` folder (a merge
+    or a baked model: checkpoints; an extracted or merged LoRA: loras)."""
     name = output_name if output_name.endswith(".safetensors") else output_name + ".safetensors"
     if Path(name).name != name or name.startswith(".") or "\x00" in name or len(name.encode()) > 255:
         raise BakaError("output_name must be a plain file name of at most 255 bytes")
-    if not st.folders.folders["checkpoints"]:
-        raise BakaError("no checkpoint folder configured")
-    out = st.folders.folders["checkpoints"][0] / name
+    if not st.folders.folders[kind]:
+        raise BakaError(f"no {kind} folder configured")
+    out = st.folders.folders[kind][0] / name
     if out.exists():
         raise HTTPException(409, f"{name} already exists")
     return out
@@ -68,14 +69,14 @@ def _recipe(req: MergeJob, models: list[str]):
 def merge(req: MergeJob, st: StateDep) -> dict:
     from baka.merge.engine import merge_models
 
-    out = _output_path(st, req.output_name)
+    out = output_path(st, req.output_name)
     models = [str(st.resolve("checkpoints", m)) for m in (req.model_a, req.model_b, req.model_c) if m]
     recipe = _recipe(req, models)
     job = st.submit("merge", lambda job: str(merge_models(recipe, out, progress=False).path))
     return {"job": job.id}
 
 
-def _job_state(job: Job) -> str:
+def job_state(job: Job) -> str:
     f = job.future
     if f.done():
         return "failed" if f.exception() else "done"
@@ -87,7 +88,7 @@ def job_status(job_id: str, st: StateDep) -> dict:
     job = st.queue.jobs.get(job_id)
     if job is None:
         raise NotFound("no such job")
-    state = _job_state(job)
+    state = job_state(job)
     return {
         "job": job.id,
         "state": state,

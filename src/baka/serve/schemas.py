@@ -139,3 +139,89 @@ class XYGrid(BaseModel):
     seed: int = Field(1, ge=-1, le=2**32 - 1)
     width: int = Field(512, ge=64, le=1024)
     height: int = Field(512, ge=64, le=1024)
+
+
+class LoraUse(BaseModel):
+    """A LoRA by name in the LoRA folders, its weight and an optional lora-block-weight."""
+
+    name: str
+    weight: float = 1.0
+    lbw: str | None = None
+
+
+class LoraExtract(BaseModel):
+    """``baka lora extract``: a LoRA of B - A, written into the first LoRA folder."""
+
+    model_a: str
+    model_b: str
+    output_name: str
+    dim: int = Field(64, ge=1, le=1024)
+    conv_dim: int = Field(0, ge=0, le=1024)
+    te: bool = False
+    clamp_quantile: float = Field(0.99, gt=0, le=1)
+    rank_rule: str = "fixed"
+    min_diff: float = Field(0.0, ge=0)
+    save_precision: str = "float"
+
+
+class LoraBake(BaseModel):
+    """``baka lora bake``: LoRAs merged into a checkpoint, written into the first checkpoint folder."""
+
+    model: str
+    loras: list[LoraUse] = Field(min_length=1, max_length=32)
+    output_name: str
+    dtype: str | None = None
+
+
+class LoraMerge(BaseModel):
+    """``baka lora merge``: LoRAs as one, written into the first LoRA folder."""
+
+    loras: list[LoraUse] = Field(min_length=1, max_length=32)
+    output_name: str
+    dim: int | None = Field(None, ge=1, le=1024)
+    conv_dim: int | None = Field(None, ge=1, le=1024)
+    model: str | None = None
+    clamp_quantile: float = Field(0.99, gt=0, le=1)
+    save_precision: str = "float"
+
+
+class Scoring(BaseModel):
+    """What probe and search judge: a registered scorer (no user code on the server) and how the
+    pictures are made."""
+
+    model_a: str
+    model_b: str
+    score: str = "world"
+    prompts: list[str] = Field(default_factory=list, max_length=64)
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1, le=150)
+    sampler_name: str = "DPM++ 2M Karras"
+    cfg_scale: float = Field(7.0, ge=0, le=30)
+    width: int = Field(512, ge=64, le=1024)
+    height: int = Field(512, ge=64, le=1024)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    per_prompt: int = Field(1, ge=1, le=8)
+    method: str = "weight_sum"
+    model_c: str | None = None
+    beta: float | None = None
+    blocks: list[str] | None = None
+
+
+class MergeProbe(Scoring):
+    """``baka merge probe``: each block of B alone (or left out), scored."""
+
+    weight: float = 1.0
+    mode: str = "single"
+
+
+class MergeSearch(Scoring):
+    """``baka merge search``: optuna TPE over the block weights; the best merge optionally written."""
+
+    trials: int = Field(20, ge=1, le=500)
+    objective: str | None = None
+    minimize: bool = False
+    fixed: float = 0.0
+    step: float = Field(0.05, ge=0, le=1)
+    search_seed: int = 0
+    search_beta: bool = False
+    output_name: str | None = None

@@ -1,0 +1,129 @@
+"""The model-making tools over HTTP (issue 13): LoRA extract / bake / merge and merge probe / search as
+jobs, names inside the configured folders only, outputs as new files, registered scorers only."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from baka.serve.app import create_app
+from baka.serve.folders import ModelFolders
+from baka.serve.state import Settings
+
+
+@pytest.fixture(scope="module")
+def root(tiny_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui")
+    ck = root / "models" / "Stable-diffusion"
+    ck.mkdir(parents=True)
+    shutil.copy(tiny_files[0], ck / "alpha.safetensors")
+    shutil.copy(tiny_files[1], ck / "beta.safetensors")
+    (root / "models" / "Lora").mkdir(parents=True)
+    (root / "secret.safetensors").write_bytes(b"not for clients")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(root):
+    folders = ModelFolders()
+    folders.add_root(root)
+    return TestClient(create_app(Settings(folders, outputs=root / "outputs")))
+
+
+def _done(client, r) -> dict:
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    for _ in range(1200):
+        s = client.get(f"/baka/v1/jobs/{job}").json()
+        if s["state"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert s["state"] == "done", s
+    return s["result"]
+
+
+def test_lora_extract_bake_merge_as_jobs(client, root):
+    lora_dir, ck = root / "models" / "Lora", root / "models" / "Stable-diffusion"
+    body = {"model_a": "alpha", "model_b": "beta", "output_name": "diff", "dim": 4, "clamp_quantile": 1}
+    res = _done(client, client.post("/baka/v1/lora/extract", json=body))
+    assert (
+        res["lora"] == "diff.safetensors" and res["modules"] > 0 and (lora_dir / "diff.safetensors").is_file()
+    )
+    assert "diff" in [x["name"] for x in client.get("/sdapi/v1/loras").json()]
+    res = _done(
+        client,
+        client.post(
+            "/baka/v1/lora/bake",
+            json={"model": "alpha", "loras": [{"name": "diff", "weight": 1.0}], "output_name": "baked"},
+        ),
+    )
+    assert res["checkpoint"] == "baked.safetensors" and res["applied"] > 0 and res["unmatched"] == []
+    assert (ck / "baked.safetensors").is_file()
+    res = _done(
+        client,
+        client.post(
+            "/baka/v1/lora/merge",
+            json={
+                "loras": [{"name": "diff", "weight": 0.5}, {"name": "diff", "weight": 0.5}],
+                "output_name": "two",
+            },
+        ),
+    )
+    assert res["lora"] == "two.safetensors" and (lora_dir / "two.safetensors").is_file()
+    # an existing output is never overwritten; names outside the folders, unknown settings: 4xx now
+    bad = [
+        ("/baka/v1/lora/extract", {**body}, 409),
+        ("/baka/v1/lora/extract", {**body, "model_b": "../../secret", "output_name": "x"}, 400),
+        ("/baka/v1/lora/extract", {**body, "rank_rule": "sv_nope:1", "output_name": "x"}, 400),
+        ("/baka/v1/lora/bake", {"model": "alpha", "loras": [{"name": "../diff"}], "output_name": "y"}, 400),
+        ("/baka/v1/lora/bake", {"model": "alpha", "loras": [{"name": "nope"}], "output_name": "y"}, 404),
+        (
+            "/baka/v1/lora/bake",
+            {"model": "alpha", "loras": [{"name": "diff", "lbw": "BOGUS"}], "output_name": "y"},
+            400,
+        ),
+        ("/baka/v1/lora/merge", {"loras": [], "output_name": "z"}, 422),
+    ]
+    for path, req, code in bad:
+        assert client.post(path, json=req).status_code == code, (path, req)
+    assert not (lora_dir / "x.safetensors").exists() and not (ck / "y.safetensors").exists()
+
+
+def _b64_png(s: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(s)))
+
+
+def test_merge_probe_and_search_as_jobs(client, root):
+    scoring = {"model_a": "alpha", "model_b": "beta", "score": "image-diff", "prompts": ["red circle"],
+               "steps": 2, "width": 64, "height": 64}  # fmt: skip
+    res = _done(client, client.post("/baka/v1/merge/probe", json={**scoring, "blocks": ["IN01", "OUT11"]}))
+    assert set(res["effects"]) == {"IN01", "OUT11"} and "score" in res["base"]
+    assert res["base"]["score"] == pytest.approx(1.0)  # A against itself
+    assert _b64_png(res["heatmap"]).size[0] > 100 and "effect" in res["table"]
+    res = _done(
+        client,
+        client.post(
+            "/baka/v1/merge/search", json={**scoring, "blocks": ["OUT11"], "trials": 2, "output_name": "best"}
+        ),
+    )
+    assert res["trials"] == 2 and len(res["values"]) == 2 and len(res["best_weights"]) == 26
+    assert res["checkpoint"] == "best.safetensors"
+    assert (root / "models" / "Stable-diffusion" / "best.safetensors").is_file()
+    assert _b64_png(res["plot"]).size[0] > 100
+    assert list((root / "outputs" / "searches").glob("*.db"))
+    for req, code in (
+        ({**scoring, "score": "os:system"}, 400),  # user code is never named by a client
+        ({**scoring, "score": "wrld"}, 400),
+        ({**scoring, "prompts": []}, 400),  # image-diff needs prompts
+        ({**scoring, "blocks": ["IN99"]}, 400),
+        ({**scoring, "method": "nah"}, 400),
+        ({**scoring, "mode": "sideways"}, 400),
+        ({**scoring, "model_b": "/etc/passwd"}, 400),
+    ):
+        assert client.post("/baka/v1/merge/probe", json=req).status_code == code, req
