@@ -172,11 +172,10 @@ def test_xyz_grid_over_merge_parameters(tiny_files, tmp_path, run_cli):
                  progress=False)  # fmt: skip
     want = Generator(merged, progress=False)(base.replace(cfg=3))[0].image
     assert np.abs(np.asarray(rows[2][1].image).astype(int) - np.asarray(want)).max() <= 1
-    assert (
-        np.array_equal(np.asarray(rows[0][0].image), np.asarray(gen(base.replace(cfg=3))[0].image)) is False
-        or True
-    )
     gen.patcher.remove(ctx.merger)
+    # every block at 0 is A itself: the first cell equals the unmerged model's picture
+    plain = np.asarray(gen(base.replace(cfg=3))[0].image).astype(int)
+    assert np.abs(np.asarray(rows[0][0].image).astype(int) - plain).max() <= 1
     with pytest.raises(BakaError, match="the IN04 axis needs a second model"):
         run_grid(GridContext(gen), base, "IN04=0,1", progress=False)
     with pytest.raises(BakaError, match="unknown grid axis 'IN4x'"):
@@ -186,3 +185,37 @@ def test_xyz_grid_over_merge_parameters(tiny_files, tmp_path, run_cli):
     code, _, err = run_cli(*argv, "--merge-with", tiny_files[1], "--xy", "OUT11=0,1", "--xy-z", "cfg=3,5")
     assert code == 0, err
     assert len(list(out.glob("*.png"))) == 1 + 4
+
+
+def test_grid_axes_method_beta_and_model_c(tiny_files, tmp_path, run_cli):
+    """The method, beta and model_c axes rebuild the runtime merge between cells; each cell equals the
+    file merge of its recipe and its infotext names method, models and betas."""
+    from baka.merge.engine import merge_models
+    from baka.merge.recipe import Recipe
+
+    a, b, c = (str(p) for p in tiny_files)
+    gen = Generator(a, progress=False)
+    ctx = GridContext.with_merge(gen, b, model_c=c, beta=0.0)
+    base = GenParams("a cat", steps=2, width=64, height=64, seed=1)
+    _, rows = run_grid(ctx, base, "method=sum_twice|triple_sum", "beta=0.25,0.75", progress=False)
+    for j, beta in enumerate((0.25, 0.75)):
+        for i, method in enumerate(("sum_twice", "triple_sum")):
+            cell = rows[j][i]
+            assert f"Model: modelA + modelB + modelC ({method})" in cell.infotext
+            assert f'Merge beta: "{",".join([f"{beta:g}"] * 26)}"' in cell.infotext
+            merged = tmp_path / f"{method}-{j}.safetensors"
+            recipe = Recipe(method, [a, b, c], (0.0,) * 26, (beta,) * 26)
+            merge_models(recipe, merged, progress=False)
+            want = np.asarray(Generator(merged, progress=False)(base)[0].image).astype(int)
+            assert np.abs(np.asarray(cell.image).astype(int) - want).max() <= 1, (method, beta)
+    assert rows[0][0].image.tobytes() != rows[1][0].image.tobytes()  # beta moved the picture
+    gen.patcher.remove(ctx.merger)
+    with pytest.raises(BakaError, match="needs a second model"):
+        GridContext.with_merge(gen, None, model_c=c)
+    out = tmp_path / "cli"
+    argv = ["generate", a, "-p", "a cat", "--steps", 2, "-W", 64, "-H", 64, "-o", out, "--merge-with", b]
+    code, _, err = run_cli(
+        *argv, "--merge-c", c, "--merge-method", "add_difference", "--xy", f"model_c={c}|{b}"
+    )
+    assert code == 0, err
+    assert "(add_difference)" in Image.open(next(out.glob("*[0-9].png"))).info["parameters"]

@@ -757,6 +757,20 @@ def test_history_outputs_freeu_xy_and_preview_release(a1111_root, tmp_path):
     assert "Model: alpha + alpha (weight_sum)" in r.json()["infotexts"][3]
     bad = client.post("/baka/v1/xy", json={**xyz, "z": "model_b=../../etc/passwd"})
     assert bad.status_code in (400, 404) and "passwd" in bad.json()["detail"]
+    # the method / beta / model_c axes, C by name too
+    r = client.post(
+        "/baka/v1/xy",
+        json={**xyz, "merge_c": "alpha.safetensors", "merge_beta": "0.5", "x": "method=sum_twice|triple_sum",
+              "y": "model_c=alpha.safetensors|sub/beta.safetensors"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    infos = r.json()["infotexts"]
+    assert "Model: alpha + beta + alpha (sum_twice)" in infos[0] and "(triple_sum)" in infos[1]
+    assert "Model: alpha + beta + beta (sum_twice)" in infos[2] and "Merge beta:" in infos[0]
+    for extra in ({"z": "model_c=/etc/passwd"}, {"merge_method": "nah"}):
+        assert client.post("/baka/v1/xy", json={**xyz, **extra}).status_code in (400, 404), extra
+    nob = {k: v for k, v in xyz.items() if k != "merge_with"}
+    assert client.post("/baka/v1/xy", json={**nob, "merge_c": "alpha"}).status_code == 400
     client.post("/sdapi/v1/txt2img", json=small)
     assert st.preview is None  # back to generating: the preview pair is not kept beside it
 

@@ -33,6 +33,11 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
         "--xy-z", help="grid Z axis: one grid per value, stacked (e.g. model_b=B1.safetensors,B2...)"
     )
     p.add_argument("--merge-with", help="model B for the blocks axis (runtime block merge)")
+    p.add_argument(
+        "--merge-method", default="weight_sum", help="the runtime merge's method (method axis too)"
+    )
+    p.add_argument("--merge-c", help="model C for merge methods that take one (model_c axis too)")
+    p.add_argument("--merge-beta", help="the method's beta: a number, 26 values or a preset (beta axis too)")
 
 
 def open_image(path: str, *, keep_alpha: bool = False):
@@ -88,7 +93,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.xy:
         from baka.generate.grid import GridContext, run_grid
 
-        ctx = GridContext.with_merge(gen, a.merge_with)
+        ctx = GridContext.with_merge(
+            gen, a.merge_with, method=a.merge_method, model_c=a.merge_c, beta=a.merge_beta
+        )
         grid, rows = run_grid(ctx, params, a.xy, a.xy_y, z=a.xy_z)
         path = out / f"{start:05d}-grid.png"
         from baka.models.safetensors_io import atomic_output

@@ -3,7 +3,8 @@
 Axis spec: ``name=v1,v2,...`` (or ``|``-separated when values contain commas, e.g. FreeU settings).
 Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, prompt_sr; with a second model (merge
 axes): blocks / alpha (26 weights: a number, a list, a preset), one block's weight by its id
-(``IN05=0,0.5,1``, the other blocks as the base weights) and model_b (another B per cell).
+(``IN05=0,0.5,1``, the other blocks as the base weights), beta (the method's second weight, 26 values),
+method (any merge method without a whole-model pass), model_b and model_c (another B or C per cell).
 ``prompt_sr`` is A1111's "Prompt S/R": the first value is searched for, and each cell replaces it (in
 the prompt and the negative prompt) with that cell's value, so the first cell is the prompt as given.
 Between cells only the blocks whose weight changed are re-merged; every cell's infotext names the
@@ -33,35 +34,68 @@ class GridContext:
     base_weights: tuple[float, ...] = (0.0,) * 26  # the merge's weights where no axis sets them
     weights: list[float] = field(default_factory=lambda: [0.0] * 26)  # the current cell's
     model_b: str = ""  # B of the runtime merge
+    method: str = "weight_sum"  # its merge method
+    model_c: str = ""  # its C, for methods that take one
+    base_betas: tuple[float, ...] | None = None  # the method's betas where no axis sets them
+    betas: list[float] | None = None  # the current cell's
 
     def _need_merge(self, axis: str):
         if self.merger is None:
             raise BakaError(f"the {axis} axis needs a second model (--merge-with B)")
         return self.merger
 
-    def swap_b(self, model_b: str) -> None:
-        """Merge toward another B from now on (the model goes back to A first)."""
+    def rebuild(self, *, model_b: str | None = None, method: str | None = None, model_c: str | None = None):
+        """Merge toward another B, by another method or with another C from now on (the model goes
+        back to A first); nothing happens when the cell asks for what is loaded."""
+        from baka.merge.methods import METHODS
         from baka.merge.runtime import RuntimeBlockMerge
 
-        old = self._need_merge("model_b")
-        if model_b == self.model_b:
+        old = self._need_merge("model_b" if model_b else "method" if method else "model_c")
+        want = (model_b or self.model_b, METHODS.canonical(method) if method else self.method,
+                model_c if model_c is not None else self.model_c)  # fmt: skip
+        if want == (self.model_b, self.method, self.model_c):
             return
         self.generator.patcher.remove(old)  # type: ignore[arg-type]
-        self.merger = self.generator.patcher.apply(RuntimeBlockMerge.against(self.generator.ckpt, model_b))
-        self.model_b = model_b
+        merge = RuntimeBlockMerge.against(
+            self.generator.ckpt, want[0], method=want[1], model_c=want[2] or None, beta=self.base_betas
+        )
+        self.merger = self.generator.patcher.apply(merge)
+        self.model_b, self.method, self.model_c = want
+
+    def swap_b(self, model_b: str) -> None:
+        """Merge toward another B from now on (the model goes back to A first)."""
+        self.rebuild(model_b=model_b)
 
     @classmethod
-    def with_merge(cls, generator: Generator, model_b: str | None) -> GridContext:
+    def with_merge(
+        cls,
+        generator: Generator,
+        model_b: str | None,
+        *,
+        method: str = "weight_sum",
+        model_c: str | None = None,
+        beta=None,
+    ) -> GridContext:
         """A grid context whose blocks axis runtime-merges ``generator``'s model with ``model_b``
-        (the merge is applied through the generator's patcher and stays for the grid's life)."""
+        (``method``, with ``model_c`` where it takes one, ``beta`` its second weight) through the
+        generator's patcher; the merge stays for the grid's life."""
         if not model_b:
+            if model_c or method != "weight_sum":
+                raise BakaError("a merge method or model C needs a second model (--merge-with B)")
             return cls(generator)
+        from baka.merge.methods import METHODS
         from baka.merge.runtime import RuntimeBlockMerge
+        from baka.merge.weights import parse_weights
 
         if generator.ckpt is None:
             raise BakaError("runtime block merge needs a generator loaded from a model file")
-        merger = generator.patcher.apply(RuntimeBlockMerge.against(generator.ckpt, model_b))
-        return cls(generator, merger, model_b=str(model_b))
+        betas = tuple(parse_weights(beta)) if beta is not None else None
+        m = METHODS.canonical(method)
+        merge = RuntimeBlockMerge.against(generator.ckpt, model_b, method=m, model_c=model_c, beta=betas)
+        merger = generator.patcher.apply(merge)
+        return cls(
+            generator, merger, model_b=str(model_b), method=m, model_c=str(model_c or ""), base_betas=betas
+        )
 
 
 def _field(name: str, conv) -> Apply:
@@ -103,6 +137,27 @@ def _model_b(p: GenParams, v: str, ctx: GridContext) -> GenParams:
     return p
 
 
+@AXES.register("model_c", aliases=("C", "model C"))
+def _model_c(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+    ctx.rebuild(model_c=v)
+    return p
+
+
+@AXES.register("method", aliases=("merge_method", "calcmode"))
+def _method(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+    ctx.rebuild(method=v)
+    return p
+
+
+@AXES.register("beta", aliases=("merge_beta",))
+def _beta(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+    from baka.merge.weights import parse_weights
+
+    ctx._need_merge("beta")
+    ctx.betas = list(parse_weights(v))
+    return p
+
+
 def _block_axis(block: str) -> Apply:
     from baka.models.blocks import BLOCK_INDEX
 
@@ -141,15 +196,26 @@ def parse_axis(spec: str) -> tuple[str, Apply, list[str]]:
     return name.strip(), apply, vals
 
 
-def merge_infotext(text: str, model_a: str | Path, model_b: str | Path, weights) -> str:
+def merge_infotext(
+    text: str,
+    model_a: str | Path,
+    model_b: str | Path,
+    weights,
+    method: str = "weight_sum",
+    model_c: str | Path | None = None,
+    betas=None,
+) -> str:
     """The infotext of a picture made with a runtime merge: it names the merge (A's hash is not its
-    hash) and carries the 26 weights."""
+    hash; the method, and C where there is one) and carries the 26 weights (and betas)."""
     from baka.generate import infotext
 
     prompt, neg, fields = infotext.parse(text)
     fields.pop("Model hash", None)
-    fields["Model"] = f"{Path(model_a).stem} + {Path(model_b).stem} (weight_sum)"
+    models = " + ".join(Path(m).stem for m in (model_a, model_b, model_c) if m)
+    fields["Model"] = f"{models} ({method})"
     fields["Merge weights"] = ",".join(f"{w:g}" for w in weights)
+    if betas is not None:
+        fields["Merge beta"] = ",".join(f"{w:g}" for w in betas)
     return infotext.build(prompt, neg, fields)
 
 
@@ -184,14 +250,24 @@ def run_grid(
             for xv in xs:
                 p = base.replace(batch=1)
                 ctx.weights = list(ctx.base_weights)
+                ctx.betas = list(ctx.base_betas) if ctx.base_betas is not None else None
                 for apply, v in ((za, zv), (ya, yv), (xa, xv)):
                     if apply is not None:
                         p = apply(p, v, ctx)
                 if merging:
-                    ctx.merger.set_weights(tuple(ctx.weights))  # type: ignore[union-attr]
+                    betas = tuple(ctx.betas) if ctx.betas is not None else None
+                    ctx.merger.set_weights(tuple(ctx.weights), betas)  # type: ignore[union-attr]
                 r = ctx.generator(p)[0]
                 if merging and ctx.generator.ckpt is not None:
-                    r.infotext = merge_infotext(r.infotext, ctx.generator.model, ctx.model_b, ctx.weights)
+                    r.infotext = merge_infotext(
+                        r.infotext,
+                        ctx.generator.model,
+                        ctx.model_b,
+                        ctx.weights,
+                        ctx.method,
+                        ctx.model_c or None,
+                        ctx.betas,
+                    )
                 row.append(r)
                 bar.update()
             zrows.append(row)

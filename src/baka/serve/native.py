@@ -155,8 +155,9 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
     for axis in (req.x, req.y, req.z):
         if axis:
             name, apply, values = parse_axis(axis)  # a bad axis is a 400 now, not a failed job later
-            if apply is AXES.get("model_b"):  # B by name in the checkpoints folder, never a raw path
-                axis = "model_b=" + "|".join(str(st.resolve("checkpoints", v)) for v in values)
+            for kind in ("model_b", "model_c"):  # B / C by name in the checkpoints folder, never a path
+                if apply is AXES.get(kind):
+                    axis = f"{kind}=" + "|".join(str(st.resolve("checkpoints", v)) for v in values)
         axes.append(axis)
     x, y, z = axes
     st.check_prompts(req.prompt, req.negative_prompt)
@@ -165,6 +166,14 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
         raise BakaError("no checkpoint configured")
     pa = st.resolve("checkpoints", model)
     pb = st.resolve("checkpoints", req.merge_with) if req.merge_with else None
+    pc = st.resolve("checkpoints", req.merge_c) if req.merge_c else None
+    if (pc or req.merge_method != "weight_sum" or req.merge_beta is not None) and pb is None:
+        raise BakaError("merge_method / merge_c / merge_beta need merge_with (model B)")
+    from baka.merge.methods import METHODS
+    from baka.merge.weights import parse_weights
+
+    method = METHODS.canonical(req.merge_method)
+    betas = tuple(parse_weights(req.merge_beta)) if req.merge_beta is not None else None
     params = GenParams(
         req.prompt,
         req.negative_prompt,
@@ -182,7 +191,9 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
             return run_grid(GridContext(gen), params, x, y, progress=False, z=z)
         with st.preview_lock:
             gen, rt = st.preview_for(pa, pb, job.device, job.worker)
-            ctx = GridContext(gen, rt, model_b=str(pb))
+            ctx = GridContext(gen, rt, model_b=str(pb), base_betas=betas)
+            if method != "weight_sum" or pc is not None:  # the shared preview pair is weighted sum
+                ctx.rebuild(method=method, model_c=str(pc) if pc else "")
             try:
                 return run_grid(ctx, params, x, y, progress=False, z=z)
             finally:
