@@ -365,32 +365,3 @@ def test_text_encoder_cache_computes_each_caption_once(tiny_files):
         got = den.cached_states(ids)
     assert len(den.text_cache) == 2 and torch.allclose(got, ref, atol=1e-5)
     assert torch.equal(got[0], got[2])
-
-
-def test_padding_dropout_replaces_end_and_padding_states(tiny_files):
-    """baka's padding_dropout: chosen samples get the empty caption's states from their end token on;
-    their word tokens keep their own states; off in eval mode."""
-    from baka.models.io import load_checkpoint
-    from baka.models.pipeline import build_module
-    from baka.models.tokenizer import load_tokenizer
-    from baka.train.modes import MODES
-    from baka.train.trainer import _Denoiser
-
-    ck = load_checkpoint(tiny_files[0])
-    unet = build_module("unet", ck.config, ck.components()["unet"])
-    te = build_module("text_encoder", ck.config, ck.components()["text_encoder"])
-    tok = load_tokenizer()
-    captions = ["red circle", "blue square, large, left", ""]
-    ids = tok(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    mode = MODES.get("full")
-    den = _Denoiser(unet, te, None, mode, 1, padding_dropout=1.0).train()
-    with torch.no_grad():
-        plain = mode.text_states(None, te, ids, clip_skip=1)
-        dropped = den.drop_padding(plain, ids)
-    ends = [3, 7, 1]  # BOS + words, then the first end token
-    for i, e in enumerate(ends):
-        assert torch.equal(dropped[i, :e], plain[i, :e])
-        assert torch.allclose(dropped[i, e:], plain[2, e:], atol=1e-6)  # the empty caption's states
-    assert not torch.allclose(plain[0, 5:], plain[2, 5:], atol=1e-3)  # padding states carry the caption
-    none = _Denoiser(unet, te, None, mode, 1, padding_dropout=0.0)
-    assert none.padding_dropout == 0.0

@@ -152,8 +152,6 @@ class TrainConfig:
     sample_sampler: str = "ddim"  # kohya's names (ddim, k_euler_a, dpmsolver++, ...) or A1111's
     block_dropout: dict[str, str] = field(default_factory=dict)  # block -> "step:p, step:p, ..."
     prior_loss_weight: float = 1.0  # kohya: loss weight of the regularisation (is_reg) images
-    # baka's own: this share of samples see the empty caption's end / padding states (trainer._Denoiser)
-    padding_dropout: float = 0.0
     cache_text_encoder_outputs: bool = (
         False  # kohya: a frozen text encoder's states computed once per caption
     )
@@ -406,10 +404,6 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         check_text_cache(cfg, path)
     if cfg.xformers:
         raise BakaError(f"{path}: xformers is not used by baka; torch's SDPA (sdpa = true) does its job")
-    if not 0 <= cfg.padding_dropout <= 1:
-        raise BakaError(f"{path}: padding_dropout must be in [0, 1], not {cfg.padding_dropout}")
-    if cfg.padding_dropout and cfg.mode == "embedding":
-        raise BakaError(f"{path}: padding_dropout is for LoRA and full training, not textual inversion")
     if cfg.prior_loss_weight < 0:
         raise BakaError(f"{path}: prior_loss_weight must be >= 0, not {cfg.prior_loss_weight}")
     if cfg.save_model_as not in ("safetensors", "pt"):

@@ -56,12 +56,10 @@ class _Denoiser(nn.Module):
         mode: Mode,
         clip_skip: int = 1,
         cache_text: bool = False,
-        padding_dropout: float = 0.0,
     ):
         super().__init__()
         self.unet, self.text_encoder, self.network, self.mode = unet, text_encoder, network, mode
         self.clip_skip = clip_skip
-        self.padding_dropout = padding_dropout
         # kohya's cache_text_encoder_outputs: a frozen encoder's states per token sequence
         self.text_cache: dict[bytes, torch.Tensor] | None = {} if cache_text else None
 
@@ -70,33 +68,7 @@ class _Denoiser(nn.Module):
             enc = self.mode.text_states(self.network, self.text_encoder, cond, clip_skip=self.clip_skip)
         else:
             enc = self.cached_states(cond)
-        if self.training and self.padding_dropout:
-            enc = self.drop_padding(enc, cond)
         return self.unet(noisy, t, enc).sample
-
-    def drop_padding(self, enc: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """baka's ``padding_dropout``: for that share of the samples (torch's RNG, seeded per step), the
-        states of each chunk's end token and padding are replaced by the empty caption's, so the UNet
-        must read the caption from its word tokens (CLIP's causal attention sums the whole caption
-        into the end and padding states, which a UNet otherwise learns to read alone; emphasis and
-        concept erasing act on the word tokens)."""
-        from baka.models.tokenizer import EOS_ID
-
-        b, n = ids.shape[0], ids.shape[-1] // 77
-        chunks = ids.reshape(b * n, 77)
-        first_end = (chunks == EOS_ID).int().argmax(dim=1)
-        after = torch.arange(77, device=ids.device)[None, :] >= first_end[:, None]
-        pick = (torch.rand(b, device=ids.device) < self.padding_dropout).repeat_interleave(n)
-        with torch.no_grad():
-            empty = torch.full((1, 77), EOS_ID, dtype=ids.dtype, device=ids.device)
-            empty[0, 0] = ids.reshape(b * n, 77)[0, 0]  # BOS
-            empty_states = self.mode.text_states(
-                self.network, self.text_encoder, empty, clip_skip=self.clip_skip
-            )[0]
-        states = enc.reshape(b * n, 77, enc.shape[-1])
-        keep = ~(after & pick[:, None])
-        states = torch.where(keep[..., None], states, empty_states[None].to(states.dtype))
-        return states.reshape(enc.shape)
 
     @torch.no_grad()
     def cached_states(self, cond: torch.Tensor) -> torch.Tensor:
@@ -184,7 +156,6 @@ class _Run:
             self.mode,
             cfg.clip_skip,
             cfg.cache_text_encoder_outputs,
-            cfg.padding_dropout,
         )
         self.model, self.opt = acc.prepare(denoiser, make_optimizer(cfg, groups))
         # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
