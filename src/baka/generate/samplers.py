@@ -84,6 +84,8 @@ _add(
     algorithm_type="dpmsolver",
     final_sigmas_type="sigma_min",  # diffusers refuses "zero" for this algorithm
 )
+# A1111's Restart (baka.generate.restart: k-diffusion-style maths on diffusers' scheduler interface)
+_add("Restart", "RestartScheduler", ("restart",), auto="Karras")
 _add("UniPC", "UniPCMultistepScheduler")
 _add("DEIS", "DEISMultistepScheduler")
 _add("LCM", "LCMScheduler")
@@ -148,11 +150,17 @@ def _kl_optimal(n: int, ac: torch.Tensor) -> torch.Tensor:
     return torch.tan(i * ls[0].exp().atan() + (1 - i) * ls[-1].exp().atan())
 
 
+def karras(n: int, sigma_min, sigma_max, rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: n sigmas from sigma_max down to sigma_min, then 0 (k-diffusion's
+    ``get_sigmas_karras``)."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _zero((hi + torch.linspace(0, 1, n, dtype=dtype) * (lo - hi)) ** rho)
+
+
 def _karras(n: int, ac: torch.Tensor, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022, eq. 5, over the model's sigma range."""
+    """Karras over the model's sigma range."""
     ls = _log_sigmas(ac)
-    lo, hi = ls[0].exp() ** (1 / rho), ls[-1].exp() ** (1 / rho)
-    return _zero((hi + torch.linspace(0, 1, n, dtype=torch.float64) * (lo - hi)) ** rho)
+    return karras(n, ls[0].exp(), ls[-1].exp(), rho)
 
 
 def _exponential(n: int, ac: torch.Tensor) -> torch.Tensor:
@@ -264,6 +272,17 @@ def with_sigmas(cls: type, schedule: Schedule) -> type:
     return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "schedule_type": schedule.name})
 
 
+def _restart() -> type:
+    from baka.generate.restart import RestartScheduler
+
+    return RestartScheduler
+
+
+# schedulers baka writes itself (by the class name a Sampler gives), loaded when first used
+OWN_SCHEDULERS: Registry[Callable[[], type]] = Registry("baka scheduler")
+OWN_SCHEDULERS.add("RestartScheduler", _restart)
+
+
 def split_name(name: str) -> tuple[str, str | None]:
     """A sampler name as A1111 1.9+ splits it: (sampler, the schedule type in the name or None);
     "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"), "Euler a" -> ("Euler a", None)."""
@@ -297,7 +316,11 @@ def build_scheduler(
     if named and SCHEDULES.canonical(schedule) == "Automatic":
         name, schedule = base, named  # "DPM++ 2M Karras" is DPM++ 2M with Karras, one way to build it
     s = SAMPLERS.get(name)
-    cls = getattr(diffusers, s.scheduler)
+    cls = (
+        OWN_SCHEDULERS.get(s.scheduler)()
+        if s.scheduler in OWN_SCHEDULERS
+        else getattr(diffusers, s.scheduler)
+    )
     cfg = {k: v for k, v in base_config.items() if not k.startswith("_")}
     cfg.update(s.options)
     accepted = set(inspect.signature(cls.__init__).parameters)
@@ -307,6 +330,9 @@ def build_scheduler(
             sched = SCHEDULES.get(s.auto)
         elif s.scheduler in SIGMA_SETTERS and not set(_SIGMA_KEYS) & set(s.options):
             sched = SCHEDULES.get("Uniform")  # A1111's k-diffusion default: the model's own spacing
+    fixed = getattr(cls, "fixed_schedule", None)  # a sampler that builds its own sigmas (Restart: Karras)
+    if fixed and sched.name not in ("Automatic", fixed):
+        raise BakaError(f"sampler {s.name!r} cannot use schedule type {sched.name!r} (it runs {fixed} only)")
     if sched.name != "Automatic":
         # A1111's own formula where the scheduler's sigmas can be set; else diffusers' options
         by_sigmas = sched.sigmas is not None and s.scheduler in SIGMA_SETTERS

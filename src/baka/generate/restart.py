@@ -1,0 +1,130 @@
+"""A1111's "Restart" sampler as a diffusers scheduler (baka's denoising loop runs any scheduler).
+
+Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): Heun steps
+down a Karras schedule; at the restart interval's low end the sample is noised back up to its high end
+and that stretch is run again, which contracts the errors the earlier steps made. A1111's parameters
+(modules/sd_samplers_extra.py, its sampler table's Karras default): under 20 steps no restarts; from
+20 steps the run is a Karras schedule of ``steps - k * times`` steps plus ``times`` restarts of ``k``
+Heun steps each over sigma [0.1, 2] (both ends taken as the nearest schedule sigmas), with k = 9 and
+one restart, or from 36 steps k = steps // 4 and two; a restart adds noise of standard deviation
+sqrt(hi^2 - lo^2); the last step (to sigma 0) is an Euler step. Each segment evaluates the model twice
+(once for the Euler step), so a run makes about twice as many model calls as it has steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+from baka.errors import BakaError
+
+RESTART_FROM = 20  # A1111: restarts from this many steps on
+RESTART_SPAN = (0.1, 2.0)  # the interval (sigma) run again
+
+
+def restart_segments(steps: int, sigma_min: float, sigma_max: float) -> list[tuple[float, float]]:
+    """The (from, to) sigma of every Heun segment of an A1111 Restart run of ``steps`` steps, in order
+    (k-diffusion's float32 Karras sigmas, as A1111 computes them)."""
+    from baka.generate.samplers import karras as _k
+
+    def karras(n: int, lo: float, hi: float) -> torch.Tensor:
+        return _k(n, lo, hi, dtype=torch.float32)
+
+    if steps >= RESTART_FROM:
+        k, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        base = karras(steps - k * times, sigma_min, sigma_max)
+    else:
+        k, times, base = 0, 0, karras(steps, sigma_min, sigma_max)
+    low = int(torch.argmin((base - RESTART_SPAN[0]).abs()))
+    high = int(torch.argmin((base - RESTART_SPAN[1]).abs()))
+    segments = []
+    for i in range(len(base) - 1):
+        segments.append((float(base[i]), float(base[i + 1])))
+        if times and i + 1 == low and high < low:
+            again = karras(k + 1, float(base[low]), float(base[high]))[:-1]
+            segments += [(float(a), float(b)) for a, b in zip(again[:-1], again[1:], strict=True)] * times
+    return segments
+
+
+class RestartScheduler(EulerDiscreteScheduler):
+    """Restart sampling (see the module docstring); k-diffusion's maths on diffusers' interface: the
+    timesteps list one entry per model call, ``step`` keeps the Heun state between its two calls."""
+
+    s_noise = 1.0
+    fixed_schedule = "Karras"  # A1111 recomputes Karras sigmas from 20 steps on, whatever was chosen
+
+    def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
+        from baka.generate.samplers import _log_sigmas, sigma_to_t
+
+        super().set_timesteps(num_inference_steps, device, *args, **kw)
+        if self.config.rescale_betas_zero_snr:
+            raise BakaError("sampler 'Restart' does not support zero terminal SNR (its Karras schedule)")
+        log_sigmas = _log_sigmas(self.alphas_cumprod)
+        smin, smax = float(log_sigmas.exp().min()), float(log_sigmas.exp().max())
+        self.segments = restart_segments(int(num_inference_steps), smin, smax)
+        calls: list[tuple[float, str]] = []
+        for a, b in self.segments:
+            calls += [(a, "euler")] if b == 0 else [(a, "first"), (b, "second")]
+        self.calls = calls
+        sig = torch.tensor([s for s, _ in calls])
+        self.call_sigmas = sig
+        self.timesteps = sigma_to_t(log_sigmas, sig).float().to(device or "cpu")
+        self.sigmas = torch.cat([sig, torch.zeros(1)])
+        self.num_inference_steps = int(num_inference_steps)
+        self._call = 0
+        self._segment = 0
+        self._heun: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    @property
+    def init_noise_sigma(self) -> float:  # type: ignore[override]
+        return float(self.call_sigmas[0])  # k-diffusion: x_T = noise * sigma_max
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return 2
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if begin_index:
+            raise BakaError("sampler 'Restart' runs from pure noise only (not img2img or a hires pass)")
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        sigma = float(self.call_sigmas[self._call])
+        return sample / (sigma**2 + 1) ** 0.5
+
+    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.config.prediction_type == "v_prediction":  # k-diffusion's v-parameterisation
+            return sample / (sigma**2 + 1) - model_output * sigma / (sigma**2 + 1) ** 0.5
+        return sample - sigma * model_output
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kw):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        sigma, kind = self.calls[self._call]
+        denoised = self._denoised(model_output.float(), sample.float(), sigma)
+        d = (sample.float() - denoised) / sigma
+        a, b = self.segments[self._segment]
+        if kind == "first":  # Heun's predictor: the second call is at b from here
+            self._heun = (sample.float(), d, b - a)
+            out = sample.float() + d * (b - a)
+        else:
+            if kind == "second":
+                assert self._heun is not None
+                x, d1, dt = self._heun
+                out = x + (d1 + d) / 2 * dt
+            else:  # the step to sigma 0: Euler
+                out = sample.float() + d * (b - a)
+            self._segment += 1
+            if self._segment < len(self.segments):
+                nxt = self.segments[self._segment][0]
+                if nxt > b:  # a restart: back up to the interval's top with fresh noise
+                    noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+                    out = out + noise * self.s_noise * (nxt**2 - b**2) ** 0.5
+        self._call += 1
+        out = out.to(sample.dtype)
+        if not return_dict:
+            return (out,)
+        return EulerDiscreteSchedulerOutput(prev_sample=out, pred_original_sample=denoised.to(sample.dtype))
+
+
+__all__ = ["RestartScheduler", "restart_segments"]
