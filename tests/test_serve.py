@@ -844,8 +844,12 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
         assert b.js("document.getElementById('g-live').naturalWidth") == 8  # the latent-sized live preview
 
         # the history gallery: the three saved pictures, newest first, after a reload too
-        b.js("location.reload()")
-        b.wait("document.getElementById('g-sampler').options.length > 0")
+        # a marker on the old page: the wait below cannot be answered by it while the reload is under way
+        b.js("window.beforeReload = true; location.reload()")
+        b.wait(
+            "!window.beforeReload && document.getElementById('g-sampler').options.length > 0"
+            " && document.querySelector('header button[data-tab=history]') !== null"
+        )
         b.js("document.querySelector('header button[data-tab=history]').click()")
         files = b.wait(
             "(() => { const g = [...document.querySelectorAll('#gallery img')];"
