@@ -86,6 +86,8 @@ _add(
 )
 # A1111's Restart (baka.generate.restart: k-diffusion-style maths on diffusers' scheduler interface)
 _add("Restart", "RestartScheduler", ("restart",), auto="Karras")
+# A1111's DPM fast (k-diffusion's sample_dpm_fast at A1111's ancestral eta 1: baka.generate.dpm_fast)
+_add("DPM fast", "DPMFastScheduler", ("k_dpm_fast", "dpm_fast"), eta=1.0)
 _add("UniPC", "UniPCMultistepScheduler")
 _add("DEIS", "DEISMultistepScheduler")
 _add("LCM", "LCMScheduler")
@@ -278,9 +280,16 @@ def _restart() -> type:
     return RestartScheduler
 
 
+def _dpm_fast() -> type:
+    from baka.generate.dpm_fast import DPMFastScheduler
+
+    return DPMFastScheduler
+
+
 # schedulers baka writes itself (by the class name a Sampler gives), loaded when first used
 OWN_SCHEDULERS: Registry[Callable[[], type]] = Registry("baka scheduler")
 OWN_SCHEDULERS.add("RestartScheduler", _restart)
+OWN_SCHEDULERS.add("DPMFastScheduler", _dpm_fast)
 
 
 def split_name(name: str) -> tuple[str, str | None]:
