@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import EulerDiscreteScheduler
-from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from baka.errors import BakaError
+from baka.generate.ksched import KSampler
 
 
 def fast_plan(n: int, sigma_min: float, sigma_max: float, eta: float) -> list[dict]:
@@ -47,65 +46,32 @@ def fast_plan(n: int, sigma_min: float, sigma_max: float, eta: float) -> list[di
     return steps
 
 
-class DPMFastScheduler(EulerDiscreteScheduler):
-    """DPM-Solver-Fast (see the module docstring) on diffusers' interface: one timestep per model call,
-    ``step`` keeps the step's earlier noise predictions until its last call."""
+class DPMFastScheduler(KSampler):
+    """DPM-Solver-Fast (see the module docstring): one timestep per model call, ``step`` keeps the
+    step's earlier noise predictions until its last call."""
 
+    sampler_name = "DPM fast"
     eta = 1.0  # A1111's eta for k-diffusion samplers that take one (its "eta_ancestral" option)
-    s_noise = 1.0
     fixed_schedule = "Automatic"  # its own spacing in log-sigma
 
     def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
-        from baka.generate.samplers import _log_sigmas, sigma_to_t
-
         super().set_timesteps(num_inference_steps, device, *args, **kw)
-        if self.config.rescale_betas_zero_snr:
-            raise BakaError("sampler 'DPM fast' does not support zero terminal SNR (it needs sigma_max)")
-        log_sigmas = _log_sigmas(self.alphas_cumprod)
-        # A1111 passes the model's sigma range as float32 (k-diffusion's DiscreteSchedule.sigmas)
-        smin = float(log_sigmas.exp().float().min())
-        smax = float(log_sigmas.exp().float().max())
-        self.plan = fast_plan(int(num_inference_steps), smin, smax, self.eta)
+        smin, _ = self.sigma_range()
+        self.plan = fast_plan(int(num_inference_steps), *self.sigma_range(), self.eta)
         self.calls = [(i, j) for i, step in enumerate(self.plan) for j in range(len(step["times"]))]
-        sig = torch.stack(
-            [(-s["times"][j]).exp() for i, s in enumerate(self.plan) for j in range(len(s["times"]))]
-        )
-        self.call_sigmas = sig.float()
-        self.timesteps = sigma_to_t(log_sigmas, sig).float().to(device or "cpu")
+        self.start(torch.stack([(-t).exp() for step in self.plan for t in step["times"]]), device)
         self.sigmas = torch.cat([self.call_sigmas, torch.tensor([smin])])
         self.num_inference_steps = int(num_inference_steps)
-        self._call = 0
         self._x: torch.Tensor | None = None
         self._eps: list[torch.Tensor] = []
-        self._sigma_max = smax
-
-    @property
-    def init_noise_sigma(self) -> float:  # type: ignore[override]
-        return self._sigma_max  # k-diffusion: x_T = noise * sigma_max
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index:
-            raise BakaError("sampler 'DPM fast' runs from pure noise only (not img2img or a hires pass)")
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        sigma = float(self.call_sigmas[self._call])
-        return sample / (sigma**2 + 1) ** 0.5
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kw):
-        from diffusers.utils.torch_utils import randn_tensor
-
         i, j = self.calls[self._call]
         s = self.plan[i]
-        sigma = float(self.call_sigmas[self._call])
-        x = sample.float()
-        out_ = model_output.float()
-        if self.config.prediction_type == "v_prediction":
-            denoised = x / (sigma**2 + 1) - out_ * sigma / (sigma**2 + 1) ** 0.5
-        else:
-            denoised = x - sigma * out_
-        eps = (x - denoised) / sigma
+        denoised, sigma = self.denoised(model_output, sample)
+        eps = (sample.float() - denoised) / sigma
         if j == 0:
-            self._x, self._eps = x, []
+            self._x, self._eps = sample.float(), []
         self._eps.append(eps)
         x0, e = self._x, self._eps
         assert x0 is not None
@@ -118,28 +84,22 @@ class DPMFastScheduler(EulerDiscreteScheduler):
         if len(e) < order:  # the next call's input: DPM-Solver's intermediate point
             r1, r2 = (1 / 2, None) if order == 2 else (1 / 3, 2 / 3)
             if len(e) == 1:
-                rr = r1
-                out = x0 - sig(t + rr * h) * math.expm1(float(rr * h)) * e[0]
+                out = x0 - sig(t + r1 * h) * math.expm1(float(r1 * h)) * e[0]
             else:
                 assert r2 is not None
                 rh = float(r2 * h)
                 out = x0 - sig(t + r2 * h) * math.expm1(rh) * e[0]
                 out = out - sig(t + r2 * h) * (r2 / r1) * (math.expm1(rh) / rh - 1) * (e[1] - e[0])
-        else:
-            hf, sn = float(h), sig(target)
-            out = x0 - sn * math.expm1(hf) * e[0]
-            if order == 2:
-                out = out - sn / (2 * (1 / 2)) * math.expm1(hf) * (e[1] - e[0])
-            elif order == 3:
-                out = out - sn / (2 / 3) * (math.expm1(hf) / hf - 1) * (e[2] - e[0])
-            # k-diffusion draws the step's noise even at eta 0 (su = 0): the same draws either way
-            noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-            out = out + s["noise"] * self.s_noise * noise
-        self._call += 1
-        out = out.to(sample.dtype)
-        if not return_dict:
-            return (out,)
-        return EulerDiscreteSchedulerOutput(prev_sample=out, pred_original_sample=denoised.to(sample.dtype))
+            return self.finish(out, denoised, sample, return_dict)
+        hf, sn = float(h), sig(target)
+        out = x0 - sn * math.expm1(hf) * e[0]
+        if order == 2:
+            out = out - sn / (2 * (1 / 2)) * math.expm1(hf) * (e[1] - e[0])
+        elif order == 3:
+            out = out - sn / (2 / 3) * (math.expm1(hf) / hf - 1) * (e[2] - e[0])
+        # k-diffusion draws the step's noise even at eta 0 (su = 0): the same draws either way
+        out = out + s["noise"] * self.s_noise * self.noise(out, generator)
+        return self.finish(out, denoised, sample, return_dict)
 
 
 __all__ = ["DPMFastScheduler", "fast_plan"]

@@ -14,10 +14,8 @@ sqrt(hi^2 - lo^2); the last step (to sigma 0) is an Euler step. Each segment eva
 from __future__ import annotations
 
 import torch
-from diffusers import EulerDiscreteScheduler
-from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
-from baka.errors import BakaError
+from baka.generate.ksched import KSampler
 
 RESTART_FROM = 20  # A1111: restarts from this many steps on
 RESTART_SPAN = (0.1, 2.0)  # the interval (sigma) run again
@@ -47,84 +45,51 @@ def restart_segments(steps: int, sigma_min: float, sigma_max: float) -> list[tup
     return segments
 
 
-class RestartScheduler(EulerDiscreteScheduler):
-    """Restart sampling (see the module docstring); k-diffusion's maths on diffusers' interface: the
-    timesteps list one entry per model call, ``step`` keeps the Heun state between its two calls."""
+class RestartScheduler(KSampler):
+    """Restart sampling (see the module docstring): the timesteps list one entry per model call,
+    ``step`` keeps the Heun state between a segment's two calls."""
 
-    s_noise = 1.0
+    sampler_name = "Restart"
     fixed_schedule = "Karras"  # A1111 recomputes Karras sigmas from 20 steps on, whatever was chosen
 
     def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
-        from baka.generate.samplers import _log_sigmas, sigma_to_t
-
         super().set_timesteps(num_inference_steps, device, *args, **kw)
-        if self.config.rescale_betas_zero_snr:
-            raise BakaError("sampler 'Restart' does not support zero terminal SNR (its Karras schedule)")
-        log_sigmas = _log_sigmas(self.alphas_cumprod)
-        smin, smax = float(log_sigmas.exp().min()), float(log_sigmas.exp().max())
-        self.segments = restart_segments(int(num_inference_steps), smin, smax)
+        self.segments = restart_segments(int(num_inference_steps), *self.sigma_range())
         calls: list[tuple[float, str]] = []
         for a, b in self.segments:
             calls += [(a, "euler")] if b == 0 else [(a, "first"), (b, "second")]
         self.calls = calls
-        sig = torch.tensor([s for s, _ in calls])
-        self.call_sigmas = sig
-        self.timesteps = sigma_to_t(log_sigmas, sig).float().to(device or "cpu")
-        self.sigmas = torch.cat([sig, torch.zeros(1)])
+        self.start(torch.tensor([s for s, _ in calls]), device)
+        self.sigmas = torch.cat([self.call_sigmas, torch.zeros(1)])
         self.num_inference_steps = int(num_inference_steps)
-        self._call = 0
         self._segment = 0
         self._heun: tuple[torch.Tensor, torch.Tensor, float] | None = None
-
-    @property
-    def init_noise_sigma(self) -> float:  # type: ignore[override]
-        return float(self.call_sigmas[0])  # k-diffusion: x_T = noise * sigma_max
 
     @property
     def order(self) -> int:  # type: ignore[override]
         return 2
 
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index:
-            raise BakaError("sampler 'Restart' runs from pure noise only (not img2img or a hires pass)")
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        sigma = float(self.call_sigmas[self._call])
-        return sample / (sigma**2 + 1) ** 0.5
-
-    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
-        if self.config.prediction_type == "v_prediction":  # k-diffusion's v-parameterisation
-            return sample / (sigma**2 + 1) - model_output * sigma / (sigma**2 + 1) ** 0.5
-        return sample - sigma * model_output
-
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kw):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        sigma, kind = self.calls[self._call]
-        denoised = self._denoised(model_output.float(), sample.float(), sigma)
-        d = (sample.float() - denoised) / sigma
+        kind = self.calls[self._call][1]
+        denoised, sigma = self.denoised(model_output, sample)
+        x = sample.float()
+        d = (x - denoised) / sigma
         a, b = self.segments[self._segment]
         if kind == "first":  # Heun's predictor: the second call is at b from here
-            self._heun = (sample.float(), d, b - a)
-            out = sample.float() + d * (b - a)
-        else:
-            if kind == "second":
-                assert self._heun is not None
-                x, d1, dt = self._heun
-                out = x + (d1 + d) / 2 * dt
-            else:  # the step to sigma 0: Euler
-                out = sample.float() + d * (b - a)
-            self._segment += 1
-            if self._segment < len(self.segments):
-                nxt = self.segments[self._segment][0]
-                if nxt > b:  # a restart: back up to the interval's top with fresh noise
-                    noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-                    out = out + noise * self.s_noise * (nxt**2 - b**2) ** 0.5
-        self._call += 1
-        out = out.to(sample.dtype)
-        if not return_dict:
-            return (out,)
-        return EulerDiscreteSchedulerOutput(prev_sample=out, pred_original_sample=denoised.to(sample.dtype))
+            self._heun = (x, d, b - a)
+            return self.finish(x + d * (b - a), denoised, sample, return_dict)
+        if kind == "second":
+            assert self._heun is not None
+            x0, d1, dt = self._heun
+            out = x0 + (d1 + d) / 2 * dt
+        else:  # the step to sigma 0: Euler
+            out = x + d * (b - a)
+        self._segment += 1
+        if self._segment < len(self.segments):
+            nxt = self.segments[self._segment][0]
+            if nxt > b:  # a restart: back up to the interval's top with fresh noise
+                out = out + self.noise(out, generator) * self.s_noise * (nxt**2 - b**2) ** 0.5
+        return self.finish(out, denoised, sample, return_dict)
 
 
 __all__ = ["RestartScheduler", "restart_segments"]

@@ -35,20 +35,26 @@ UNET_CONV = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = ("CLIPAttention", "CLIPMLP")
 
 
+def lora_pair(base: nn.Module, dim: int) -> tuple[nn.Module, nn.Module]:
+    """kohya's down / up for a layer: down as the layer (a conv keeps its kernel, stride and padding),
+    Kaiming-uniform; up 1x1, zero (the network starts as the identity)."""
+    if isinstance(base, nn.Conv2d):
+        down: nn.Module = nn.Conv2d(
+            base.in_channels, dim, base.kernel_size, base.stride, base.padding, bias=False
+        )
+        up: nn.Module = nn.Conv2d(dim, base.out_channels, 1, bias=False)
+    else:
+        down, up = nn.Linear(base.in_features, dim, bias=False), nn.Linear(dim, base.out_features, bias=False)
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)
+    return down, up
+
+
 class LoRAModule(nn.Module):
     def __init__(self, name: str, base: nn.Module, dim: int, alpha: float, cfg: NetworkConfig, block: str):
         super().__init__()
         self.name, self.block, self.dim = name, block, dim
-        if isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(
-                base.in_channels, dim, base.kernel_size, base.stride, base.padding, bias=False
-            )
-            self.up = nn.Conv2d(dim, base.out_channels, 1, bias=False)
-        else:
-            self.down = nn.Linear(base.in_features, dim, bias=False)
-            self.up = nn.Linear(dim, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
+        self.down, self.up = lora_pair(base, dim)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.scale = alpha / dim
         self.dropout, self.rank_dropout, self.module_dropout = (
@@ -185,14 +191,7 @@ class LoRADoRAModule(DeltaModule):
     def __init__(self, name: str, base: nn.Module, dim: int, alpha: float, cfg: NetworkConfig, block: str):
         super().__init__(name, base, cfg, block, alpha, dora=True)
         self.dim = dim
-        if isinstance(base, nn.Conv2d):
-            self.down = nn.Conv2d(base.in_channels, dim, base.kernel_size, bias=False)
-            self.up = nn.Conv2d(dim, base.out_channels, 1, bias=False)
-        else:
-            self.down = nn.Linear(base.in_features, dim, bias=False)
-            self.up = nn.Linear(dim, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
+        self.down, self.up = lora_pair(base, dim)
 
     def params(self) -> dict[str, torch.Tensor]:
         return {"lora_down.weight": self.down.weight, "lora_up.weight": self.up.weight}
