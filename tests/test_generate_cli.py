@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -219,3 +221,43 @@ def test_grid_axes_method_beta_and_model_c(tiny_files, tmp_path, run_cli):
     )
     assert code == 0, err
     assert "(add_difference)" in Image.open(next(out.glob("*[0-9].png"))).info["parameters"]
+
+
+def test_grid_cells_shared_between_two_processes(tiny_files, tmp_path, run_cli):
+    """Under accelerate launch (two CPU processes, gloo) each process makes half the cells; the grid
+    and every cell equal a one-process run's, and only the first process writes."""
+    import subprocess
+    import sys
+
+    argv = ["generate", str(tiny_files[0]), "-p", "a cat", "--steps", "2", "-W", "64", "-H", "64",
+            "--merge-with", str(tiny_files[1]), "--xy", "OUT11=0,1", "--xy-y", "seed=1,2,3"]  # fmt: skip
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as accelerate runs each CPU process: the same sums, the same pictures
+    try:
+        code, _, err = run_cli(*argv, "-o", tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ]
+    res = subprocess.run(
+        [*launch, "-m", "baka", *argv, "-o", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "grid: 6 cells made by 2 processes" in res.stdout and res.stdout.count("wrote ") == 1
+    one, two = sorted((tmp_path / "one").glob("*.png")), sorted((tmp_path / "two").glob("*.png"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 7
+    for a, b in zip(one, two, strict=True):
+        diff = np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int)).max()
+        assert diff == 0, a.name
+        assert Image.open(a).info.get("parameters") == Image.open(b).info.get("parameters")

@@ -57,6 +57,29 @@ def open_image(path: str, *, keep_alpha: bool = False):
         raise BakaError(f"{path}: not a readable image ({e.__class__.__name__})") from None
 
 
+def grid_processes(device: str):
+    """(rank, processes), the gather, whether this process writes, and its device: under ``accelerate
+    launch`` / ``torchrun`` (WORLD_SIZE > 1) a grid's cells are shared between the processes, each
+    with its own model copy on its own GPU (gloo between CPU processes); alone, (0, 1)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return (0, 1), None, True, device
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+
+    def gather(done: dict) -> dict:
+        parts: list = [None] * state.num_processes
+        dist.all_gather_object(parts, done)
+        return {k: v for part in parts for k, v in part.items()}
+
+    dev = str(state.device) if device == "cpu" and torch.cuda.is_available() else device
+    return (state.process_index, state.num_processes), gather, state.is_main_process, dev
+
+
 @command("generate", "txt2img / img2img with A1111 conventions; PNGs carry A1111 infotext")
 @args(_gen_args)
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -84,19 +107,25 @@ def cmd_generate(a: argparse.Namespace) -> int:
     run = {"model": a.model, "vae": a.vae, "init_image": a.init_image, "mask": a.mask}
     run.update(out=a.out, dtype=a.dtype)
     print_config("generate", {**run, **cfg})
+    share, gather, main, device = grid_processes(a.device) if a.xy else ((0, 1), None, True, a.device)
     gen = Generator(
-        a.model, vae=a.vae, embedding_dirs=a.embeddings, lora_dirs=a.lora_dir, dtype=dtype, device=a.device
+        a.model, vae=a.vae, embedding_dirs=a.embeddings, lora_dirs=a.lora_dir, dtype=dtype, device=device
     )
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = len(list(out.glob("*.png")))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    start = len(list(out.glob("*.png"))) if main else 0
     if a.xy:
         from baka.generate.grid import GridContext, run_grid
 
         ctx = GridContext.with_merge(
             gen, a.merge_with, method=a.merge_method, model_c=a.merge_c, beta=a.merge_beta
         )
-        grid, rows = run_grid(ctx, params, a.xy, a.xy_y, z=a.xy_z)
+        grid, rows = run_grid(ctx, params, a.xy, a.xy_y, z=a.xy_z, share=share, gather=gather)
+        if not main:  # under accelerate launch / torchrun only the first process writes
+            return 0
+        if share[1] > 1:
+            print(f"grid: {sum(len(r) for r in rows)} cells made by {share[1]} processes")
         path = out / f"{start:05d}-grid.png"
         from baka.models.safetensors_io import atomic_output
 

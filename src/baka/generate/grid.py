@@ -226,10 +226,16 @@ def run_grid(
     y: str | None = None,
     progress: bool = True,
     z: str | None = None,
+    share: tuple[int, int] = (0, 1),
+    gather: Callable[[dict], dict] | None = None,
 ):
     """Generate every cell; returns (grid image, cell results row by row). With a Z axis the grid of
     each Z value is drawn under the previous one, headed by its value, and the rows of all of them
-    come back in order."""
+    come back in order.
+
+    ``share`` = (rank, processes): this process makes cells rank, rank + processes, ... (each with its
+    own model copy; every cell is set up from scratch, so a cell comes out the same on any process) and
+    ``gather`` (cell index -> result, for this process's cells) returns every process's cells."""
     from tqdm import tqdm
 
     none: tuple[str, Apply | None, list[str]] = ("", None, [""])
@@ -239,44 +245,57 @@ def run_grid(
             ctx.sr_search = values[0]
     labels_x = [f"{xn}: {v}" for v in xs]
     labels_y = [f"{yn}: {v}" for v in ys] if y else [""]
-    merging = ctx.merger is not None
-    rows = []
-    grids = []
-    bar = tqdm(total=len(xs) * len(ys) * len(zs), desc="grid", disable=not progress, leave=False)
-    for zv in zs:
-        zrows = []
-        for yv in ys:
-            row = []
-            for xv in xs:
-                p = base.replace(batch=1)
-                ctx.weights = list(ctx.base_weights)
-                ctx.betas = list(ctx.base_betas) if ctx.base_betas is not None else None
-                for apply, v in ((za, zv), (ya, yv), (xa, xv)):
-                    if apply is not None:
-                        p = apply(p, v, ctx)
-                if merging:
-                    betas = tuple(ctx.betas) if ctx.betas is not None else None
-                    ctx.merger.set_weights(tuple(ctx.weights), betas)  # type: ignore[union-attr]
-                r = ctx.generator(p)[0]
-                if merging and ctx.generator.ckpt is not None:
-                    r.infotext = merge_infotext(
-                        r.infotext,
-                        ctx.generator.model,
-                        ctx.model_b,
-                        ctx.weights,
-                        ctx.method,
-                        ctx.model_c or None,
-                        ctx.betas,
-                    )
-                row.append(r)
-                bar.update()
-            zrows.append(row)
+    cells = [(zv, yv, xv) for zv in zs for yv in ys for xv in xs]
+    rank, world = share
+    if world > 1 and gather is None:
+        raise BakaError("a grid shared between processes needs a gather function")
+    mine = range(rank, len(cells), world)
+    bar = tqdm(total=len(mine), desc="grid", disable=not progress, leave=False)
+    done = {}
+    for k in mine:
+        done[k] = _cell(ctx, base, ((za, cells[k][0]), (ya, cells[k][1]), (xa, cells[k][2])))
+        bar.update()
+    bar.close()
+    if world > 1:
+        assert gather is not None
+        done = gather(done)
+    ordered = [done[k] for k in range(len(cells))]
+    per_z = len(xs) * len(ys)
+    rows, grids = [], []
+    for zi in range(len(zs)):
+        part = ordered[zi * per_z : (zi + 1) * per_z]
+        zrows = [part[j * len(xs) : (j + 1) * len(xs)] for j in range(len(ys))]
         rows += zrows
         grids.append(draw_grid([[r.image for r in row] for row in zrows], labels_x, labels_y))
-    bar.close()
     if not z:
         return grids[0], rows
     return _stack(grids, [f"{zn}: {v}" for v in zs]), rows
+
+
+def _cell(ctx: GridContext, base: GenParams, axes):
+    """One cell: the base parameters and merge weights, then each axis's value (Z, Y, X), generated."""
+    p = base.replace(batch=1)
+    ctx.weights = list(ctx.base_weights)
+    ctx.betas = list(ctx.base_betas) if ctx.base_betas is not None else None
+    for apply, v in axes:
+        if apply is not None:
+            p = apply(p, v, ctx)
+    merging = ctx.merger is not None
+    if merging:
+        betas = tuple(ctx.betas) if ctx.betas is not None else None
+        ctx.merger.set_weights(tuple(ctx.weights), betas)  # type: ignore[union-attr]
+    r = ctx.generator(p)[0]
+    if merging and ctx.generator.ckpt is not None:
+        r.infotext = merge_infotext(
+            r.infotext,
+            ctx.generator.model,
+            ctx.model_b,
+            ctx.weights,
+            ctx.method,
+            ctx.model_c or None,
+            ctx.betas,
+        )
+    return r
 
 
 def _stack(grids: list, labels: list[str]):
