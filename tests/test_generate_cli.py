@@ -212,7 +212,7 @@ def test_grid_axes_method_beta_and_model_c(tiny_files, tmp_path, run_cli):
             assert np.abs(np.asarray(cell.image).astype(int) - want).max() <= 1, (method, beta)
     assert rows[0][0].image.tobytes() != rows[1][0].image.tobytes()  # beta moved the picture
     gen.patcher.remove(ctx.merger)
-    with pytest.raises(BakaError, match="needs a second model"):
+    with pytest.raises(BakaError, match="need a second model"):
         GridContext.with_merge(gen, None, model_c=c)
     out = tmp_path / "cli"
     argv = ["generate", a, "-p", "a cat", "--steps", 2, "-W", 64, "-H", 64, "-o", out, "--merge-with", b]
@@ -261,3 +261,30 @@ def test_grid_cells_shared_between_two_processes(tiny_files, tmp_path, run_cli):
         diff = np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int)).max()
         assert diff == 0, a.name
         assert Image.open(a).info.get("parameters") == Image.open(b).info.get("parameters")
+
+
+def test_grid_elemental_axis_equals_the_file_merge(tiny_files, tmp_path):
+    """The elemental axis: each cell's rules (';'-separated) in the runtime merge equal the file merge
+    with those rules; its infotext carries them; 'none' is no rules."""
+    from baka.merge.engine import merge_models
+    from baka.merge.recipe import Recipe
+
+    a, b = str(tiny_files[0]), str(tiny_files[1])
+    gen = Generator(a, progress=False)
+    ctx = GridContext.with_merge(gen, b, elemental="OUT11::1")
+    base = GenParams("a cat", steps=2, width=64, height=64, seed=1)
+    rules = ["IN01-IN05:attn:0.8; NOT IN00-OUT05::0.5", "none"]
+    _, rows = run_grid(ctx, base, "elemental=" + "|".join(rules), "IN04=0,1", progress=False)
+    for j, in04 in enumerate((0.0, 1.0)):
+        for i, text in enumerate(rules):
+            cell = rows[j][i]
+            alpha = [0.0] * 26
+            alpha[5] = in04
+            el = "" if text == "none" else text
+            merged = tmp_path / f"e{i}{j}.safetensors"
+            merge_models(Recipe("weight_sum", [a, b], tuple(alpha), (0.0,) * 26, elemental=el), merged,
+                         progress=False)  # fmt: skip
+            want = np.asarray(Generator(merged, progress=False)(base)[0].image).astype(int)
+            assert np.abs(np.asarray(cell.image).astype(int) - want).max() <= 1, (text, in04)
+            assert ('Merge elemental: "IN01-IN05:attn:0.8; NOT IN00-OUT05::0.5"' in cell.infotext) == bool(el)
+    gen.patcher.remove(ctx.merger)

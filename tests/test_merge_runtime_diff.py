@@ -102,3 +102,43 @@ def test_runtime_merge_by_any_method_equals_the_file_merge(tiny_files, tmp_path)
         RuntimeBlockMerge(None, a, b, method="cosine_a")
     with pytest.raises(BakaError, match="needs model C"):
         RuntimeBlockMerge(None, a, b, method="add_difference")
+
+
+def test_runtime_merge_with_elemental_rules_equals_the_file_merge(tiny_files, tmp_path):
+    """supermerger's elemental rules in the runtime merge (number ratios; ranges, NOT, last match
+    wins): every live weight equals the file merge of the same recipe, after changing the rules too,
+    and remove() restores A even where a rule moved keys of a block at weight 0."""
+    import pytest
+
+    from baka.errors import BakaError
+
+    comps = ("unet", "text_encoder", "vae")
+    ck = [load_checkpoint(p) for p in tiny_files[:2]]
+    live = {c: build_module(c, ck[0].config, ck[0].components()[c]) for c in comps}
+    a, b = ({n: k.components()[n] for n in comps} for k in ck)
+    alpha = parse_weights("ALL_A")  # every block at 0: only the rules move anything
+    rt = RuntimeBlockMerge(live, a, b)
+    for rules in ("IN01-IN05:attn2:0.7\nNOT OUT11::0.2\nOUT11:norm:1", "BASE::0.5;M00:proj:0.9"):
+        rt.set_elemental(rules)
+        rt.set_weights(alpha)
+        out = tmp_path / "e.safetensors"
+        if out.exists():
+            out.unlink()
+        merge_models(Recipe("weight_sum", [str(f) for f in tiny_files[:2]], alpha, parse_weights(0),
+                            elemental=rules), out, progress=False)  # fmt: skip
+        want = load_checkpoint(out).components()
+        moved = 0
+        for comp in comps:
+            for k, v in live[comp].state_dict().items():
+                src = k if k in want[comp] else "text_model." + k
+                if v.is_floating_point():
+                    assert torch.allclose(v, want[comp][src].reshape(v.shape), atol=1e-6), (rules, k)
+                    moved += not torch.equal(v, a[comp][src].reshape(v.shape))
+        assert moved > 0, rules
+    rt.remove()
+    for comp in comps:
+        for k, v in live[comp].state_dict().items():
+            src = k if k in a[comp] else "text_model." + k
+            assert torch.equal(v, a[comp][src].reshape(v.shape)), ("restored", k)
+    with pytest.raises(BakaError, match="random elemental ratios"):
+        RuntimeBlockMerge(None, a, b, elemental="IN05::R")

@@ -767,7 +767,10 @@ def test_history_outputs_freeu_xy_and_preview_release(a1111_root, tmp_path):
     infos = r.json()["infotexts"]
     assert "Model: alpha + beta + alpha (sum_twice)" in infos[0] and "(triple_sum)" in infos[1]
     assert "Model: alpha + beta + beta (sum_twice)" in infos[2] and "Merge beta:" in infos[0]
-    for extra in ({"z": "model_c=/etc/passwd"}, {"merge_method": "nah"}):
+    r = client.post("/baka/v1/xy", json={**xyz, "merge_elemental": "OUT11::1", "x": "elemental=none|IN05::1"})
+    assert r.status_code == 200 and 'Merge elemental: "IN05::1"' in r.json()["infotexts"][1]
+    assert 'Merge elemental: "OUT11::1"' not in r.json()["infotexts"][0]  # 'none' drops the base rules
+    for extra in ({"z": "model_c=/etc/passwd"}, {"merge_method": "nah"}, {"merge_elemental": "IN05:x"}):
         assert client.post("/baka/v1/xy", json={**xyz, **extra}).status_code in (400, 404), extra
     nob = {k: v for k, v in xyz.items() if k != "merge_with"}
     assert client.post("/baka/v1/xy", json={**nob, "merge_c": "alpha"}).status_code == 400

@@ -37,6 +37,7 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
         "--merge-method", default="weight_sum", help="the runtime merge's method (method axis too)"
     )
     p.add_argument("--merge-c", help="model C for merge methods that take one (model_c axis too)")
+    p.add_argument("--merge-elemental", default="", help="supermerger elemental rules for it, ';'-separated")
     p.add_argument("--merge-beta", help="the method's beta: a number, 26 values or a preset (beta axis too)")
 
 
@@ -119,7 +120,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         from baka.generate.grid import GridContext, run_grid
 
         ctx = GridContext.with_merge(
-            gen, a.merge_with, method=a.merge_method, model_c=a.merge_c, beta=a.merge_beta
+            gen,
+            a.merge_with,
+            method=a.merge_method,
+            model_c=a.merge_c,
+            beta=a.merge_beta,
+            elemental=a.merge_elemental,
         )
         grid, rows = run_grid(ctx, params, a.xy, a.xy_y, z=a.xy_z, share=share, gather=gather)
         if not main:  # under accelerate launch / torchrun only the first process writes

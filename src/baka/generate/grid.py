@@ -4,7 +4,8 @@ Axis spec: ``name=v1,v2,...`` (or ``|``-separated when values contain commas, e.
 Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, prompt_sr; with a second model (merge
 axes): blocks / alpha (26 weights: a number, a list, a preset), one block's weight by its id
 (``IN05=0,0.5,1``, the other blocks as the base weights), beta (the method's second weight, 26 values),
-method (any merge method without a whole-model pass), model_b and model_c (another B or C per cell).
+method (any merge method without a whole-model pass), model_b and model_c (another B or C per cell),
+elemental (supermerger's rules, ``;``-separated; ``none`` for no rules).
 ``prompt_sr`` is A1111's "Prompt S/R": the first value is searched for, and each cell replaces it (in
 the prompt and the negative prompt) with that cell's value, so the first cell is the prompt as given.
 Between cells only the blocks whose weight changed are re-merged; every cell's infotext names the
@@ -38,6 +39,9 @@ class GridContext:
     model_c: str = ""  # its C, for methods that take one
     base_betas: tuple[float, ...] | None = None  # the method's betas where no axis sets them
     betas: list[float] | None = None  # the current cell's
+    base_elemental: str = ""  # supermerger's elemental rules where no axis sets them
+    elemental: str = ""  # the current cell's
+    applied_elemental: str = ""  # the rules the live merge holds
 
     def _need_merge(self, axis: str):
         if self.merger is None:
@@ -61,6 +65,7 @@ class GridContext:
         )
         self.merger = self.generator.patcher.apply(merge)
         self.model_b, self.method, self.model_c = want
+        self.applied_elemental = ""
 
     def swap_b(self, model_b: str) -> None:
         """Merge toward another B from now on (the model goes back to A first)."""
@@ -75,13 +80,16 @@ class GridContext:
         method: str = "weight_sum",
         model_c: str | None = None,
         beta=None,
+        elemental: str = "",
     ) -> GridContext:
         """A grid context whose blocks axis runtime-merges ``generator``'s model with ``model_b``
         (``method``, with ``model_c`` where it takes one, ``beta`` its second weight) through the
         generator's patcher; the merge stays for the grid's life."""
         if not model_b:
-            if model_c or method != "weight_sum":
-                raise BakaError("a merge method or model C needs a second model (--merge-with B)")
+            if model_c or method != "weight_sum" or elemental:
+                raise BakaError(
+                    "a merge method, model C or elemental rules need a second model (--merge-with B)"
+                )
             return cls(generator)
         from baka.merge.methods import METHODS
         from baka.merge.runtime import RuntimeBlockMerge
@@ -93,8 +101,17 @@ class GridContext:
         m = METHODS.canonical(method)
         merge = RuntimeBlockMerge.against(generator.ckpt, model_b, method=m, model_c=model_c, beta=betas)
         merger = generator.patcher.apply(merge)
+        if elemental:
+            merger.set_elemental(elemental)
         return cls(
-            generator, merger, model_b=str(model_b), method=m, model_c=str(model_c or ""), base_betas=betas
+            generator,
+            merger,
+            model_b=str(model_b),
+            method=m,
+            model_c=str(model_c or ""),
+            base_betas=betas,
+            base_elemental=elemental,
+            applied_elemental=elemental,
         )
 
 
@@ -146,6 +163,13 @@ def _model_c(p: GenParams, v: str, ctx: GridContext) -> GenParams:
 @AXES.register("method", aliases=("merge_method", "calcmode"))
 def _method(p: GenParams, v: str, ctx: GridContext) -> GenParams:
     ctx.rebuild(method=v)
+    return p
+
+
+@AXES.register("elemental", aliases=("merge_elemental",))
+def _elemental(p: GenParams, v: str, ctx: GridContext) -> GenParams:
+    ctx._need_merge("elemental")
+    ctx.elemental = "" if v.strip().lower() in ("none", "-") else v
     return p
 
 
@@ -204,9 +228,11 @@ def merge_infotext(
     method: str = "weight_sum",
     model_c: str | Path | None = None,
     betas=None,
+    elemental: str = "",
 ) -> str:
     """The infotext of a picture made with a runtime merge: it names the merge (A's hash is not its
-    hash; the method, and C where there is one) and carries the 26 weights (and betas)."""
+    hash; the method, and C where there is one) and carries the 26 weights (and betas, elemental
+    rules)."""
     from baka.generate import infotext
 
     prompt, neg, fields = infotext.parse(text)
@@ -216,6 +242,10 @@ def merge_infotext(
     fields["Merge weights"] = ",".join(f"{w:g}" for w in weights)
     if betas is not None:
         fields["Merge beta"] = ",".join(f"{w:g}" for w in betas)
+    if elemental:
+        fields["Merge elemental"] = "; ".join(
+            r.strip() for r in elemental.replace(",", ";").split(";") if r.strip()
+        )
     return infotext.build(prompt, neg, fields)
 
 
@@ -277,10 +307,14 @@ def _cell(ctx: GridContext, base: GenParams, axes):
     p = base.replace(batch=1)
     ctx.weights = list(ctx.base_weights)
     ctx.betas = list(ctx.base_betas) if ctx.base_betas is not None else None
+    ctx.elemental = ctx.base_elemental
     for apply, v in axes:
         if apply is not None:
             p = apply(p, v, ctx)
     merging = ctx.merger is not None
+    if merging and ctx.elemental != ctx.applied_elemental:
+        ctx.merger.set_elemental(ctx.elemental)  # type: ignore[union-attr]
+        ctx.applied_elemental = ctx.elemental
     if merging:
         betas = tuple(ctx.betas) if ctx.betas is not None else None
         ctx.merger.set_weights(tuple(ctx.weights), betas)  # type: ignore[union-attr]
@@ -294,6 +328,7 @@ def _cell(ctx: GridContext, base: GenParams, axes):
             ctx.method,
             ctx.model_c or None,
             ctx.betas,
+            ctx.elemental,
         )
     return r
 

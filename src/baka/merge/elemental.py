@@ -1,4 +1,5 @@
-"""Elemental merge overrides, supermerger style: one rule per line (or ``,``-separated),
+"""Elemental merge overrides, supermerger style: one rule per line (or ``,``- / ``;``-separated: a
+grid axis value cannot hold commas),
 ``Blocks:Elements:Ratio``.
 
 - Blocks: space-separated block ids (``IN05 OUT02``) or inclusive ranges in block order, either way
@@ -46,7 +47,7 @@ def _split_not(words: list[str]) -> tuple[bool, list[str]]:
 
 def parse_rules(text: str | None) -> list[Rule]:
     rules = []
-    for raw in (text or "").replace(",", "\n").splitlines():
+    for raw in (text or "").replace(",", "\n").replace(";", "\n").splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

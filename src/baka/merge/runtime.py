@@ -1,7 +1,9 @@
 """Runtime (in-memory) block merge for previews: A and B (and C) stay resident, and changing block
 weights re-merges only the changed blocks straight into a live diffusers UNet (and text encoder / VAE
 for BASE). Weighted sum by default; any merge method without a whole-model pass (add difference,
-TIES, DARE...) with its alpha and beta, each key computed by the same function as the file merge. It
+TIES, DARE...) with its alpha and beta, each key computed by the same function as the file merge, and
+supermerger's elemental rules with number ratios (``set_elemental``; a key's alpha as the file merge
+gives it). It
 is a :class:`~baka.models.patch.Patch`: ``remove()`` writes A back, which is where the live weights
 came from, so the model is restored exactly without keeping a copy of it."""
 
@@ -42,6 +44,7 @@ class RuntimeBlockMerge(Patch):
         c: dict | None = None,
         beta: Weights | None = None,
         seed: int = 0,
+        elemental: str = "",
     ):
         from baka.merge.methods import METHODS
 
@@ -61,8 +64,41 @@ class RuntimeBlockMerge(Patch):
         self.groups: dict[str, list[tuple]] = {}
         self.weights: list[float | None] = [None] * N_BLOCKS
         self._betas: list[float | None] = [None] * N_BLOCKS
+        self.rules: list = []
+        self.fixed: dict[str, float] = {}  # LDM key -> the alpha an elemental rule gives it
+        self.set_elemental(elemental)
         if modules is not None:
             self.apply(modules)
+
+    def set_elemental(self, text: str) -> None:
+        """supermerger's elemental rules (``Blocks:Elements:Ratio``, last match wins) from now on; number
+        ratios only (the random R / U / X draw by a key's index in A's file: merge to a file for them).
+        Every block is merged again at the next ``set_weights``."""
+        from baka.merge.elemental import parse_rules
+
+        rules = parse_rules(text)
+        if any(isinstance(r.ratio, str) for r in rules):
+            raise BakaError(
+                "random elemental ratios (R, U, X) need a file merge; the runtime merge takes numbers"
+            )
+        if not rules and not self.rules:
+            return
+        self.rules = rules
+        self.fixed = {}
+        self.weights = [None] * N_BLOCKS  # everything again
+        if self.groups:
+            self._fix_keys()
+
+    def _fix_keys(self) -> None:
+        from baka.merge.elemental import override
+        from baka.models.blocks import block_of
+
+        nan = float("nan")
+        for entries in self.groups.values():
+            for *_, ldm_key in entries:
+                v = override(self.rules, block_of(ldm_key), ldm_key, nan)
+                if v == v:  # a rule matched (NaN never equals itself)
+                    self.fixed[ldm_key] = v
 
     @classmethod
     def against(
@@ -108,11 +144,13 @@ class RuntimeBlockMerge(Patch):
                 )
         if missing:
             raise ValueError(f"{len(missing)} parameters have no A/B source (first: {missing[0]})")
+        if self.rules:
+            self._fix_keys()
         # the live weights are A's: a block at weight 0 needs no write when the method gives A there
         self.weights = [0.0] * N_BLOCKS
         self._betas = list(self.beta)
-        if self.method.shortcut(0.0, 0.0) != "A":  # e.g. triple sum moves with beta alone
-            self.weights = [None] * N_BLOCKS
+        if self.method.shortcut(0.0, 0.0) != "A" or self.rules:  # triple sum moves with beta alone;
+            self.weights = [None] * N_BLOCKS  # an elemental rule can move a key of a block at 0
         if self.pending is not None:
             self.set_weights(self.pending)
 
@@ -135,12 +173,13 @@ class RuntimeBlockMerge(Patch):
             if self.weights[i] == w and self._betas[i] == self.beta[i]:
                 continue
             for target, a, b, c, ldm_key in self.groups[bid]:
+                wk = self.fixed.get(ldm_key, float(w))
                 if lerp:  # the fast path: one fused op
-                    target.copy_(torch.lerp(a.float(), b.float(), float(w)))
-                elif self.method.keeps(ldm_key, tuple(a.shape), float(w)):
+                    target.copy_(torch.lerp(a.float(), b.float(), wk))
+                elif self.method.keeps(ldm_key, tuple(a.shape), wk):
                     target.copy_(a)
                 else:
-                    ctx = Ctx(ldm_key, float(w), self.beta[i], self.seed)
+                    ctx = Ctx(ldm_key, wk, self.beta[i], self.seed)
                     cf = None if c is None else c.float()
                     target.copy_(self.method.fn(a.float(), b.float(), cf, ctx))
             self.weights[i] = float(w)
@@ -152,7 +191,8 @@ class RuntimeBlockMerge(Patch):
     @torch.no_grad()
     def remove(self) -> None:
         for i, bid in enumerate(BLOCK_IDS):
-            if self.weights[i] != 0.0 or self.method.shortcut(0.0, self._betas[i] or 0.0) != "A":
+            moved = self.weights[i] != 0.0 or self.method.shortcut(0.0, self._betas[i] or 0.0) != "A"
+            if moved or self.fixed:
                 for target, a, *_ in self.groups[bid]:
                     target.copy_(a)
         self.groups = {}

@@ -167,8 +167,13 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
     pa = st.resolve("checkpoints", model)
     pb = st.resolve("checkpoints", req.merge_with) if req.merge_with else None
     pc = st.resolve("checkpoints", req.merge_c) if req.merge_c else None
-    if (pc or req.merge_method != "weight_sum" or req.merge_beta is not None) and pb is None:
-        raise BakaError("merge_method / merge_c / merge_beta need merge_with (model B)")
+    if (
+        pc or req.merge_method != "weight_sum" or req.merge_beta is not None or req.merge_elemental
+    ) and not pb:
+        raise BakaError("merge_method / merge_c / merge_beta / merge_elemental need merge_with (model B)")
+    from baka.merge.elemental import parse_rules
+
+    parse_rules(req.merge_elemental)  # a bad rule is a 400 now
     from baka.merge.methods import METHODS
     from baka.merge.weights import parse_weights
 
@@ -191,13 +196,14 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
             return run_grid(GridContext(gen), params, x, y, progress=False, z=z)
         with st.preview_lock:
             gen, rt = st.preview_for(pa, pb, job.device, job.worker)
-            ctx = GridContext(gen, rt, model_b=str(pb), base_betas=betas)
+            ctx = GridContext(gen, rt, model_b=str(pb), base_betas=betas, base_elemental=req.merge_elemental)
             if method != "weight_sum" or pc is not None:  # the shared preview pair is weighted sum
                 ctx.rebuild(method=method, model_c=str(pc) if pc else "")
             try:
                 return run_grid(ctx, params, x, y, progress=False, z=z)
             finally:
-                if ctx.merger is not rt:  # a model_b axis swapped B: the shared preview pair is stale
+                # a model_b / method axis swapped the merge, or rules stayed on it: the preview pair is stale
+                if ctx.merger is not rt or ctx.applied_elemental:
                     st.preview = None
 
     grid, rows = st.run("xy", work)

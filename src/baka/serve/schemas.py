@@ -131,6 +131,7 @@ class XYGrid(BaseModel):
     merge_method: str = "weight_sum"  # its method
     merge_c: str | None = None  # model C, for methods that take one
     merge_beta: str | list[float] | None = None  # the method's beta
+    merge_elemental: str = ""  # supermerger elemental rules (';'-separated)
     x: str  # e.g. "cfg=5,7,9", "blocks=ALL_A,GRAD_V,ALL_B", "IN05=0,0.5,1"
     y: str | None = None
     z: str | None = None  # one grid per value, stacked
