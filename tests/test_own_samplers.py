@@ -1,0 +1,81 @@
+"""baka's own samplers against their references, run locally on a closed-form model (denoised =
+0.9 x / (1 + sigma^2)) with the same starting noise and noise draws; only numbers committed:
+- Restart: A1111 1.10's restart_sampler with k-diffusion (tests/data/a1111_restart_reference.json),
+  at 10 (no restart), 20 (one) and 40 (two restarts) steps;
+- DPM fast: k-diffusion's sample_dpm_fast (tests/data/kdiffusion_dpm_fast_reference.json), at eta 0 and
+  A1111's eta 1, for step counts of every remainder mod 3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from baka.errors import BakaError
+from baka.generate.denoise import sample
+from baka.generate.samplers import build_scheduler
+from baka.models.config import shipped_config
+
+DATA = Path(__file__).parent / "data"
+RESTART = json.loads((DATA / "a1111_restart_reference.json").read_text())
+FAST = json.loads((DATA / "kdiffusion_dpm_fast_reference.json").read_text())
+
+
+def _run(s, ref: dict, steps: int) -> None:
+    """The reference's starting point through baka's loop with the closed-form model; equal result."""
+
+    def denoiser(x_in, t, step):  # its noise prediction at the scheduler's current call
+        sigma = float(s.call_sigmas[s._call])
+        x = x_in * (sigma**2 + 1) ** 0.5
+        return (x - 0.9 * x / (1 + sigma**2)) / sigma
+
+    x_t = torch.tensor(ref["x_T"]).reshape(1, 4, 2, 2)
+    got = sample(denoiser, s, x_t, steps, generator=torch.Generator().manual_seed(11))
+    want = torch.tensor(ref["result"]).reshape(1, 4, 2, 2)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("steps", ["10", "20", "40"])
+def test_restart_equals_a1111(steps):
+    case = RESTART["cases"][steps]
+    s = build_scheduler("Restart", shipped_config("scheduler"))
+    s.set_timesteps(int(steps))
+    # the plan: 10 steps no restart; 20 steps 11 + one restart of 9 Heun steps; 40 steps 20 + 2 x 10
+    flat = [v for seg in s.segments for v in seg]
+    assert flat == pytest.approx([v for seg in case["segments"] for v in seg], rel=1e-5)
+    assert len(s.timesteps) == 2 * len(s.segments) - 1  # two calls a segment, one for the last
+    assert float(s.init_noise_sigma) == pytest.approx(RESTART["sigma_max"], rel=1e-6)
+    _run(s, case, int(steps))
+
+
+@pytest.mark.parametrize("case", sorted(FAST["cases"]))
+def test_dpm_fast_equals_kdiffusion(case):
+    n, eta = case.split("/")
+    ref = FAST["cases"][case]
+    s = build_scheduler("DPM fast", shipped_config("scheduler"))
+    s.eta = float(eta)
+    s.set_timesteps(int(n))
+    assert len(s.timesteps) == int(n)  # exactly n model calls
+    assert [float(v) for v in s.call_sigmas] == pytest.approx(ref["call_sigmas"], rel=1e-5)
+    assert s.init_noise_sigma == pytest.approx(FAST["sigma_max"], rel=1e-6)
+    _run(s, ref, int(n))
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, other_schedule", [("Restart", 20, "Exponential"), ("DPM fast", 7, "Karras")]
+)
+def test_own_samplers_in_the_generator_and_their_limits(tiny_files, sampler, steps, other_schedule):
+    from baka.generate.engine import Generator, GenParams
+
+    gen = Generator(tiny_files[0], progress=False)
+    p = GenParams("a cat", steps=steps, width=64, height=64, seed=3, sampler=sampler)
+    a, b = gen(p)[0], gen(p)[0]
+    assert a.image.tobytes() == b.image.tobytes() and f"Sampler: {sampler}" in a.infotext
+    with pytest.raises(BakaError, match=f"cannot use schedule type '{other_schedule}'"):
+        build_scheduler(sampler, shipped_config("scheduler"), schedule=other_schedule)
+    with pytest.raises(BakaError, match="zero terminal SNR"):
+        build_scheduler(sampler, shipped_config("scheduler"), zero_snr=True).set_timesteps(steps)
+    with pytest.raises(BakaError, match="runs from pure noise only"):
+        gen(p.replace(steps=4), init_image=a.image)
