@@ -365,3 +365,44 @@ def test_text_encoder_cache_computes_each_caption_once(tiny_files):
         got = den.cached_states(ids)
     assert len(den.text_cache) == 2 and torch.allclose(got, ref, atol=1e-5)
     assert torch.equal(got[0], got[2])
+
+
+def test_everydream_folder_files(tmp_path, tiny_files, monkeypatch):
+    """EveryDream2's per-folder files for the folder's own images: flip_p.txt, cond_dropout.txt,
+    shuffle_tags.txt (present: shuffle), loss_scale.txt (the loss weight the trainer gives them)."""
+    import baka.train.trainer as trainer_mod
+    from baka.train.augment import augments_for
+    from baka.train.data import captions_for
+
+    root = tmp_path / "ed2"
+    _image(root / "a" / "x.png", caption="red circle, large, left, simple")
+    _image(root / "b" / "y.png", caption="blue circle, small, right, plain")
+    (root / "a" / "flip_p.txt").write_text("1.0")
+    (root / "a" / "shuffle_tags.txt").write_text("")
+    (root / "b" / "cond_dropout.txt").write_text("1")
+    (root / "b" / "loss_scale.txt").write_text("0.25")
+    cfg = DatasetConfig([Subset(str(root), recursive=True)], resolution=64, enable_bucket=False, batch_size=2)
+    items = sorted(Dataset(cfg).train, key=lambda it: it.path.name)
+    a, b = items
+    assert (a.options.flip_p, a.options.shuffle_tags, b.options.cond_dropout, b.options.loss_scale) == (
+        1.0, True, 1.0, 0.25
+    )  # fmt: skip
+    flips = [[x.flip for x in augments_for(items, 0, s, 0)] for s in range(20)]
+    assert all(f == [True, False] for f in flips)  # flip_p 1 on a; b has no flip_aug
+    caps = [captions_for(items, 0, s, 0) for s in range(20)]
+    assert all(c[1] == "" for c in caps)  # cond_dropout 1: b's caption always dropped
+    assert len({c[0] for c in caps}) > 1 and all(sorted(c[0].split(", ")) == sorted(
+        "red circle, large, left, simple".split(", ")) for c in caps)  # fmt: skip
+    seen = []
+    real = trainer_mod.diffusion_loss
+
+    def spy(*args, sample_weights=None, **kw):
+        seen.append(None if sample_weights is None else sorted(sample_weights.tolist()))
+        return real(*args, sample_weights=sample_weights, **kw)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", spy)
+    train(load_config(_train_toml(tmp_path, tiny_files, root, subset="recursive = true\n")), progress=False)
+    assert seen == [[0.25, 1.0]] * 3  # each step's batch holds both images
+    (root / "a" / "flip_p.txt").write_text("2")
+    with pytest.raises(BakaError, match=r"flip_p.txt: '2' is out of range"):
+        Dataset(cfg)

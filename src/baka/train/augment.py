@@ -40,7 +40,11 @@ def augments_for(items: list, seed: int, step: int, rank: int) -> list[Aug]:
     out = []
     for i, it in enumerate(items):
         s = it.subset
-        flip = s.flip_aug and random.Random(f"{seed}:{step}:{rank}:{i}:flip").random() < 0.5
+        # kohya's flip_aug mirrors with probability 1/2; EveryDream2's flip_p.txt sets it per folder
+        p_flip = it.options.flip_p
+        if p_flip is None:
+            p_flip = 0.5 if s.flip_aug else 0.0
+        flip = p_flip > 0 and random.Random(f"{seed}:{step}:{rank}:{i}:flip").random() < p_flip
         crop = hue = gamma = None
         if s.random_crop:
             r = random.Random(f"{seed}:{step}:{rank}:{i}:crop")

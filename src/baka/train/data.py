@@ -9,6 +9,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +39,23 @@ def make_buckets(reso: int, min_size: int, max_size: int, step: int) -> list[tup
 
 
 @dataclass(frozen=True)
+class FolderOptions:
+    """EveryDream2's per-folder files for the folder's own images (not inherited): ``multiply.txt``
+    (repeats x it), ``cond_dropout.txt`` (the caption dropout rate), ``flip_p.txt`` (the probability of a
+    mirrored image), ``loss_scale.txt`` (the images' loss weight), ``shuffle_tags.txt`` (present: shuffle
+    the caption's tags). None: the subset's own setting."""
+
+    multiply: float = 1.0
+    cond_dropout: float | None = None
+    flip_p: float | None = None
+    loss_scale: float = 1.0
+    shuffle_tags: bool = False
+
+
+NO_OPTIONS = FolderOptions()
+
+
+@dataclass(frozen=True)
 class Item:
     path: Path
     caption: str
@@ -46,26 +64,41 @@ class Item:
     # times per epoch: num_repeats x EveryDream2's multiply.txt (a fraction is drawn per epoch); for
     # regularisation images, kohya's balancing against the training images
     repeats: float = 1.0
+    options: FolderOptions = NO_OPTIONS  # EveryDream2's per-folder files
 
 
 def _stable_fraction(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") / 2**64
 
 
-def _multiply(folder: Path, cache: dict[Path, float]) -> float:
-    """EveryDream2's ``multiply.txt`` of an image's own folder (not inherited), else 1."""
+# EveryDream2's number files: name -> (FolderOptions field, highest value; None: no upper bound)
+_ED2_NUMBERS = {
+    "multiply.txt": ("multiply", None),
+    "cond_dropout.txt": ("cond_dropout", 1.0),
+    "flip_p.txt": ("flip_p", 1.0),
+    "loss_scale.txt": ("loss_scale", None),
+}
+
+
+def _folder_options(folder: Path, cache: dict[Path, FolderOptions]) -> FolderOptions:
+    """EveryDream2's per-folder files of an image's own folder (not inherited)."""
     if folder not in cache:
-        f = folder / "multiply.txt"
-        value = 1.0
-        if f.is_file():
+        values: dict[str, Any] = {}
+        for name, (field_name, top) in _ED2_NUMBERS.items():
+            f = folder / name
+            if not f.is_file():
+                continue
             text = f.read_text(encoding="utf-8").strip()
             try:
                 value = float(text)
             except ValueError:
                 raise BakaError(f"{f}: not a number ({text[:40]!r})") from None
-            if not value >= 0:
-                raise BakaError(f"{f}: the multiplier must be >= 0, not {text!r}")
-        cache[folder] = value
+            if not value >= 0 or (top is not None and value > top):
+                raise BakaError(f"{f}: {text!r} is out of range (0 to {top if top is not None else 'any'})")
+            values[field_name] = value
+        if (folder / "shuffle_tags.txt").is_file():
+            values["shuffle_tags"] = True
+        cache[folder] = FolderOptions(**values) if values else NO_OPTIONS
     return cache[folder]
 
 
@@ -121,7 +154,7 @@ class Dataset:
             else [(cfg.resolution, cfg.resolution)]
         )
         items: list[Item] = []
-        multipliers: dict[Path, float] = {}
+        folder_options: dict[Path, FolderOptions] = {}
         for sub in cfg.subsets:
             files = _image_files(sub)
             n_captions = 0
@@ -140,8 +173,8 @@ class Dataset:
                     continue
                 ar = w / h
                 bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(ar)))
-                repeats = sub.num_repeats * _multiply(p.parent, multipliers)
-                items.append(Item(p, caption, sub, bucket, repeats))
+                opts = _folder_options(p.parent, folder_options)
+                items.append(Item(p, caption, sub, bucket, sub.num_repeats * opts.multiply, opts))
             if files and not n_captions and any(p.with_suffix(".caption").exists() for p in files):
                 # kohya's default caption_extension is ".caption"; baka's is ".txt" (A1111's, ED2's)
                 log.warning(
@@ -323,16 +356,16 @@ def captions_for(items: list[Item], seed: int, step: int, rank: int) -> list[str
     out = []
     for i, it in enumerate(items):
         rng = random.Random(f"{seed}:{step}:{rank}:{i}")
-        s = it.subset
+        s, o = it.subset, it.options
         caption = " ".join(x for x in (s.caption_prefix, it.caption, s.caption_suffix) if x)
         out.append(
             process_caption(
                 caption,
                 rng,
                 keep_tokens=s.keep_tokens,
-                shuffle=s.shuffle_caption,
+                shuffle=s.shuffle_caption or o.shuffle_tags,
                 tag_dropout=s.caption_tag_dropout_rate,
-                caption_dropout=s.caption_dropout_rate,
+                caption_dropout=s.caption_dropout_rate if o.cond_dropout is None else o.cond_dropout,
                 separator=s.caption_separator,
             )
         )

@@ -278,11 +278,9 @@ class _Run:
         self.model.train()
         latents = self.cache.get(items, self.device, augments_for(items, cfg.seed, step, rank))
         ids = self.encode_ids(captions_for(items, cfg.seed, step, rank))
-        # kohya: regularisation images' losses count prior_loss_weight times
-        weights = None
-        if any(it.subset.is_reg for it in items):
-            w = [cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it in items]
-            weights = torch.tensor(w, device=self.device)
+        # kohya: regularisation images count prior_loss_weight times; EveryDream2: loss_scale.txt
+        w = [(cfg.prior_loss_weight if it.subset.is_reg else 1.0) * it.options.loss_scale for it in items]
+        weights = torch.tensor(w, device=self.device) if any(x != 1.0 for x in w) else None
         # noise and t for the whole step's batch at once, so accumulating k micro-batches of b draws
         # what one batch of k b draws; each micro-batch's mean loss weighted by its share of the batch
         noise, t = self.draw(latents.shape, gen)
