@@ -81,3 +81,20 @@ def live_server():
     for srv, t in started:
         srv.should_exit = True
         t.join(10)
+
+
+@pytest.fixture(scope="module")
+def webui_root(tiny_files, tmp_path_factory):
+    """An A1111 folder: models A and B as alpha / beta in models/Stable-diffusion, an empty LoRA and
+    embeddings folder, and a file outside the model folders that clients must never reach."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("webui")
+    ck = root / "models" / "Stable-diffusion"
+    ck.mkdir(parents=True)
+    shutil.copy(tiny_files[0], ck / "alpha.safetensors")
+    shutil.copy(tiny_files[1], ck / "beta.safetensors")
+    (root / "models" / "Lora").mkdir(parents=True)
+    (root / "embeddings").mkdir()
+    (root / "secret.safetensors").write_bytes(b"not for clients")
+    return root

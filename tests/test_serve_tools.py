@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import time
 
 import pytest
@@ -18,15 +17,8 @@ from baka.serve.state import Settings
 
 
 @pytest.fixture(scope="module")
-def root(tiny_files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("webui")
-    ck = root / "models" / "Stable-diffusion"
-    ck.mkdir(parents=True)
-    shutil.copy(tiny_files[0], ck / "alpha.safetensors")
-    shutil.copy(tiny_files[1], ck / "beta.safetensors")
-    (root / "models" / "Lora").mkdir(parents=True)
-    (root / "secret.safetensors").write_bytes(b"not for clients")
-    return root
+def root(webui_root):
+    return webui_root
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ inpainting, refresh, interrupt, and the 422 / --lenient rule for fields baka doe
 
 import base64
 import io
-import shutil
 import threading
 import time
 
@@ -20,15 +19,8 @@ SMALL = {"steps": 2, "width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
-def root(tiny_files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("webui")
-    ck = root / "models" / "Stable-diffusion"
-    ck.mkdir(parents=True)
-    shutil.copy(tiny_files[0], ck / "alpha.safetensors")
-    shutil.copy(tiny_files[1], ck / "beta.safetensors")
-    (root / "models" / "Lora").mkdir(parents=True)
-    (root / "embeddings").mkdir()
-    return root
+def root(webui_root):
+    return webui_root
 
 
 def _settings(root, tmp_path, **kw) -> Settings:
