@@ -56,8 +56,8 @@ class DPMFastScheduler(KSampler):
 
     def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
         super().set_timesteps(num_inference_steps, device, *args, **kw)
-        smin, _ = self.sigma_range()
-        self.plan = fast_plan(int(num_inference_steps), *self.sigma_range(), self.eta)
+        smin, smax = self.sigma_range()
+        self.plan = fast_plan(int(num_inference_steps), smin, smax, self.eta)
         self.calls = [(i, j) for i, step in enumerate(self.plan) for j in range(len(step["times"]))]
         self.start(torch.stack([(-t).exp() for step in self.plan for t in step["times"]]), device)
         self.sigmas = torch.cat([self.call_sigmas, torch.tensor([smin])])

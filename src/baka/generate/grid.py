@@ -41,7 +41,6 @@ class GridContext:
     betas: list[float] | None = None  # the current cell's
     base_elemental: str = ""  # supermerger's elemental rules where no axis sets them
     elemental: str = ""  # the current cell's
-    applied_elemental: str = ""  # the rules the live merge holds
 
     def _need_merge(self, axis: str):
         if self.merger is None:
@@ -65,7 +64,6 @@ class GridContext:
         )
         self.merger = self.generator.patcher.apply(merge)
         self.model_b, self.method, self.model_c = want
-        self.applied_elemental = ""
 
     def swap_b(self, model_b: str) -> None:
         """Merge toward another B from now on (the model goes back to A first)."""
@@ -111,7 +109,6 @@ class GridContext:
             model_c=str(model_c or ""),
             base_betas=betas,
             base_elemental=elemental,
-            applied_elemental=elemental,
         )
 
 
@@ -243,9 +240,9 @@ def merge_infotext(
     if betas is not None:
         fields["Merge beta"] = ",".join(f"{w:g}" for w in betas)
     if elemental:
-        fields["Merge elemental"] = "; ".join(
-            r.strip() for r in elemental.replace(",", ";").split(";") if r.strip()
-        )
+        from baka.merge.elemental import parse_rules
+
+        fields["Merge elemental"] = "; ".join(r.text for r in parse_rules(elemental))
     return infotext.build(prompt, neg, fields)
 
 
@@ -312,10 +309,8 @@ def _cell(ctx: GridContext, base: GenParams, axes):
         if apply is not None:
             p = apply(p, v, ctx)
     merging = ctx.merger is not None
-    if merging and ctx.elemental != ctx.applied_elemental:
-        ctx.merger.set_elemental(ctx.elemental)  # type: ignore[union-attr]
-        ctx.applied_elemental = ctx.elemental
     if merging:
+        ctx.merger.set_elemental(ctx.elemental)  # type: ignore[union-attr]  # no work when unchanged
         betas = tuple(ctx.betas) if ctx.betas is not None else None
         ctx.merger.set_weights(tuple(ctx.weights), betas)  # type: ignore[union-attr]
     r = ctx.generator(p)[0]

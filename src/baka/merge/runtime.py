@@ -81,7 +81,7 @@ class RuntimeBlockMerge(Patch):
             raise BakaError(
                 "random elemental ratios (R, U, X) need a file merge; the runtime merge takes numbers"
             )
-        if not rules and not self.rules:
+        if rules == self.rules:  # the rules the live merge holds already
             return
         self.rules = rules
         self.fixed = {}

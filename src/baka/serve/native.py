@@ -76,7 +76,7 @@ def merge(req: MergeJob, st: StateDep) -> dict:
     return {"job": job.id}
 
 
-def job_state(job: Job) -> str:
+def _job_state(job: Job) -> str:
     f = job.future
     if f.done():
         return "failed" if f.exception() else "done"
@@ -88,7 +88,7 @@ def job_status(job_id: str, st: StateDep) -> dict:
     job = st.queue.jobs.get(job_id)
     if job is None:
         raise NotFound("no such job")
-    state = job_state(job)
+    state = _job_state(job)
     return {
         "job": job.id,
         "state": state,
@@ -203,7 +203,7 @@ def xy_grid(req: XYGrid, st: StateDep) -> dict:
                 return run_grid(ctx, params, x, y, progress=False, z=z)
             finally:
                 # a model_b / method axis swapped the merge, or rules stayed on it: the preview pair is stale
-                if ctx.merger is not rt or ctx.applied_elemental:
+                if ctx.merger is not rt or rt.rules:
                     st.preview = None
 
     grid, rows = st.run("xy", work)

@@ -9,8 +9,6 @@ never an existing file. Probe and search take registered scorers only (``world``
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +18,7 @@ from baka.errors import BakaError
 from baka.serve.jobs import Job
 from baka.serve.native import output_path
 from baka.serve.schemas import LoraBake, LoraExtract, LoraMerge, LoraUse, MergeProbe, MergeSearch, Scoring
+from baka.serve.sdapi import image_b64
 from baka.serve.state import State, get_state
 
 router = APIRouter(prefix="/baka/v1")
@@ -36,12 +35,6 @@ def _loras(st: State, uses: list[LoraUse]) -> list:
             parse_lbw(u.lbw)  # a bad lora-block-weight is a 400 now, not a failed job later
         out.append(LoraArg(st.resolve("loras", u.name), u.weight, u.lbw))
     return out
-
-
-def _png_b64(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 @router.post("/lora/extract")
@@ -189,7 +182,7 @@ def merge_probe(req: MergeProbe, st: StateDep) -> dict:
         heat = u_panels(panels, f"block effects ({r.scorer}, {r.mode}, weight {r.weight:g})")
         return {"scorer": r.scorer, "mode": r.mode, "weight": r.weight, "base": r.base,
                 "full": r.full, "blocks": r.blocks, "effects": eff, "table": r.table(),
-                "heatmap": _png_b64(heat)}  # fmt: skip
+                "heatmap": image_b64(heat)}  # fmt: skip
 
     return {"job": st.submit("merge-probe", work).id}
 
@@ -233,7 +226,7 @@ def merge_search(req: MergeSearch, st: StateDep) -> dict:
         plot = None
         if r.plot is not None:
             with Image.open(r.plot) as im:
-                plot = _png_b64(im)
+                plot = image_b64(im)
         return {"trials": r.trials, "best_value": r.best_value, "best_weights": r.best_weights,
                 "best_beta": r.best_beta, "best_figures": r.best_figures, "values": r.values,
                 "checkpoint": r.model.name if r.model else None, "plot": plot}  # fmt: skip

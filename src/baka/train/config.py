@@ -64,7 +64,7 @@ class DatasetConfig:
 @dataclass
 class NetworkConfig:
     algo: str = "lora"  # lora (LoCon with conv_dim) | loha | lokr (LyCORIS's names; baka.train.network.ALGOS)
-    dora_wd: bool = False  # LyCORIS: DoRA's weight decomposition (a magnitude per input channel)
+    dora_wd: bool = False  # LyCORIS: DoRA's weight decomposition (a magnitude per output channel)
     factor: int = -1  # LoKr: LyCORIS's factorisation limit (-1: the most balanced split)
     decompose_both: bool = False  # LoKr: the small Kronecker factor as a low-rank product too
     dim: int = 8
@@ -152,9 +152,7 @@ class TrainConfig:
     sample_sampler: str = "ddim"  # kohya's names (ddim, k_euler_a, dpmsolver++, ...) or A1111's
     block_dropout: dict[str, str] = field(default_factory=dict)  # block -> "step:p, step:p, ..."
     prior_loss_weight: float = 1.0  # kohya: loss weight of the regularisation (is_reg) images
-    cache_text_encoder_outputs: bool = (
-        False  # kohya: a frozen text encoder's states computed once per caption
-    )
+    cache_text_encoder_outputs: bool = False  # kohya: a frozen encoder's states, once per caption
     # kohya's logging (baka.train.logs): logging_dir alone means TensorBoard
     log_with: str | None = None  # tensorboard | wandb | all
     logging_dir: str | None = None
@@ -262,9 +260,6 @@ KOHYA_DATASET_ARGS = {
             "min_bucket_reso",
             "max_bucket_reso",
             "bucket_reso_steps",
-            "cache_latents",
-            "cache_latents_to_disk",
-            "latent_cache_dir",
             "caption_extension",
             "caption_separator",
             "shuffle_caption",
@@ -281,6 +276,7 @@ KOHYA_DATASET_ARGS = {
 }
 
 
+# kohya's latent caching settings are training arguments: taken at the top level with any dataset layout
 CACHE_ARGS = ("cache_latents", "cache_latents_to_disk", "latent_cache_dir")
 
 
@@ -359,8 +355,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     if "datasets" in data:  # kohya dataset tables inline in the training config
         dataset = {"datasets": data.pop("datasets"), "general": data.pop("general", {})}
     dataset_config = data.pop("dataset_config", None)
-    # kohya's latent caching settings are training arguments: taken at the top level with any dataset
-    caching = {k: data.pop(k) for k in CACHE_ARGS if k in data and "train_data_dir" not in data}
+    caching = {k: data.pop(k) for k in CACHE_ARGS if k in data}
     folders = folder_dataset(data, path)
     if folders is not None:
         if dataset is not None or dataset_config:

@@ -55,9 +55,12 @@ def lr_names(groups: list[dict]) -> list[str]:
     kind's groups share one LR (the schedule scales every group alike, so they stay equal), else
     ``lr/unet/IN04`` ... per block (a block with two LRs, as LoRA+ makes, gets the group index too)."""
     kinds = ["textencoder" if g.get("te") else "unet" for g in groups]
+    lrs: dict[str, set[float]] = {}
+    for g, kind in zip(groups, kinds, strict=True):
+        lrs.setdefault(kind, set()).add(float(g["lr"]))
     names: list[str] = []
     for i, (g, kind) in enumerate(zip(groups, kinds, strict=True)):
-        one = len({float(h["lr"]) for h, k in zip(groups, kinds, strict=True) if k == kind}) == 1
+        one = len(lrs[kind]) == 1
         name = f"lr/{kind}" if one else f"lr/{kind}/{g.get('block', i)}"
         if not one and name in names:
             name = f"{name}/{i}"

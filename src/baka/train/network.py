@@ -27,6 +27,7 @@ from torch import nn
 from baka.errors import BakaError
 from baka.models.blocks import BLOCK_IDS, block_of_diffusers
 from baka.models.keymap import kohya_module_name
+from baka.models.networks import NETWORK_FORMATS
 from baka.registry import Registry
 from baka.train.config import NetworkConfig
 
@@ -137,6 +138,7 @@ class DeltaModule(nn.Module):
         self.shape = tuple(base.weight.shape)
         self._base = [base]  # not a submodule: the base layer is neither trained nor saved
         self.op = _layer_op(base)
+        self.fmt = NETWORK_FORMATS.get(self.format_name)  # how the file's tensors make the delta
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank_dropout, self.module_dropout = cfg.rank_dropout, cfg.module_dropout
         self.multiplier = 1.0
@@ -162,13 +164,9 @@ class DeltaModule(nn.Module):
         pass
 
     def delta(self) -> torch.Tensor:
-        from baka.models.networks import NETWORK_FORMATS
-
         base = self._base[0]
         orig = base.weight.detach() if self.magnitude is not None else None
-        return NETWORK_FORMATS.get(self.format_name).delta_weight(
-            self.file_tensors(), base.weight.shape, orig
-        )
+        return self.fmt.delta_weight(self.file_tensors(), base.weight.shape, orig)
 
     def _hook(self, _base: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self.resting:
@@ -227,7 +225,7 @@ class LoKrModule(DeltaModule):
     format_name = "LoKr"
 
     def __init__(self, name: str, base: nn.Module, dim: int, alpha: float, cfg: NetworkConfig, block: str):
-        out_dim, in_dim, *k = self.shape_of(base)
+        out_dim, in_dim, *k = base.weight.shape
         (a, b), (c, d) = factorization(out_dim, cfg.factor), factorization(in_dim, cfg.factor)
         ksize = math.prod(k)
         w1_full = not (cfg.decompose_both and dim < max(a, c) / 2)
@@ -250,10 +248,6 @@ class LoKrModule(DeltaModule):
         else:
             self._param("lokr_w2_a", (b, dim), kaiming)
             self._param("lokr_w2_b", (dim, d * ksize), nn.init.zeros_)
-
-    @staticmethod
-    def shape_of(base: nn.Module) -> tuple[int, ...]:
-        return tuple(base.weight.shape)
 
     def _param(self, key: str, shape: tuple[int, ...], init) -> None:
         p = nn.Parameter(torch.empty(shape))

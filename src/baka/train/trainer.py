@@ -135,9 +135,7 @@ class _Run:
             from diffusers.models.attention_processor import AttnProcessor
 
             unet.set_attn_processor(AttnProcessor())
-        if (
-            cfg.gradient_checkpointing
-        ):  # kohya: recompute activations in backward (diffusers' / transformers')
+        if cfg.gradient_checkpointing:  # kohya: recompute activations in backward
             unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 te.gradient_checkpointing_enable()
@@ -423,10 +421,8 @@ def train(
 
         settings = None
         if cfg.log_config:  # scalars only (TensorBoard's hyperparameters)
-            flat = {
-                k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))
-            }
-            settings = flat
+            scalar = (int, float, str, bool)
+            settings = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, scalar)}
         run.acc.init_trackers(cfg.log_tracker_name or DEFAULT_TRACKER_NAME.get(cfg.mode, "train"), settings)
     if run.acc.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
