@@ -391,8 +391,9 @@ def test_everydream_folder_files(tmp_path, tiny_files, monkeypatch):
     assert all(f == [True, False] for f in flips)  # flip_p 1 on a; b has no flip_aug
     caps = [captions_for(items, 0, s, 0) for s in range(20)]
     assert all(c[1] == "" for c in caps)  # cond_dropout 1: b's caption always dropped
-    assert len({c[0] for c in caps}) > 1 and all(sorted(c[0].split(", ")) == sorted(
-        "red circle, large, left, simple".split(", ")) for c in caps)  # fmt: skip
+    # ED2 shuffles the tags after the first part (its main prompt), which stays first
+    assert len({c[0] for c in caps}) > 1 and all(c[0].startswith("red circle, ") and sorted(c[0].split(
+        ", ")) == sorted("red circle, large, left, simple".split(", ")) for c in caps)  # fmt: skip
     seen = []
     real = trainer_mod.diffusion_loss
 

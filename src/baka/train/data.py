@@ -9,7 +9,6 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,6 +16,7 @@ from baka.errors import BakaError
 from baka.train.augment import Aug, apply_color, crop_offset
 from baka.train.captions import process_caption
 from baka.train.config import DatasetConfig, Subset
+from baka.train.everydream import NO_OPTIONS, FolderFiles, ImageOptions, weighted_tags
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,6 @@ def make_buckets(reso: int, min_size: int, max_size: int, step: int) -> list[tup
 
 
 @dataclass(frozen=True)
-class FolderOptions:
-    """EveryDream2's per-folder files for the folder's own images (not inherited): ``multiply.txt``
-    (repeats x it), ``cond_dropout.txt`` (the caption dropout rate), ``flip_p.txt`` (the probability of a
-    mirrored image), ``loss_scale.txt`` (the images' loss weight), ``shuffle_tags.txt`` (present: shuffle
-    the caption's tags). None: the subset's own setting."""
-
-    multiply: float = 1.0
-    cond_dropout: float | None = None
-    flip_p: float | None = None
-    loss_scale: float = 1.0
-    shuffle_tags: bool = False
-
-
-NO_OPTIONS = FolderOptions()
-
-
-@dataclass(frozen=True)
 class Item:
     path: Path
     caption: str
@@ -64,42 +47,11 @@ class Item:
     # times per epoch: num_repeats x EveryDream2's multiply.txt (a fraction is drawn per epoch); for
     # regularisation images, kohya's balancing against the training images
     repeats: float = 1.0
-    options: FolderOptions = NO_OPTIONS  # EveryDream2's per-folder files
+    options: ImageOptions = NO_OPTIONS  # EveryDream2's folder and sidecar files
 
 
 def _stable_fraction(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") / 2**64
-
-
-# EveryDream2's number files: name -> (FolderOptions field, highest value; None: no upper bound)
-_ED2_NUMBERS = {
-    "multiply.txt": ("multiply", None),
-    "cond_dropout.txt": ("cond_dropout", 1.0),
-    "flip_p.txt": ("flip_p", 1.0),
-    "loss_scale.txt": ("loss_scale", None),
-}
-
-
-def _folder_options(folder: Path, cache: dict[Path, FolderOptions]) -> FolderOptions:
-    """EveryDream2's per-folder files of an image's own folder (not inherited)."""
-    if folder not in cache:
-        values: dict[str, Any] = {}
-        for name, (field_name, top) in _ED2_NUMBERS.items():
-            f = folder / name
-            if not f.is_file():
-                continue
-            text = f.read_text(encoding="utf-8").strip()
-            try:
-                value = float(text)
-            except ValueError:
-                raise BakaError(f"{f}: not a number ({text[:40]!r})") from None
-            if not value >= 0 or (top is not None and value > top):
-                raise BakaError(f"{f}: {text!r} is out of range (0 to {top if top is not None else 'any'})")
-            values[field_name] = value
-        if (folder / "shuffle_tags.txt").is_file():
-            values["shuffle_tags"] = True
-        cache[folder] = FolderOptions(**values) if values else NO_OPTIONS
-    return cache[folder]
 
 
 def _image_files(sub: Subset) -> list[Path]:
@@ -154,9 +106,9 @@ class Dataset:
             else [(cfg.resolution, cfg.resolution)]
         )
         items: list[Item] = []
-        folder_options: dict[Path, FolderOptions] = {}
         for sub in cfg.subsets:
             files = _image_files(sub)
+            ed2 = FolderFiles(Path(sub.image_dir))
             n_captions = 0
             for p in files:
                 cap_file = p.with_suffix(sub.caption_extension)
@@ -165,6 +117,7 @@ class Dataset:
                     n_captions += 1
                 else:
                     caption = sub.class_tokens
+                caption, opts = ed2.resolve(p, caption)
                 try:
                     with Image.open(p) as im:
                         w, h = im.size
@@ -173,7 +126,6 @@ class Dataset:
                     continue
                 ar = w / h
                 bucket = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(ar)))
-                opts = _folder_options(p.parent, folder_options)
                 items.append(Item(p, caption, sub, bucket, sub.num_repeats * opts.multiply, opts))
             if files and not n_captions and any(p.with_suffix(".caption").exists() for p in files):
                 # kohya's default caption_extension is ".caption"; baka's is ".txt" (A1111's, ED2's)
@@ -205,15 +157,29 @@ class Dataset:
         A fractional repeat count (EveryDream2's multiply.txt) gives its whole part, and the epoch is
         filled to floor(total) by drawing the fractions as EveryDream2 does.
         With gradient ``accumulation`` k a batch holds k x batch_size items (one optimizer step's),
-        so accumulating k x b sees the same samples as a batch of k b."""
+        so accumulating k x b sees the same samples as a batch of k b. Images with an EveryDream2
+        ``batch_id`` are batched only with each other (micro-batches of whole batch_size)."""
         rng = random.Random(f"{seed}:{epoch}")
         by_bucket: dict[tuple[int, int], list[Item]] = {}
+        named: dict[tuple[str, tuple[int, int]], list[Item]] = {}
         for it in self.train:
-            by_bucket.setdefault(it.bucket, []).extend([it] * math.floor(it.repeats))
+            group = named.setdefault((it.options.batch_id, it.bucket), []) if it.options.batch_id else None
+            (by_bucket.setdefault(it.bucket, []) if group is None else group).extend(
+                [it] * math.floor(it.repeats)
+            )
         for it in _fractional_picks(self.train, rng):
-            by_bucket[it.bucket].append(it)
-        bs = self.cfg.batch_size * accumulation
+            key = (it.options.batch_id, it.bucket)
+            (named[key] if it.options.batch_id else by_bucket.setdefault(it.bucket, [])).append(it)
+        b, bs = self.cfg.batch_size, self.cfg.batch_size * accumulation
         batches = []
+        # EveryDream2's batch_id: a named group's batches hold only its images; the images left over
+        # when the group is not a whole number of batches join the shared batches of their bucket
+        for key in sorted(named):
+            group = named[key]
+            rng.shuffle(group)
+            cut = len(group) - len(group) % b
+            by_bucket.setdefault(key[1], []).extend(group[cut:])
+            batches += [group[i : min(i + bs, cut)] for i in range(0, cut, bs)]
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
             rng.shuffle(group)
@@ -352,18 +318,28 @@ class LatentCache:
 
 
 def captions_for(items: list[Item], seed: int, step: int, rank: int) -> list[str]:
-    """Processed captions for a batch; the randomness is a function of (seed, step, rank, slot)."""
+    """Processed captions for a batch; the randomness is a function of (seed, step, rank, slot).
+    EveryDream2's shuffle (``shuffle_tags``) keeps the first part (its main prompt) in place, and tags
+    with differing weights are drawn by ED2's weighted shuffle (:func:`weighted_tags`)."""
     out = []
     for i, it in enumerate(items):
         rng = random.Random(f"{seed}:{step}:{rank}:{i}")
         s, o = it.subset, it.options
-        caption = " ".join(x for x in (s.caption_prefix, it.caption, s.caption_suffix) if x)
+        caption, shuffle, keep = it.caption, s.shuffle_caption, s.keep_tokens
+        if o.shuffle_tags and o.weighted:  # ED2's caption structure: main prompt, tags drawn by weight
+            values, weights = [t.value for t in o.weighted], [t.weight for t in o.weighted]
+            tags = weighted_tags(o.main_prompt, values, weights, o.max_caption_length, rng)
+            caption, shuffle = ", ".join([o.main_prompt, *tags] if o.main_prompt else tags), False
+            keep = max(keep, 1 if o.main_prompt else 0)
+        elif o.shuffle_tags:  # ED2 shuffles the tags after the first part (its main prompt)
+            shuffle, keep = True, max(keep, 1)
+        caption = " ".join(x for x in (s.caption_prefix, caption, s.caption_suffix) if x)
         out.append(
             process_caption(
                 caption,
                 rng,
-                keep_tokens=s.keep_tokens,
-                shuffle=s.shuffle_caption or o.shuffle_tags,
+                keep_tokens=keep,
+                shuffle=shuffle,
                 tag_dropout=s.caption_tag_dropout_rate,
                 caption_dropout=s.caption_dropout_rate if o.cond_dropout is None else o.cond_dropout,
                 separator=s.caption_separator,
