@@ -3,7 +3,9 @@
 - Restart: A1111 1.10's restart_sampler with k-diffusion (tests/data/a1111_restart_reference.json),
   at 10 (no restart), 20 (one) and 40 (two restarts) steps;
 - DPM fast: k-diffusion's sample_dpm_fast (tests/data/kdiffusion_dpm_fast_reference.json), at eta 0 and
-  A1111's eta 1, for step counts of every remainder mod 3."""
+  A1111's eta 1, for step counts of every remainder mod 3;
+- DPM adaptive: k-diffusion's sample_dpm_adaptive (tests/data/kdiffusion_dpm_adaptive_reference.json),
+  at eta 0 and 1 and two tolerances, rejected attempts included."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from baka.models.config import shipped_config
 DATA = Path(__file__).parent / "data"
 RESTART = json.loads((DATA / "a1111_restart_reference.json").read_text())
 FAST = json.loads((DATA / "kdiffusion_dpm_fast_reference.json").read_text())
+ADAPTIVE = json.loads((DATA / "kdiffusion_dpm_adaptive_reference.json").read_text())
 
 
 def _run(s, ref: dict, steps: int) -> None:
@@ -63,8 +66,24 @@ def test_dpm_fast_equals_kdiffusion(case):
     _run(s, ref, int(n))
 
 
+@pytest.mark.parametrize("case", sorted(ADAPTIVE["cases"]))
+def test_dpm_adaptive_equals_kdiffusion(case):
+    """The same model calls (its own step sizes, retries included) and the same result; the step
+    count does not matter."""
+    eta, rtol, atol = (float(v) for v in case.split("/"))
+    ref = ADAPTIVE["cases"][case]
+    s = build_scheduler("DPM adaptive", shipped_config("scheduler"))
+    s.eta, s.rtol, s.atol = eta, rtol, atol
+    s.set_timesteps(20)
+    _run(s, ref, 20)
+    assert [float(v) for v in s.call_sigmas] == pytest.approx(ref["call_sigmas"], rel=1e-5)
+    assert (s.n_accept, s.n_reject) == (ref["n_accept"], ref["n_reject"])
+    assert ref["n_reject"] > 0 or eta == 0  # the ancestral cases exercise retried attempts
+
+
 @pytest.mark.parametrize(
-    "sampler, steps, other_schedule", [("Restart", 20, "Exponential"), ("DPM fast", 7, "Karras")]
+    "sampler, steps, other_schedule",
+    [("Restart", 20, "Exponential"), ("DPM fast", 7, "Karras"), ("DPM adaptive", 5, "Karras")],
 )
 def test_own_samplers_in_the_generator_and_their_limits(tiny_files, sampler, steps, other_schedule):
     from baka.generate.engine import Generator, GenParams

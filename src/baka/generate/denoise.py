@@ -179,25 +179,38 @@ def sample(
 
     from tqdm import tqdm
 
-    timesteps = scheduler.timesteps[start:]
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
-    total = len(timesteps)
+    # an adaptive sampler (DPM adaptive) plans its calls as it goes: ask it for each one
+    adaptive = getattr(scheduler, "adaptive", False)
+    timesteps = scheduler.calls() if adaptive else scheduler.timesteps[start:]
+    total = expected_calls(scheduler, start)
     accepted = set(inspect.signature(scheduler.step).parameters)
     kw = {"generator": generator} if "generator" in accepted else {}
     if "eta" in accepted:
         kw["eta"] = 0.0
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, leave=False, desc="sampling")):
+    bar = tqdm(
+        timesteps, total=None if adaptive else total, disable=not progress, leave=False, desc="sampling"
+    )
+    for i, t in enumerate(bar):
         x_in = scheduler.scale_model_input(latents, t)
-        pred = denoiser(x_in, t, i * steps // total)
+        # the prompt schedule counts steps; A1111 counts an adaptive sampler's calls as steps
+        pred = denoiser(x_in, t, i if adaptive else i * steps // total)
         out = scheduler.step(pred, t, latents, **kw, return_dict=True)
         latents = out[0]  # prev_sample (diffusers' outputs index like tuples)
         if on_latents is not None:
             x0 = getattr(out, "pred_original_sample", None)
             on_latents(latents if x0 is None else x0)
-        if on_step is not None and on_step(i + 1, total):
+        if on_step is not None and on_step(i + 1, max(total, i + 1)):
             break
     return latents
+
+
+def expected_calls(scheduler, start: int = 0) -> int:
+    """The model calls a run from index ``start`` makes (an adaptive sampler's estimate: its steps)."""
+    if getattr(scheduler, "adaptive", False):
+        return scheduler.expected_calls
+    return len(scheduler.timesteps) - start
 
 
 def first_index(scheduler, schedule_steps: int, run_steps: int) -> int:

@@ -11,12 +11,44 @@ end (also after the last step, which ends at sigma_min, not 0).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from baka.errors import BakaError
 from baka.generate.ksched import KSampler
+
+# The updates below are DPM-Solver's (the paper's eqs. for orders 1-3), written with 0-d float32
+# tensors in k-diffusion's order of operations: the adaptive sampler's step-size control feeds back
+# differences near float rounding, so the same rounding keeps it on k-diffusion's steps.
+
+
+def _sig(t: torch.Tensor) -> torch.Tensor:
+    return t.neg().exp()
+
+
+def intermediate(x: torch.Tensor, e: list[torch.Tensor], t: torch.Tensor, h: torch.Tensor, order: int):
+    """DPM-Solver's next evaluation point of an order-2 / order-3 step from ``x`` at time t with the
+    noise predictions ``e`` so far (u1 at r1 = 1/2 or 1/3, u2 at r2 = 2/3)."""
+    r1, r2 = (1 / 2, None) if order == 2 else (1 / 3, 2 / 3)
+    if len(e) == 1:
+        return x - _sig(t + r1 * h) * (r1 * h).expm1() * e[0]
+    assert r2 is not None
+    s2 = t + r2 * h
+    out = x - _sig(s2) * (r2 * h).expm1() * e[0]
+    return out - _sig(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (e[1] - e[0])
+
+
+def solver_step(
+    x: torch.Tensor, e: list[torch.Tensor], target: torch.Tensor, h: torch.Tensor, order: int, r1=0.5
+):
+    """The DPM-Solver-``order`` update from ``x`` to time ``target`` (step h) with the step's noise
+    predictions ``e`` (order 2's midpoint at r1 h: 1/2, or 1/3 when it shares order 3's points)."""
+    sn = _sig(target)
+    out = x - sn * h.expm1() * e[0]
+    if order == 2:
+        out = out - sn / (2 * r1) * h.expm1() * (e[1] - e[0])
+    elif order == 3:
+        out = out - sn / (2 / 3) * (h.expm1() / h - 1) * (e[2] - e[0])
+    return out
 
 
 def fast_plan(n: int, sigma_min: float, sigma_max: float, eta: float) -> list[dict]:
@@ -78,28 +110,12 @@ class DPMFastScheduler(KSampler):
         t, target, order = s["t"], s["target"], s["order"]
         h = target - t
 
-        def sig(tt) -> float:
-            return float((-tt).exp())
-
         if len(e) < order:  # the next call's input: DPM-Solver's intermediate point
-            r1, r2 = (1 / 2, None) if order == 2 else (1 / 3, 2 / 3)
-            if len(e) == 1:
-                out = x0 - sig(t + r1 * h) * math.expm1(float(r1 * h)) * e[0]
-            else:
-                assert r2 is not None
-                rh = float(r2 * h)
-                out = x0 - sig(t + r2 * h) * math.expm1(rh) * e[0]
-                out = out - sig(t + r2 * h) * (r2 / r1) * (math.expm1(rh) / rh - 1) * (e[1] - e[0])
-            return self.finish(out, denoised, sample, return_dict)
-        hf, sn = float(h), sig(target)
-        out = x0 - sn * math.expm1(hf) * e[0]
-        if order == 2:
-            out = out - sn / (2 * (1 / 2)) * math.expm1(hf) * (e[1] - e[0])
-        elif order == 3:
-            out = out - sn / (2 / 3) * (math.expm1(hf) / hf - 1) * (e[2] - e[0])
+            return self.finish(intermediate(x0, e, t, h, order), denoised, sample, return_dict)
+        out = solver_step(x0, e, target, h, order)
         # k-diffusion draws the step's noise even at eta 0 (su = 0): the same draws either way
         out = out + s["noise"] * self.s_noise * self.noise(out, generator)
         return self.finish(out, denoised, sample, return_dict)
 
 
-__all__ = ["DPMFastScheduler", "fast_plan"]
+__all__ = ["DPMFastScheduler", "fast_plan", "intermediate", "solver_step"]

@@ -20,7 +20,7 @@ from baka import __version__
 from baka.errors import BakaError
 from baka.generate import infotext, inpaint
 from baka.generate.conditioning import PromptEncoder
-from baka.generate.denoise import CFGDenoiser, Prediction, first_index, noise_to, sample
+from baka.generate.denoise import CFGDenoiser, Prediction, expected_calls, first_index, noise_to, sample
 from baka.generate.embeddings import EmbeddingDB
 from baka.generate.freeu import FreeUPatch
 from baka.generate.lora import LoraPatch, NetworkUse, find_network, load_network, target_names
@@ -171,7 +171,7 @@ class Generator:
                 init_image = resize(init_image.convert("RGB"), p.width, p.height)
             run = img2img_steps(p.steps, p.denoise)
             start = first_index(scheduler, p.steps, run)
-        total = len(scheduler.timesteps) - start
+        total = expected_calls(scheduler, start)
         hr_sched, hr_start, hr_run = None, 0, 0
         (w, h), cut = hires_target(p.width, p.height, p.hr_scale, p.hr_resize)
         if p.hires and ((w, h), cut) == ((p.width, p.height), (0, 0)):
@@ -189,7 +189,7 @@ class Generator:
                 hr_p = p.replace(sampler=p.hr_sampler or p.sampler, schedule=p.hr_schedule or p.schedule)
                 hr_sched = self._scheduler(hr_p, hr_schedule)
                 hr_start = first_index(hr_sched, hr_schedule, hr_run)
-                total += len(hr_sched.timesteps) - hr_start
+                total += expected_calls(hr_sched, hr_start)
         hr_text, hr_neg = prompt, negative
         if p.hires and (p.hr_prompt or p.hr_negative):
             hr_text, hr_tags = extract_networks(p.hr_prompt) if p.hr_prompt else (prompt, tags)

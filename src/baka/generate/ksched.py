@@ -1,5 +1,5 @@
-"""The common ground of baka's own samplers (Restart, DPM fast): k-diffusion-style maths on diffusers'
-scheduler interface, which baka's denoising loop runs like any other scheduler.
+"""The common ground of baka's own samplers (Restart, DPM fast, DPM adaptive): k-diffusion-style maths
+on diffusers' scheduler interface, which baka's denoising loop runs like any other scheduler.
 
 A subclass lists one timestep per model call (``call_sigmas``); ``scale_model_input`` gives the model
 x / sqrt(sigma^2 + 1) at the current call, ``denoised`` turns its output back into k-diffusion's
@@ -34,10 +34,16 @@ class KSampler(EulerDiscreteScheduler):
         self._call = 0
 
     def sigma_range(self) -> tuple[float, float]:
-        """The model's smallest and largest sigma, float32 as k-diffusion holds them."""
-        from baka.generate.samplers import _log_sigmas
-
-        sig = _log_sigmas(self.alphas_cumprod).exp().float()
+        """The model's smallest and largest sigma, float32 as A1111's k-diffusion wrapper computes them
+        (CompVisDenoiser: sqrt((1 - alphas_cumprod) / alphas_cumprod) on LDM's float32 alphas)."""
+        a = self.alphas_cumprod.float()
+        c = self.config
+        if c.beta_schedule == "scaled_linear" and c.trained_betas is None and not c.rescale_betas_zero_snr:
+            # LDM's (A1111's) alphas_cumprod: the product in float64, stored as float32
+            n, lo, hi = c.num_train_timesteps, c.beta_start**0.5, c.beta_end**0.5
+            b = torch.linspace(lo, hi, n, dtype=torch.float64) ** 2
+            a = torch.cumprod(1 - b, 0).float()
+        sig = ((1 - a) / a) ** 0.5
         return float(sig.min()), float(sig.max())
 
     @property

@@ -88,6 +88,9 @@ _add(
 _add("Restart", "RestartScheduler", ("restart",), auto="Karras")
 # A1111's DPM fast (k-diffusion's sample_dpm_fast at A1111's ancestral eta 1: baka.generate.dpm_fast)
 _add("DPM fast", "DPMFastScheduler", ("k_dpm_fast", "dpm_fast"), eta=1.0)
+# A1111's DPM adaptive (k-diffusion's sample_dpm_adaptive, eta 1; baka.generate.dpm_adaptive): it picks
+# its own steps, so the step count does not set the number of model calls
+_add("DPM adaptive", "DPMAdaptiveScheduler", ("k_dpm_ad", "dpm_adaptive"), eta=1.0)
 _add("UniPC", "UniPCMultistepScheduler")
 _add("DEIS", "DEISMultistepScheduler")
 _add("LCM", "LCMScheduler")
@@ -286,10 +289,17 @@ def _dpm_fast() -> type:
     return DPMFastScheduler
 
 
+def _dpm_adaptive() -> type:
+    from baka.generate.dpm_adaptive import DPMAdaptiveScheduler
+
+    return DPMAdaptiveScheduler
+
+
 # schedulers baka writes itself (by the class name a Sampler gives), loaded when first used
 OWN_SCHEDULERS: Registry[Callable[[], type]] = Registry("baka scheduler")
 OWN_SCHEDULERS.add("RestartScheduler", _restart)
 OWN_SCHEDULERS.add("DPMFastScheduler", _dpm_fast)
+OWN_SCHEDULERS.add("DPMAdaptiveScheduler", _dpm_adaptive)
 
 
 def split_name(name: str) -> tuple[str, str | None]:
