@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/baka demo --out demo-output
 
+# one torch thread per pytest worker, one worker per core (pytest-xdist; a file's tests stay in one
+# worker, so module fixtures load once): the tiny test models are overhead-bound, and two torch threads
+# on a 2-core machine made the serial run 2.9x slower (16:43 vs 5:49, docs/benchmarks.md)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # the real-size (2 GB checkpoint) I/O and memory tests, deselected from `make test`
 test-realsize: $(STAMP)
@@ -33,7 +36,7 @@ test-all: test test-realsize
 
 # issue #10's targets that the shipped world models still miss (docs/world.md); the claims they hold run in `make test`
 test-world: $(STAMP)
-	$(BIN)/python -m pytest -q -m world tests/test_world_models.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m world tests/test_world_models.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
