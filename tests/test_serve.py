@@ -882,6 +882,31 @@ def test_web_ui_end_to_end_in_headless_chromium(a1111_root, tmp_path, live_serve
         # the preview stays in view: its panel's picture is inside the window
         top = b.js("document.getElementById('m-img').getBoundingClientRect().top")
         assert 0 <= top < 1000 and img.getpixel((10, 10)) == (0x2B, 0x2D, 0x42)
+
+        # the tools tab: a LoRA of B - A extracted as a job, its report shown, the LoRA listed at once
+        b.js(
+            "{ document.querySelector('header button[data-tab=tools]').click();"
+            "const s = (id, v) => document.getElementById(id).value = v;"
+            "s('t-ex-b', 'sub/beta.safetensors'); s('t-ex-dim', 4); s('t-ex-name', 'ui-lora');"
+            "document.getElementById('t-ex-go').click() }"
+        )
+        res = b.wait("document.getElementById('t-result').textContent")
+        assert res.startswith("wrote ui-lora.safetensors: ") and "error per block" in res, res
+        b.wait("[...document.getElementById('g-lora').options].some(o => o.value === 'ui-lora')")
+        # a bake with no LoRA: the server's message as text
+        b.js("document.getElementById('t-bk-go').click()")
+        assert "loras" in b.wait("document.getElementById('t-error').textContent")
+        # a one-block probe with the image-diff scorer: its table and heatmap
+        b.js(
+            "{ const s = (id, v) => document.getElementById(id).value = v;"
+            "s('t-pr-b', 'sub/beta.safetensors'); s('t-pr-score', 'image-diff');"
+            "document.getElementById('t-pr-score').dispatchEvent(new Event('change'));"
+            "s('t-pr-prompts', 'a cat'); s('t-pr-blocks', 'OUT11'); s('t-pr-steps', 2);"
+            "s('t-pr-w', 64); s('t-pr-h', 64); document.getElementById('t-pr-go').click() }"
+        )
+        table = b.wait("document.getElementById('t-result').textContent")
+        assert "OUT11" in table and "pixel_diff" in table, table
+        assert b.wait("document.getElementById('t-plot').naturalWidth") > 100
     finally:
         b.close()
 

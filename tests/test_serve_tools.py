@@ -119,3 +119,12 @@ def test_merge_probe_and_search_as_jobs(client, root):
         ({**scoring, "model_b": "/etc/passwd"}, 400),
     ):
         assert client.post("/baka/v1/merge/probe", json=req).status_code == code, req
+
+
+def test_scorers_listed_for_the_web_ui(client):
+    """The registered scorers and what the page needs to know of them (user code never listed)."""
+    got = {s["name"]: s for s in client.get("/baka/v1/scorers").json()}
+    assert set(got) == {"world", "image-diff"}
+    assert got["world"]["own_prompts"] and got["world"]["size"] == [64, 64]
+    assert not got["image-diff"]["own_prompts"] and got["image-diff"]["size"] is None
+    assert all(s["doc"] and s["objective"] == "score" for s in got.values())

@@ -149,6 +149,20 @@ def _scoring(st: State, req: Scoring) -> tuple[Path, Path, Path | None, object]:
     return a, b, c, settings
 
 
+@router.get("/scorers")
+def scorers() -> list[dict]:
+    """The registered scorers probe and search take: what each measures, the figure a search
+    maximises, whether it judges its own prompts (then the request gives none) and its fixed size."""
+    from baka.tune.scorers import SCORERS, get_scorer
+
+    out = []
+    for name in SCORERS.names():
+        s = get_scorer(name)
+        out.append({"name": s.name, "doc": s.doc, "objective": s.objective, "own_prompts": bool(s.prompts),
+                    "size": list(s.size) if s.size else None})  # fmt: skip
+    return out
+
+
 @router.post("/merge/probe")
 def merge_probe(req: MergeProbe, st: StateDep) -> dict:
     """What each block carries: one block of B at a time (or all but one), scored. The result holds
