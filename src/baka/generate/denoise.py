@@ -215,7 +215,12 @@ def expected_calls(scheduler, start: int = 0) -> int:
 
 def first_index(scheduler, schedule_steps: int, run_steps: int) -> int:
     """The index in ``scheduler.timesteps`` (set for ``schedule_steps``) where the last ``run_steps``
-    steps begin; second-order schedulers list ``order`` timesteps per step (diffusers' img2img rule)."""
+    steps begin; second-order schedulers list ``order`` timesteps per step (diffusers' img2img rule).
+    baka's own samplers re-plan their calls over those steps instead (A1111's ``sigma_sched``) and
+    start at 0."""
+    if hasattr(scheduler, "truncate"):
+        scheduler.truncate(schedule_steps, run_steps)
+        return 0
     return max(schedule_steps - run_steps, 0) * getattr(scheduler, "order", 1)
 
 

@@ -50,12 +50,18 @@ class DPMAdaptiveScheduler(KSampler):
 
     def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
         super().set_timesteps(num_inference_steps, device, *args, **kw)
-        smin, smax = self.sigma_range()
+        self.num_inference_steps = int(num_inference_steps)
+        self.expected_calls = self.num_inference_steps  # for progress only; the steps are its own
+        self._plan_run(*self.sigma_range(), device)
+
+    def plan_over(self, sigmas: torch.Tensor, device) -> None:
+        # A1111's img2img: between sigma_sched's last non-zero and first sigma
+        self._plan_run(float(sigmas[-2]), float(sigmas[0]), device)
+
+    def _plan_run(self, smin: float, smax: float, device) -> None:
         self.t_end = -torch.tensor(smin).log()
         self.s = -torch.tensor(smax).log()
         self.pid = StepSizeController(self.h_init, 1.5 if self.eta else 3)
-        self.num_inference_steps = int(num_inference_steps)
-        self.expected_calls = self.num_inference_steps  # for progress only; the steps are its own
         self.device = device
         self.n_accept = self.n_reject = 0
         self._x_prev: torch.Tensor | None = None

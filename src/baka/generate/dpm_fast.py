@@ -86,14 +86,20 @@ class DPMFastScheduler(KSampler):
     eta = 1.0  # A1111's eta for k-diffusion samplers that take one (its "eta_ancestral" option)
     fixed_schedule = "Automatic"  # its own spacing in log-sigma
 
+    def plan_over(self, sigmas: torch.Tensor, device) -> None:
+        # A1111's img2img: n = len(sigma_sched) - 1 calls between its last non-zero and first sigma
+        self._plan(len(sigmas) - 1, float(sigmas[-2]), float(sigmas[0]), device)
+
     def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
         super().set_timesteps(num_inference_steps, device, *args, **kw)
-        smin, smax = self.sigma_range()
-        self.plan = fast_plan(int(num_inference_steps), smin, smax, self.eta)
+        self._plan(int(num_inference_steps), *self.sigma_range(), device)
+
+    def _plan(self, n: int, smin: float, smax: float, device) -> None:
+        self.plan = fast_plan(n, smin, smax, self.eta)
         self.calls = [(i, j) for i, step in enumerate(self.plan) for j in range(len(step["times"]))]
         self.start(torch.stack([(-t).exp() for step in self.plan for t in step["times"]]), device)
         self.sigmas = torch.cat([self.call_sigmas, torch.tensor([smin])])
-        self.num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = n
         self._x: torch.Tensor | None = None
         self._eps: list[torch.Tensor] = []
 

@@ -3,7 +3,8 @@ on diffusers' scheduler interface, which baka's denoising loop runs like any oth
 
 A subclass lists one timestep per model call (``call_sigmas``); ``scale_model_input`` gives the model
 x / sqrt(sigma^2 + 1) at the current call, ``denoised`` turns its output back into k-diffusion's
-denoised estimate (epsilon or v-prediction), and x_T = noise * sigma_max. They run from pure noise only.
+denoised estimate (epsilon or v-prediction), and x_T = noise * sigma_max. img2img and the hires second
+pass re-plan the calls over the schedule's tail (``truncate``), as A1111 runs them.
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ class KSampler(EulerDiscreteScheduler):
         self.timesteps = sigma_to_t(_log_sigmas(self.alphas_cumprod), sigmas).float().to(device or "cpu")
         self._call = 0
 
-    def sigma_range(self) -> tuple[float, float]:
-        """The model's smallest and largest sigma, float32 as A1111's k-diffusion wrapper computes them
-        (CompVisDenoiser: sqrt((1 - alphas_cumprod) / alphas_cumprod) on LDM's float32 alphas)."""
-        a = self.alphas_cumprod.float()
+    def model_alphas(self) -> torch.Tensor:
+        """alphas_cumprod as A1111's model holds them: LDM's product in float64, stored as float32
+        (diffusers multiplies in float32; the last digits differ)."""
         c = self.config
         if c.beta_schedule == "scaled_linear" and c.trained_betas is None and not c.rescale_betas_zero_snr:
-            # LDM's (A1111's) alphas_cumprod: the product in float64, stored as float32
             n, lo, hi = c.num_train_timesteps, c.beta_start**0.5, c.beta_end**0.5
             b = torch.linspace(lo, hi, n, dtype=torch.float64) ** 2
-            a = torch.cumprod(1 - b, 0).float()
+            return torch.cumprod(1 - b, 0).float()
+        return self.alphas_cumprod.float()
+
+    def sigma_range(self) -> tuple[float, float]:
+        """The model's smallest and largest sigma, float32 as A1111's k-diffusion wrapper computes them
+        (CompVisDenoiser: sqrt((1 - alphas_cumprod) / alphas_cumprod))."""
+        a = self.model_alphas()
         sig = ((1 - a) / a) ** 0.5
         return float(sig.min()), float(sig.max())
 
@@ -51,8 +56,32 @@ class KSampler(EulerDiscreteScheduler):
         return self.sigma_range()[1]  # k-diffusion: x_T = noise * sigma_max
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index:
-            raise BakaError(f"sampler {self.sampler_name!r} runs from pure noise only (not img2img or hires)")
+        if begin_index:  # img2img re-plans the calls instead (truncate), then starts at call 0
+            raise BakaError(f"sampler {self.sampler_name!r}: img2img starts through truncate(), at call 0")
+
+    def schedule_sigmas(self, steps: int) -> torch.Tensor:
+        """The n + 1 sigmas A1111 gives this sampler for ``steps`` steps (its Automatic schedule for
+        these samplers: the model's own spacing, A1111's "Uniform")."""
+        from baka.generate.samplers import SCHEDULES
+
+        sigmas = SCHEDULES.get("Uniform").sigmas
+        assert sigmas is not None
+        return sigmas(steps, self.model_alphas()).float()
+
+    def plan_over(self, sigmas: torch.Tensor, device) -> None:
+        """Plan the model calls of a run over ``sigmas`` (A1111's sigma schedule, ending in 0)."""
+        raise NotImplementedError
+
+    def truncate(self, schedule_steps: int, run_steps: int) -> None:
+        """img2img and the hires second pass as A1111 runs a k-diffusion sampler: over the last
+        ``run_steps`` steps of a ``schedule_steps``-step schedule (``sigma_sched = sigmas[steps - t_enc
+        - 1:]``), from the picture's latents plus noise times ``sigma_sched[0]`` (:meth:`add_noise`)."""
+        sched = self.schedule_sigmas(schedule_steps)[max(schedule_steps - run_steps, 0) :]
+        self.start_sigma = float(sched[0])
+        self.plan_over(sched, self.timesteps.device)
+
+    def add_noise(self, original_samples, noise, timesteps=None):  # type: ignore[override]
+        return original_samples + noise * self.start_sigma  # A1111: xi = x + noise * sigma_sched[0]
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         sigma = float(self.call_sigmas[self._call])

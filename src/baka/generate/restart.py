@@ -7,8 +7,10 @@ and that stretch is run again, which contracts the errors the earlier steps made
 20 steps the run is a Karras schedule of ``steps - k * times`` steps plus ``times`` restarts of ``k``
 Heun steps each over sigma [0.1, 2] (both ends taken as the nearest schedule sigmas), with k = 9 and
 one restart, or from 36 steps k = steps // 4 and two; a restart adds noise of standard deviation
-sqrt(hi^2 - lo^2); the last step (to sigma 0) is an Euler step. Each segment evaluates the model twice
-(once for the Euler step), so a run makes about twice as many model calls as it has steps.
+sqrt(hi^2 - lo^2); the last step (to sigma 0) is an Euler step. Each segment evaluates the model
+twice (once for the Euler step), so a run makes about twice as many model calls as it has steps.
+img2img and the hires second pass run it over the tail of the Karras schedule (A1111's
+``sigma_sched``), with the same rules.
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ RESTART_FROM = 20  # A1111: restarts from this many steps on
 RESTART_SPAN = (0.1, 2.0)  # the interval (sigma) run again
 
 
-def restart_segments(steps: int, sigma_min: float, sigma_max: float) -> list[tuple[float, float]]:
-    """The (from, to) sigma of every Heun segment of an A1111 Restart run of ``steps`` steps, in order
-    (k-diffusion's float32 Karras sigmas, as A1111 computes them)."""
+def restart_segments(sigmas: torch.Tensor) -> list[tuple[float, float]]:
+    """The (from, to) sigma of every Heun segment of A1111's Restart run over ``sigmas`` (its schedule:
+    n + 1 values ending in 0; k-diffusion's float32 Karras sigmas, as A1111 computes them). From 20
+    steps the run is a fresh Karras schedule between ``sigmas[-2]`` and ``sigmas[0]``, as A1111's."""
     from baka.generate.samplers import karras as _k
 
     def karras(n: int, lo: float, hi: float) -> torch.Tensor:
         return _k(n, lo, hi, dtype=torch.float32)
 
+    steps = len(sigmas) - 1
     if steps >= RESTART_FROM:
         k, times = (steps // 4, 2) if steps >= 36 else (9, 1)
-        base = karras(steps - k * times, sigma_min, sigma_max)
+        base = karras(steps - k * times, float(sigmas[-2]), float(sigmas[0]))
     else:
-        k, times, base = 0, 0, karras(steps, sigma_min, sigma_max)
+        k, times, base = 0, 0, sigmas.float()
     low = int(torch.argmin((base - RESTART_SPAN[0]).abs()))
     high = int(torch.argmin((base - RESTART_SPAN[1]).abs()))
     segments = []
@@ -54,14 +58,22 @@ class RestartScheduler(KSampler):
 
     def set_timesteps(self, num_inference_steps=None, device=None, *args, **kw):
         super().set_timesteps(num_inference_steps, device, *args, **kw)
-        self.segments = restart_segments(int(num_inference_steps), *self.sigma_range())
+        self.num_inference_steps = int(num_inference_steps)
+        self.plan_over(self.schedule_sigmas(self.num_inference_steps), device)
+
+    def schedule_sigmas(self, steps: int) -> torch.Tensor:
+        from baka.generate.samplers import karras
+
+        return karras(steps, *self.sigma_range(), dtype=torch.float32)
+
+    def plan_over(self, sigmas: torch.Tensor, device) -> None:
+        self.segments = restart_segments(sigmas)
         calls: list[tuple[float, str]] = []
         for a, b in self.segments:
             calls += [(a, "euler")] if b == 0 else [(a, "first"), (b, "second")]
         self.calls = calls
         self.start(torch.tensor([s for s, _ in calls]), device)
         self.sigmas = torch.cat([self.call_sigmas, torch.zeros(1)])
-        self.num_inference_steps = int(num_inference_steps)
         self._segment = 0
         self._heun: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
