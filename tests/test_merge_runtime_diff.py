@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from baka.merge.diff import block_diff, heatmap_png
@@ -98,10 +99,35 @@ def test_runtime_merge_by_any_method_equals_the_file_merge(tiny_files, tmp_path)
             for k, v in live[comp].state_dict().items():
                 src = k if k in a[comp] else "text_model." + k
                 assert torch.equal(v, a[comp][src].reshape(v.shape)), (method, "restored", k)
-    with pytest.raises(BakaError, match="needs a pass over the whole model"):
+    with pytest.raises(BakaError, match="needs a pass over the whole model files"):
         RuntimeBlockMerge(None, a, b, method="cosine_a")
     with pytest.raises(BakaError, match="needs model C"):
         RuntimeBlockMerge(None, a, b, method="add_difference")
+
+
+@pytest.mark.parametrize("method", ["cosine_a", "cosine_b"])
+def test_runtime_cosine_merge_equals_the_file_merge(tiny_files, tmp_path, method):
+    """supermerger's cosineA / cosineB need a pass over the whole models (their similarity range):
+    against() runs it over the two files, so the live weights equal the file merge's."""
+    comps = ("unet", "text_encoder", "vae")
+    ck = load_checkpoint(tiny_files[0])
+    live = {c: build_module(c, ck.config, ck.components()[c]) for c in comps}
+    alpha = parse_weights("GRAD_V")
+    rt = RuntimeBlockMerge.against(ck, tiny_files[1], method=method)
+    assert isinstance(rt.state, tuple) and rt.state[0] < rt.state[1]  # (min, max) of the similarity
+    rt.apply(live)
+    rt.set_weights(alpha)
+    out = tmp_path / f"{method}.safetensors"
+    merge_models(Recipe(method, [str(f) for f in tiny_files[:2]], alpha, (0.0,) * 26), out, progress=False)
+    want = load_checkpoint(out).components()
+    moved = 0
+    for comp in comps:
+        for k, v in live[comp].state_dict().items():
+            src = k if k in want[comp] else "text_model." + k
+            if v.is_floating_point():
+                assert torch.allclose(v, want[comp][src].reshape(v.shape), atol=1e-5), (method, k)
+                moved += not torch.equal(v, ck.components()[comp][src].reshape(v.shape))
+    assert moved > 50  # the merge moved most weights away from A
 
 
 def test_runtime_merge_with_elemental_rules_equals_the_file_merge(tiny_files, tmp_path):

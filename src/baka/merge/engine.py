@@ -127,10 +127,7 @@ def merge_models(
         copied = 0
         adjust_keys = adjust.keys() if adjust is not None else set()
         position = {k: i for i, k in enumerate(spec_a)}  # a key's index in A (random elemental ratios)
-        state = None
-        if method.prepare is not None:  # a whole-model pass first (cosine's similarity range)
-            common = [k for k in spec_a if k in all_specs[1]]
-            state = method.prepare(lambda k: (sources[0].get(k), sources[1].get(k)), common)
+        state = method.state_of(sources[0], sources[1])  # a whole-model pass first (cosine's range)
 
         def produce() -> Iterator[tuple[str, object]]:
             nonlocal copied

@@ -56,6 +56,15 @@ class MergeMethod:
     def doc(self) -> str:
         return (self.fn.__doc__ or "").strip().split("\n")[0]
 
+    def state_of(self, a, b) -> object:
+        """The method's whole-model pass over two open models (``TensorSource``s: every key of A that
+        B also has, as the file merge runs it); None when the method has none."""
+        if self.prepare is None:
+            return None
+        spec_b = b.specs()
+        common = [k for k in a.specs() if k in spec_b]
+        return self.prepare(lambda k: (a.get(k), b.get(k)), common)
+
 
 METHODS: Registry[MergeMethod] = Registry("merge method")
 

@@ -45,15 +45,18 @@ class RuntimeBlockMerge(Patch):
         beta: Weights | None = None,
         seed: int = 0,
         elemental: str = "",
+        state: object = None,
     ):
         from baka.merge.methods import METHODS
 
         self.a, self.b, self.c = a, b, c
         self.method = METHODS.get(method)
-        if self.method.prepare is not None:
+        if self.method.prepare is not None and state is None:
             raise BakaError(
-                f"{self.method.name} needs a pass over the whole model: merge it to a file instead"
+                f"{self.method.name} needs a pass over the whole model files: use RuntimeBlockMerge.against"
+                " (or give its state)"
             )
+        self.state = state  # the method's whole-model pass (cosine's similarity range), from the files
         if self.method.needs_c and c is None:
             raise BakaError(f"{self.method.name} needs model C")
         self.seed = seed
@@ -113,8 +116,11 @@ class RuntimeBlockMerge(Patch):
         seed: int = 0,
     ) -> RuntimeBlockMerge:
         """A (not yet applied) merge between a loaded checkpoint A and the model file ``model_b`` (and
-        ``model_c``), over UNet, text encoder and VAE (BASE covers the latter two, as in merged files)."""
+        ``model_c``), over UNet, text encoder and VAE (BASE covers the latter two, as in merged files).
+        A method with a whole-model pass (cosine A / B) runs it over the two files first."""
+        from baka.merge.methods import METHODS
         from baka.models.io import load_checkpoint
+        from baka.models.sources import open_source
 
         loaded = [a_ckpt.components(), load_checkpoint(model_b).components()]
         if model_c is not None:
@@ -122,7 +128,15 @@ class RuntimeBlockMerge(Patch):
         if any(not set(LIVE_COMPONENTS) <= set(m) for m in loaded):
             raise BakaError("runtime block merge needs UNet, text encoder and VAE in every model")
         a, b, *c = ({comp: m[comp] for comp in LIVE_COMPONENTS} for m in loaded)
-        return cls(None, a, b, weights, method=method, c=c[0] if c else None, beta=beta, seed=seed)
+        state = None
+        if METHODS.get(method).prepare is not None:  # cosine: its range over the files, as merged
+            if a_ckpt.path is None:
+                raise BakaError(f"{method} needs model A's file for its whole-model pass")
+            with open_source(a_ckpt.path) as sa, open_source(model_b) as sb:
+                state = METHODS.get(method).state_of(sa, sb)
+        return cls(
+            None, a, b, weights, method=method, c=c[0] if c else None, beta=beta, seed=seed, state=state
+        )
 
     def apply(self, modules: Modules) -> None:
         self.groups = {bid: [] for bid in BLOCK_IDS}
@@ -179,7 +193,7 @@ class RuntimeBlockMerge(Patch):
                 elif self.method.keeps(ldm_key, tuple(a.shape), wk):
                     target.copy_(a)
                 else:
-                    ctx = Ctx(ldm_key, wk, self.beta[i], self.seed)
+                    ctx = Ctx(ldm_key, wk, self.beta[i], self.seed, self.state)
                     cf = None if c is None else c.float()
                     target.copy_(self.method.fn(a.float(), b.float(), cf, ctx))
             self.weights[i] = float(w)
