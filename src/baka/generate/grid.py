@@ -4,8 +4,8 @@ Axis spec: ``name=v1,v2,...`` (or ``|``-separated when values contain commas, e.
 Axes: cfg, seed, steps, sampler, clip_skip, cfg_rescale, freeu, prompt_sr; with a second model (merge
 axes): blocks / alpha (26 weights: a number, a list, a preset), one block's weight by its id
 (``IN05=0,0.5,1``, the other blocks as the base weights), beta (the method's second weight, 26 values),
-method (any merge method without a whole-model pass), model_b and model_c (another B or C per cell),
-elemental (supermerger's rules, ``;``-separated; ``none`` for no rules).
+method (any merge method; cosineA / cosineB scan both files first), model_b and model_c (another B
+or C per cell), elemental (supermerger's rules, ``;``-separated; ``none`` for no rules).
 ``prompt_sr`` is A1111's "Prompt S/R": the first value is searched for, and each cell replaces it (in
 the prompt and the negative prompt) with that cell's value, so the first cell is the prompt as given.
 Between cells only the blocks whose weight changed are re-merged; every cell's infotext names the

@@ -1,7 +1,8 @@
 """Runtime (in-memory) block merge for previews: A and B (and C) stay resident, and changing block
 weights re-merges only the changed blocks straight into a live diffusers UNet (and text encoder / VAE
-for BASE). Weighted sum by default; any merge method without a whole-model pass (add difference,
-TIES, DARE...) with its alpha and beta, each key computed by the same function as the file merge, and
+for BASE). Weighted sum by default; any merge method (add difference, TIES, DARE, cosineA / cosineB,
+whose whole-model pass ``against`` runs over the two files first...) with its alpha and beta, each
+key computed by the same function as the file merge, and
 supermerger's elemental rules with number ratios (``set_elemental``; a key's alpha as the file merge
 gives it). It
 is a :class:`~baka.models.patch.Patch`: ``remove()`` writes A back, which is where the live weights
