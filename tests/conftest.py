@@ -40,6 +40,22 @@ def run_cli(capsys):
     return run
 
 
+def job_result(client, r) -> dict:
+    """The result of a server job (``r`` answered ``{"job": id}``), polled until it ends (at most a
+    minute); fails unless it succeeded."""
+    import time
+
+    assert r.status_code == 200, r.text
+    job = r.json()["job"]
+    for _ in range(1200):
+        s = client.get(f"/baka/v1/jobs/{job}").json()
+        if s["state"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert s["state"] == "done", s
+    return s["result"]
+
+
 def assert_same_tensors(x: dict, y: dict):
     assert set(x) == set(y), sorted(set(x) ^ set(y))[:5]
     for k in x:

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import job_result
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -253,14 +254,7 @@ def test_merge_job_and_preview(client, a1111_root):
             "output_name": "mixed",
         },
     )
-    assert r.status_code == 200, r.text
-    job = r.json()["job"]
-    for _ in range(200):
-        s = client.get(f"/baka/v1/jobs/{job}").json()
-        if s["state"] in ("done", "failed"):
-            break
-        time.sleep(0.05)
-    assert s["state"] == "done", s
+    job_result(client, r)
     out = a1111_root / "models" / "Stable-diffusion" / "mixed.safetensors"
     assert out.exists() and "mixed.safetensors" in [
         m["title"] for m in client.get("/sdapi/v1/sd-models").json()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import pytest
+from conftest import job_result
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -28,27 +28,15 @@ def client(root):
     return TestClient(create_app(Settings(folders, outputs=root / "outputs")))
 
 
-def _done(client, r) -> dict:
-    assert r.status_code == 200, r.text
-    job = r.json()["job"]
-    for _ in range(1200):
-        s = client.get(f"/baka/v1/jobs/{job}").json()
-        if s["state"] in ("done", "failed"):
-            break
-        time.sleep(0.05)
-    assert s["state"] == "done", s
-    return s["result"]
-
-
 def test_lora_extract_bake_merge_as_jobs(client, root):
     lora_dir, ck = root / "models" / "Lora", root / "models" / "Stable-diffusion"
     body = {"model_a": "alpha", "model_b": "beta", "output_name": "diff", "dim": 4, "clamp_quantile": 1}
-    res = _done(client, client.post("/baka/v1/lora/extract", json=body))
+    res = job_result(client, client.post("/baka/v1/lora/extract", json=body))
     assert (
         res["lora"] == "diff.safetensors" and res["modules"] > 0 and (lora_dir / "diff.safetensors").is_file()
     )
     assert "diff" in [x["name"] for x in client.get("/sdapi/v1/loras").json()]
-    res = _done(
+    res = job_result(
         client,
         client.post(
             "/baka/v1/lora/bake",
@@ -57,7 +45,7 @@ def test_lora_extract_bake_merge_as_jobs(client, root):
     )
     assert res["checkpoint"] == "baked.safetensors" and res["applied"] > 0 and res["unmatched"] == []
     assert (ck / "baked.safetensors").is_file()
-    res = _done(
+    res = job_result(
         client,
         client.post(
             "/baka/v1/lora/merge",
@@ -94,11 +82,12 @@ def _b64_png(s: str) -> Image.Image:
 def test_merge_probe_and_search_as_jobs(client, root):
     scoring = {"model_a": "alpha", "model_b": "beta", "score": "image-diff", "prompts": ["red circle"],
                "steps": 2, "width": 64, "height": 64}  # fmt: skip
-    res = _done(client, client.post("/baka/v1/merge/probe", json={**scoring, "blocks": ["IN01", "OUT11"]}))
+    probe = {**scoring, "blocks": ["IN01", "OUT11"]}
+    res = job_result(client, client.post("/baka/v1/merge/probe", json=probe))
     assert set(res["effects"]) == {"IN01", "OUT11"} and "score" in res["base"]
     assert res["base"]["score"] == pytest.approx(1.0)  # A against itself
     assert _b64_png(res["heatmap"]).size[0] > 100 and "effect" in res["table"]
-    res = _done(
+    res = job_result(
         client,
         client.post(
             "/baka/v1/merge/search", json={**scoring, "blocks": ["OUT11"], "trials": 2, "output_name": "best"}

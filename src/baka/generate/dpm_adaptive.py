@@ -62,7 +62,6 @@ class DPMAdaptiveScheduler(KSampler):
         self.t_end = -torch.tensor(smin).log()
         self.s = -torch.tensor(smax).log()
         self.pid = StepSizeController(self.h_init, 1.5 if self.eta else 3)
-        self.device = device
         self.n_accept = self.n_reject = 0
         self._x_prev: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
@@ -83,7 +82,7 @@ class DPMAdaptiveScheduler(KSampler):
         self.t_next = t
         h = self.target - self.s
         # one scalar exp each, as k-diffusion (a vectorised exp may round differently)
-        return torch.stack([t.neg().exp() for t in (self.s, self.s + 1 / 3 * h, self.s + 2 / 3 * h)])
+        return torch.stack([v.neg().exp() for v in (self.s, self.s + 1 / 3 * h, self.s + 2 / 3 * h)])
 
     def calls(self) -> Iterator[torch.Tensor]:
         """The timestep of each model call, planned as the run goes."""

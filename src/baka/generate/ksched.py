@@ -33,6 +33,7 @@ class KSampler(EulerDiscreteScheduler):
         self.call_sigmas = sigmas.float()
         self.timesteps = sigma_to_t(_log_sigmas(self.alphas_cumprod), sigmas).float().to(device or "cpu")
         self._call = 0
+        self.start_sigma = float(sigmas[0])  # what add_noise noises to (truncate sets A1111's own)
 
     def model_alphas(self) -> torch.Tensor:
         """alphas_cumprod as A1111's model holds them: LDM's product in float64, stored as float32
@@ -77,8 +78,8 @@ class KSampler(EulerDiscreteScheduler):
         ``run_steps`` steps of a ``schedule_steps``-step schedule (``sigma_sched = sigmas[steps - t_enc
         - 1:]``), from the picture's latents plus noise times ``sigma_sched[0]`` (:meth:`add_noise`)."""
         sched = self.schedule_sigmas(schedule_steps)[max(schedule_steps - run_steps, 0) :]
-        self.start_sigma = float(sched[0])
         self.plan_over(sched, self.timesteps.device)
+        self.start_sigma = float(sched[0])  # A1111's, not the first call's (DPM-Solver rounds it via t)
 
     def add_noise(self, original_samples, noise, timesteps=None):  # type: ignore[override]
         return original_samples + noise * self.start_sigma  # A1111: xi = x + noise * sigma_sched[0]
