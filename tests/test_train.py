@@ -665,6 +665,19 @@ def test_two_processes_gloo(tmp_path, tiny_files, images, launcher):
     assert len(losses) == 2  # one gathered loss per step, not per process
 
 
+def test_fsdp_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path, tiny_files, images):
+    """accelerate turns --use_fsdp on CPU processes into plain data parallel without a word; baka
+    says so and stops instead of training something other than asked."""
+    cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=2)
+    tool, *rest = LAUNCHERS["accelerate"]
+    flags = ["--use_fsdp", "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
+    cmd = [str(Path(sys.executable).parent / tool), *rest, *flags, "-m", "baka", "train", str(cfg_path)]
+    cmd.remove("--multi_gpu")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "baka: error: accelerate launch asked for FSDP, but" in res.stderr
+    assert not (tmp_path / "out" / "baka.safetensors").exists()
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_textual_inversion_trains_only_its_vectors_and_prompts_get_what_trained(tmp_path, tiny_files, fmt):
     from baka.generate.conditioning import PromptEncoder

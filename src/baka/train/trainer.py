@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,13 +103,23 @@ def _accelerator(cfg: TrainConfig):
     log_with, log_dir = log_target(cfg)
     # cpu=True without CUDA: under torchrun that makes accelerate run MULTI_CPU (gloo) across processes;
     # find_unused_parameters because module / block dropout leave some LoRA weights out of a step
-    return Accelerator(
+    acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         log_with=log_with,
         project_dir=None if log_dir is None else str(log_dir),
     )
+    # accelerate launch --use_fsdp / --use_deepspeed on CPU processes quietly becomes plain data
+    # parallel (MULTI_CPU): refused rather than run as something else than asked
+    for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(env, "").lower() in ("1", "true") and acc.distributed_type.name != name.upper():
+            raise BakaError(
+                f"accelerate launch asked for {name}, but accelerate runs this as "
+                f"{acc.distributed_type.value} ({name} shards over GPUs; on CPU processes launch with "
+                "--multi_gpu for data parallel)"
+            )
+    return acc
 
 
 class _Run:
