@@ -105,6 +105,18 @@ def test_runtime_merge_by_any_method_equals_the_file_merge(tiny_files, tmp_path)
         RuntimeBlockMerge(None, a, b, method="add_difference")
 
 
+def _matches_file(live: dict, want: dict, a: dict, atol: float, label) -> int:
+    """Every live floating weight equals the file merge's (``want``); returns how many differ from A."""
+    moved = 0
+    for comp, module in live.items():
+        for k, v in module.state_dict().items():
+            src = k if k in want[comp] else "text_model." + k
+            if v.is_floating_point():
+                assert torch.allclose(v, want[comp][src].reshape(v.shape), atol=atol), (label, k)
+                moved += not torch.equal(v, a[comp][src].reshape(v.shape))
+    return moved
+
+
 @pytest.mark.parametrize("method", ["cosine_a", "cosine_b"])
 def test_runtime_cosine_merge_equals_the_file_merge(tiny_files, tmp_path, method):
     """supermerger's cosineA / cosineB need a pass over the whole models (their similarity range):
@@ -119,14 +131,7 @@ def test_runtime_cosine_merge_equals_the_file_merge(tiny_files, tmp_path, method
     rt.set_weights(alpha)
     out = tmp_path / f"{method}.safetensors"
     merge_models(Recipe(method, [str(f) for f in tiny_files[:2]], alpha, (0.0,) * 26), out, progress=False)
-    want = load_checkpoint(out).components()
-    moved = 0
-    for comp in comps:
-        for k, v in live[comp].state_dict().items():
-            src = k if k in want[comp] else "text_model." + k
-            if v.is_floating_point():
-                assert torch.allclose(v, want[comp][src].reshape(v.shape), atol=1e-5), (method, k)
-                moved += not torch.equal(v, ck.components()[comp][src].reshape(v.shape))
+    moved = _matches_file(live, load_checkpoint(out).components(), ck.components(), 1e-5, method)
     assert moved > 50  # the merge moved most weights away from A
 
 
@@ -152,15 +157,7 @@ def test_runtime_merge_with_elemental_rules_equals_the_file_merge(tiny_files, tm
             out.unlink()
         merge_models(Recipe("weight_sum", [str(f) for f in tiny_files[:2]], alpha, parse_weights(0),
                             elemental=rules), out, progress=False)  # fmt: skip
-        want = load_checkpoint(out).components()
-        moved = 0
-        for comp in comps:
-            for k, v in live[comp].state_dict().items():
-                src = k if k in want[comp] else "text_model." + k
-                if v.is_floating_point():
-                    assert torch.allclose(v, want[comp][src].reshape(v.shape), atol=1e-6), (rules, k)
-                    moved += not torch.equal(v, a[comp][src].reshape(v.shape))
-        assert moved > 0, rules
+        assert _matches_file(live, load_checkpoint(out).components(), a, 1e-6, rules) > 0, rules
     rt.remove()
     for comp in comps:
         for k, v in live[comp].state_dict().items():
