@@ -131,9 +131,12 @@ def test_batch_id_keeps_named_batches_apart(tmp_path):
         ("x.yaml", "main_prompt: [unclosed\n", r"x.yaml: cannot read EveryDream2 YAML"),
         ("local.yaml", "- a\n- b\n", r"local.yaml: an EveryDream2 YAML file holds a mapping"),
         ("global.yaml", "max_caption_length: -3\n", r"global.yaml: max_caption_length must be"),
+        ("batch_id.txt", b"\xff\xfe", r"batch_id.txt: cannot read"),
     ],
 )
-def test_bad_everydream_yaml_is_one_clear_error(tmp_path, name, text, match):
-    _tree(tmp_path, {name: text}, ["x.png"])
+def test_bad_everydream_files_are_one_clear_error(tmp_path, name, text, match):
+    _tree(tmp_path, {} if isinstance(text, bytes) else {name: text}, ["x.png"])
+    if isinstance(text, bytes):  # not UTF-8
+        (tmp_path / name).write_bytes(text)
     with pytest.raises(BakaError, match=match):
         _dataset(tmp_path)

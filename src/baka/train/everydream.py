@@ -230,7 +230,10 @@ class FolderFiles:
     def _local_file(f: Path) -> Ed2Config:
         if f.suffix in (".yaml", ".yml"):
             return yaml_config(f)
-        text = f.read_text(encoding="utf-8").strip()
+        try:
+            text = f.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BakaError(f"{f}: cannot read ({e})") from None
         if f.name == "batch_id.txt":
             return Ed2Config(batch_id=text)
         field_name, top = NUMBER_FILES[f.name]
