@@ -40,6 +40,16 @@ def run_cli(capsys):
     return run
 
 
+def free_port() -> int:
+    """A TCP port free now: each multi-process test gets its own rendezvous port, so tests running side
+    by side (pytest-xdist workers) never meet on torch's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def job_result(client, r) -> dict:
     """The result of a server job (``r`` answered ``{"job": id}``), polled until it ends (at most a
     minute); fails unless it succeeded."""

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from baka.errors import BakaError
@@ -246,6 +247,8 @@ def test_grid_cells_shared_between_two_processes(tiny_files, tmp_path, run_cli):
         "--multi_gpu",
         "--num_processes",
         "2",
+        "--main_process_port",
+        str(free_port()),
     ]
     res = subprocess.run(
         [*launch, "-m", "baka", *argv, "-o", str(tmp_path / "two")],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image, ImageDraw
 
 from baka.errors import BakaError
@@ -650,14 +651,22 @@ LAUNCHERS = {
     ],
     "torchrun": ["torchrun", "--nproc_per_node", "2"],
 }
+PORT_FLAG = {"accelerate": "--main_process_port", "torchrun": "--master_port"}
+
+
+def launch(launcher: str, *flags: str) -> list[str]:
+    """The launcher's command line with its own free rendezvous port, ``flags`` before the module."""
+    tool, *rest = LAUNCHERS[launcher]
+    exe = str(Path(sys.executable).parent / tool)
+    return [exe, *rest, *flags, PORT_FLAG[launcher], str(free_port()), "-m", "baka"]
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_gloo(tmp_path, tiny_files, images, launcher):
     cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=2)
-    tool, *rest = LAUNCHERS[launcher]
-    cmd = [str(Path(sys.executable).parent / tool), *rest, "-m", "baka", "train", str(cfg_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [*launch(launcher), "train", str(cfg_path)], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("wrote ") == 1  # two ranks ran; only the main process writes
     assert (tmp_path / "out" / "baka.safetensors").exists()
@@ -669,9 +678,8 @@ def test_fsdp_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path, tiny_files, i
     """accelerate turns --use_fsdp on CPU processes into plain data parallel without a word; baka
     says so and stops instead of training something other than asked."""
     cfg_path = write_config(tmp_path, tiny_files[0], images, max_steps=2)
-    tool, *rest = LAUNCHERS["accelerate"]
     flags = ["--use_fsdp", "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
-    cmd = [str(Path(sys.executable).parent / tool), *rest, *flags, "-m", "baka", "train", str(cfg_path)]
+    cmd = [*launch("accelerate", *flags), "train", str(cfg_path)]
     cmd.remove("--multi_gpu")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "baka: error: accelerate launch asked for FSDP, but" in res.stderr
