@@ -2,11 +2,10 @@
 weights re-merges only the changed blocks straight into a live diffusers UNet (and text encoder / VAE
 for BASE). Weighted sum by default; any merge method (add difference, TIES, DARE, cosineA / cosineB,
 whose whole-model pass ``against`` runs over the two files first...) with its alpha and beta, each
-key computed by the same function as the file merge, and
-supermerger's elemental rules with number ratios (``set_elemental``; a key's alpha as the file merge
-gives it). It
-is a :class:`~baka.models.patch.Patch`: ``remove()`` writes A back, which is where the live weights
-came from, so the model is restored exactly without keeping a copy of it."""
+key computed by the same function as the file merge, and supermerger's elemental rules with number
+ratios (``set_elemental``; a key's alpha as the file merge gives it). It is a
+:class:`~baka.models.patch.Patch`: ``remove()`` writes A back, which is where the live weights came
+from, so the model is restored exactly without keeping a copy of it."""
 
 from __future__ import annotations
 
@@ -129,12 +128,12 @@ class RuntimeBlockMerge(Patch):
         if any(not set(LIVE_COMPONENTS) <= set(m) for m in loaded):
             raise BakaError("runtime block merge needs UNet, text encoder and VAE in every model")
         a, b, *c = ({comp: m[comp] for comp in LIVE_COMPONENTS} for m in loaded)
-        state = None
-        if METHODS.get(method).prepare is not None:  # cosine: its range over the files, as merged
+        state, m = None, METHODS.get(method)
+        if m.prepare is not None:  # cosine: its range over the files, as merged
             if a_ckpt.path is None:
                 raise BakaError(f"{method} needs model A's file for its whole-model pass")
             with open_source(a_ckpt.path) as sa, open_source(model_b) as sb:
-                state = METHODS.get(method).state_of(sa, sb)
+                state = m.state_of(sa, sb)
         return cls(
             None, a, b, weights, method=method, c=c[0] if c else None, beta=beta, seed=seed, state=state
         )

@@ -7,9 +7,6 @@ from pathlib import Path
 
 from baka._cli import args, command, print_config
 
-# any method runs at run time; cosineA / cosineB first make their pass over the two files
-METHOD_HELP = "merge method (any; cosine_a / cosine_b first scan both files)"
-
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_a", help="model A (alpha 0)")
@@ -58,7 +55,13 @@ def _shown(s) -> dict:
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--method", default="weight_sum", help=METHOD_HELP)
+    # any method runs at run time; cosineA / cosineB first make their pass over the two files
+    p.add_argument(
+        "-m",
+        "--method",
+        default="weight_sum",
+        help="merge method (any; cosine_a / cosine_b first scan both files)",
+    )
     p.add_argument("--model-c", help="model C, for methods that take one (add difference, TIES...)")
     p.add_argument("--beta", type=float, help="the method's beta in every block (default: its own)")
 
@@ -125,9 +128,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", type=float, default=0.0, help="weight of the blocks not searched")
     p.add_argument("--step", type=float, default=0.05, help="weight grid step (0: continuous)")
     p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
-    p.add_argument("-m", "--method", default="weight_sum", help=METHOD_HELP)
-    p.add_argument("--model-c", help="model C, for methods that take one (add difference, TIES...)")
-    p.add_argument("--beta", type=float, help="the method's beta in every block (default: its own)")
+    _method_args(p)
     p.add_argument("--search-beta", action="store_true", help="search each block's beta too")
     p.add_argument("-o", "--output", help="also write the best merge to this .safetensors")
 
