@@ -1,5 +1,6 @@
-"""A1111's Extras upscale: sizes and pixels by its rules (scale by: truncated; scale to: the larger
-ratio, then the centre cut; a second upscaler blended), through the Python API, the CLI and the API."""
+"""A1111's Extras upscale: sizes and pixels by its rules (scale by the factor or, scale to, by the
+larger ratio; Upscaler.upscale floors both sides to multiples of 8; then the centre cut; a second
+upscaler blended), through the Python API, the CLI and the API."""
 
 import base64
 import io
@@ -17,14 +18,15 @@ def _picture(w=64, h=48):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
 
 
-# (input size, Upscale, output size): hand-computed from A1111's rules
+# (input size, Upscale, output size): hand-computed from A1111 1.10's rules (Upscaler.upscale's
+# target: int(side * scale // 8 * 8))
 SIZES = [
     ((64, 48), Upscale("Lanczos", 2.0), (128, 96)),
-    ((65, 33), Upscale("Lanczos", 1.5), (97, 49)),  # int(97.5), int(49.5)
+    ((65, 33), Upscale("Lanczos", 1.5), (96, 48)),  # 97.5 // 8 * 8, 49.5 // 8 * 8
     ((64, 48), Upscale("Nearest", 4.0), (256, 192)),
     ((64, 48), Upscale("None", 4.0), (64, 48)),  # A1111's "None" leaves the picture as it is
     ((64, 48), Upscale("Lanczos", to=(100, 100)), (100, 100)),  # scale 100/48, cut to 100 x 100
-    ((64, 48), Upscale("Lanczos", to=(100, 100), crop=False), (133, 100)),  # int(64 * 100 / 48)
+    ((64, 48), Upscale("Lanczos", to=(100, 100), crop=False), (128, 96)),  # 133.3 // 8 * 8, 100 // 8 * 8
     ((64, 48), Upscale("Lanczos", to=(256, 96)), (256, 96)),  # the larger ratio: 4, then cut
 ]
 
@@ -37,10 +39,16 @@ def test_sizes(size, u, want):
 def test_pixels_are_pils_resampling_and_the_centre_cut():
     img = _picture()
     assert upscale(img, Upscale("Lanczos", 2.0)).tobytes() == img.resize((128, 96), Image.LANCZOS).tobytes()
+    # off the grid of 8: A1111's pass to int(side * scale), then Lanczos to the floored target
+    odd = _picture(65, 33)
+    want = odd.resize((97, 49), Image.LANCZOS).resize((96, 48), Image.LANCZOS)
+    assert upscale(odd, Upscale("Lanczos", 1.5)).tobytes() == want.tobytes()
     cut = upscale(img, Upscale("Nearest", to=(100, 100)))
-    scaled = img.resize((133, 100), Image.NEAREST)  # pasted at x = 50 - 66 = -16
-    assert cut.getpixel((0, 0)) == scaled.getpixel((16, 0))
-    assert cut.getpixel((99, 99)) == scaled.getpixel((115, 99))
+    # Nearest to 133 x 100, Lanczos to 128 x 96, pasted at (50 - 64, 50 - 48) = (-14, 2) on black
+    scaled = img.resize((133, 100), Image.NEAREST).resize((128, 96), Image.LANCZOS)
+    assert cut.getpixel((0, 2)) == scaled.getpixel((14, 0))
+    assert cut.getpixel((99, 97)) == scaled.getpixel((113, 95))
+    assert cut.getpixel((50, 0)) == cut.getpixel((50, 99)) == (0, 0, 0)
     both = upscale(img, Upscale("Lanczos", 2.0, upscaler_2="Nearest", visibility_2=0.25))
     want = Image.blend(img.resize((128, 96), Image.LANCZOS), img.resize((128, 96), Image.NEAREST), 0.25)
     assert both.tobytes() == want.tobytes()

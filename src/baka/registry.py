@@ -7,7 +7,7 @@ registered names as suggestions.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from baka.errors import BakaError
@@ -15,8 +15,18 @@ from baka.errors import BakaError
 T = TypeVar("T")
 
 
-def _norm(name: str) -> str:
+def norm_name(name: str) -> str:
+    """The spelling names compare by: case, '-', ' ' and '_' do not matter."""
     return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def did_you_mean(name: str, names: Iterable[str] | Mapping[str, str]) -> str:
+    """ "; did you mean 'a', 'b'?" for the (up to three) of ``names`` nearest ``name``, else "". A
+    mapping gives each spelling the name to show (an alias suggests its primary name)."""
+    pairs = names.items() if isinstance(names, Mapping) else ((n, n) for n in names)
+    known = {norm_name(k): v for k, v in pairs}
+    close = difflib.get_close_matches(norm_name(name), list(known), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(known[c]) for c in close)}?" if close else ""
 
 
 class Registry(Generic[T]):
@@ -28,7 +38,7 @@ class Registry(Generic[T]):
         self._names: dict[str, str] = {}  # normalised -> name as registered
 
     def add(self, name: str, item: T, aliases: tuple[str, ...] = ()) -> T:
-        names = {_norm(n): n for n in reversed((name, *aliases))}  # spellings of one name count once
+        names = {norm_name(n): n for n in reversed((name, *aliases))}  # spellings of one name count once
         for key, n in reversed(names.items()):
             if key in self._items:
                 raise BakaError(
@@ -45,19 +55,18 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        key = _norm(name)
+        key = norm_name(name)
         if key in self._items:
             return self._items[key]
-        close = difflib.get_close_matches(key, list(self._items), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(self._names[c]) for c in close)}?" if close else ""
+        hint = did_you_mean(name, self._names)
         raise BakaError(f"unknown {self.kind} {name!r}{hint} (see the list of {self.kind}s)")
 
     def canonical(self, name: str) -> str:
         self.get(name)
-        return self._names[_norm(name)]
+        return self._names[norm_name(name)]
 
     def __contains__(self, name: str) -> bool:
-        return _norm(name) in self._items
+        return norm_name(name) in self._items
 
     def names(self) -> list[str]:
         """Registered primary names (aliases excluded), in registration order."""

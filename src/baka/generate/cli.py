@@ -17,6 +17,9 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="separate VAE file to use")
     p.add_argument("--embeddings", action="append", default=[], help="textual-inversion folder (repeatable)")
     p.add_argument("--lora-dir", action="append", default=[], help="LoRA folder (repeatable)")
+    p.add_argument(
+        "--upscaler-dir", action="append", default=[], help="ESRGAN-family upscaler folder (repeatable)"
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--from-png", help="take every parameter from this PNG's infotext")
@@ -110,7 +113,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print_config("generate", {**run, **cfg})
     share, gather, main, device = grid_processes(a.device) if a.xy else ((0, 1), None, True, a.device)
     gen = Generator(
-        a.model, vae=a.vae, embedding_dirs=a.embeddings, lora_dirs=a.lora_dir, dtype=dtype, device=device
+        a.model,
+        vae=a.vae,
+        embedding_dirs=a.embeddings,
+        lora_dirs=a.lora_dir,
+        upscaler_dirs=a.upscaler_dir,
+        dtype=dtype,
+        device=device,
     )
     out = Path(a.out)
     if main:
@@ -175,7 +184,14 @@ def cmd_samplers(a: argparse.Namespace) -> int:
 
 def _upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="pictures (or folders of them) to upscale")
-    p.add_argument("--upscaler", default="Lanczos", help="Lanczos, Nearest or None (default: Lanczos)")
+    p.add_argument(
+        "--upscaler",
+        default="Lanczos",
+        help="Lanczos, Nearest, None or an ESRGAN-family file's name in an --upscaler-dir (default: Lanczos)",
+    )
+    p.add_argument(
+        "--upscaler-dir", action="append", default=[], help="ESRGAN-family upscaler folder (repeatable)"
+    )
     p.add_argument("--scale", type=float, default=2.0, help="scale by this factor (default: 2)")
     p.add_argument("--to", help="scale to WxH instead (the larger ratio, then the centre cropped)")
     p.add_argument("--no-crop", action="store_true", help="with --to: keep the scaled picture uncropped")
@@ -198,7 +214,8 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     to = parse_resize(a.to) if a.to else None
     if to is not None and min(to) <= 0:
         raise BakaError(f"--to {a.to}: both sides must be positive")
-    u = Upscale(a.upscaler, a.scale, to, not a.no_crop, a.upscaler_2, a.visibility_2)
+    dirs = tuple(a.upscaler_dir)
+    u = Upscale(a.upscaler, a.scale, to, not a.no_crop, a.upscaler_2, a.visibility_2, dirs)
     files = [f for p in map(Path, a.images) for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
     print_config("upscale", {**vars(u), "inputs": len(files), "out": a.out})
     done = 0

@@ -29,11 +29,12 @@ from baka.generate.prompt import extract_networks
 from baka.generate.samplers import build_scheduler
 from baka.generate.upscale import (
     RESIZE_MODES,
-    UPSCALERS,
     crop_latents,
+    get_upscaler,
     hires_target,
     img2img_start,
     img2img_steps,
+    resize_with,
 )
 from baka.models.patch import ModelPatcher
 
@@ -64,6 +65,7 @@ class Generator:
     vae: str | Path | None = None
     embedding_dirs: list[str | Path] = field(default_factory=list)
     lora_dirs: list[str | Path] = field(default_factory=list)
+    upscaler_dirs: list[str | Path] = field(default_factory=list)  # ESRGAN-family files for hires fix
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     progress: bool = True
@@ -177,7 +179,7 @@ class Generator:
         if p.hires and ((w, h), cut) == ((p.width, p.height), (0, 0)):
             p = p.replace(hr_scale=1.0, hr_resize=(0, 0))  # A1111: a second pass at the same size is none
         if p.hires:
-            up = UPSCALERS.get(p.hr_upscaler)  # unknown names fail before any sampling
+            up = get_upscaler(p.hr_upscaler, self.upscaler_dirs)  # unknown names fail before sampling
             if w < 8 or h < 8:
                 raise BakaError(
                     f"hires scale {p.hr_scale:g} / resize {p.hr_resize}: gives {w}x{h}, too small"
@@ -256,7 +258,7 @@ class Generator:
                 if up.latent:
                     out = up.apply(out, (h // 8, w // 8))
                 else:
-                    out = self.encode([up.apply(im, (w, h)) for im in self.decode(out)])
+                    out = self.encode([resize_with(up, im, (w, h)) for im in self.decode(out)])
                 out = crop_latents(out, cut)
                 h, w = out.shape[-2] * 8, out.shape[-1] * 8
                 if hr_sched is not None:

@@ -516,7 +516,7 @@ PARAMS: tuple[Param, ...] = (
         "hr_upscaler",
         ("--hr-upscaler",),
         "hires upscaler: Latent, Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact),"
-        " Lanczos, Nearest",
+        " Lanczos, Nearest, or an ESRGAN-family file's name in an --upscaler-dir",
         api="hr_upscaler",
         info="Hires upscaler",
     ),

@@ -1,26 +1,30 @@
-"""Hires-fix upscalers by their A1111 names: latent interpolation modes and plain image resamplers.
+"""Hires-fix and Extras upscalers by their A1111 names: latent interpolation modes, plain image
+resamplers and ESRGAN-family model files (``baka.generate.model_upscale``) found in upscaler folders.
 
 A1111's latent modes (``shared.latent_upscale_modes`` in 1.10) interpolate the first pass's latents with
-``torch.nn.functional.interpolate``; the image upscalers decode, resize with PIL and encode again.
-ESRGAN-style model upscalers are not here: no well-kept library loads their files offline without
-torchvision (see the #12 note).
+``torch.nn.functional.interpolate``; the image upscalers decode, upscale as A1111's
+``Upscaler.upscale`` does (``upscale_by``) and encode again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from baka.registry import Registry
+from baka.errors import BakaError
+from baka.registry import Registry, did_you_mean, norm_name
 
 
 @dataclass(frozen=True)
 class Upscaler:
     name: str
-    latent: bool  # True: acts on latents; False: on decoded images (then re-encoded)
-    apply: Callable  # latent: (latents, (h, w)) -> latents; image: (PIL image, (w, h)) -> PIL image
+    latent: bool
+    # latent: (latents, (h, w)) -> latents; image: one pass, (PIL image, scale) -> PIL image (A1111's
+    # ``do_upscale``: the resamplers go to ``int(side * scale)``, a model to its own factor)
+    apply: Callable
 
 
 UPSCALERS: Registry[Upscaler] = Registry("hires upscaler")
@@ -34,9 +38,10 @@ def _latent(name: str, mode: str, antialias: bool, aliases: tuple[str, ...] = ()
 
 
 def _image(name: str, resample: str) -> None:
-    def apply(img, size: tuple[int, int]):
+    def apply(img, scale: float):
         from PIL import Image
 
+        size = (int(img.width * scale), int(img.height * scale))
         return img.resize(size, resample=getattr(Image.Resampling, resample))
 
     UPSCALERS.add(name, Upscaler(name, False, apply))
@@ -51,6 +56,50 @@ _latent("Latent (nearest)", "nearest", False)
 _latent("Latent (nearest-exact)", "nearest-exact", False)
 _image("Lanczos", "LANCZOS")
 _image("Nearest", "NEAREST")
+
+
+def get_upscaler(name: str, dirs: Iterable[str | Path] = ()) -> Upscaler:
+    """The upscaler called ``name``: a built-in one, else an ESRGAN-family file in ``dirs`` whose name
+    without its suffix is ``name`` (A1111's names for model upscalers)."""
+    if name in UPSCALERS:
+        return UPSCALERS.get(name)
+    from baka.generate.model_upscale import model_upscaler, model_upscalers
+
+    dirs = list(dirs)
+    files = model_upscalers(dirs)
+    for stem, path in files.items():
+        if norm_name(stem) == norm_name(name):
+            return model_upscaler(stem, path)
+    hint = did_you_mean(name, [*UPSCALERS.names(), *files])
+    where = f" (model files looked for in {', '.join(map(str, dirs))})" if dirs else ""
+    raise BakaError(f"unknown hires upscaler {name!r}{hint}{where}")
+
+
+def upscale_by(up: Upscaler, img, scale: float):
+    """A1111 1.10's ``Upscaler.upscale``: the target is ``side * scale`` floored to a multiple of 8;
+    the upscaler runs (at most three passes) until the picture covers it, then Lanczos to the target."""
+    from PIL import Image
+
+    dest = (int(img.width * scale // 8 * 8), int(img.height * scale // 8 * 8))
+    for i in range(3):
+        if img.width >= dest[0] and img.height >= dest[1] and (i > 0 or scale != 1):
+            break
+        before = img.size
+        img = up.apply(img, scale)
+        if img.size == before:
+            break
+    return img if img.size == dest else img.resize(dest, resample=Image.Resampling.LANCZOS)
+
+
+def resize_with(up: Upscaler, img, size: tuple[int, int]):
+    """Hires fix's image upscale, A1111's ``images.resize_image`` (mode 0 with an upscaler): upscale by
+    the larger ratio when it is above 1, then Lanczos to exactly ``size``."""
+    from PIL import Image
+
+    scale = max(size[0] / img.width, size[1] / img.height)
+    if scale > 1.0:
+        img = upscale_by(up, img, scale)
+    return img if img.size == size else img.resize(size, resample=Image.Resampling.LANCZOS)
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -101,10 +150,13 @@ __all__ = [
     "UPSCALERS",
     "Upscaler",
     "crop_latents",
+    "get_upscaler",
     "hires_size",
     "hires_target",
     "img2img_start",
     "img2img_steps",
+    "resize_with",
+    "upscale_by",
 ]
 
 

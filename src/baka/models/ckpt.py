@@ -130,7 +130,7 @@ def _unsupported_global(msg: str) -> str:
 
 
 def _find_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
-    """The tensors of ``obj`` or of its ``state_dict``/``model``/``module`` (followed iteratively: a
+    """The tensors of ``obj`` or of its ``state_dict``/``model``/``module``/... (followed iteratively: a
     dict that contains itself ends the search instead of recursing forever)."""
     seen: set[int] = set()
     while isinstance(obj, dict) and id(obj) not in seen:
@@ -141,7 +141,9 @@ def _find_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-        nxt = next((obj[k] for k in ("model", "module") if isinstance(obj.get(k), dict)), None)
+        # "params_ema" / "params": BasicSR's (Real-ESRGAN's) wrappers, the EMA weights first
+        keys = ("model", "module", "params_ema", "params")
+        nxt = next((obj[k] for k in keys if isinstance(obj.get(k), dict)), None)
         if nxt is None:
             return None
         obj = nxt

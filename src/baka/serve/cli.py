@@ -14,6 +14,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", action="append", default=[], help="a checkpoint folder (repeatable)")
     p.add_argument("--loras", action="append", default=[], help="a LoRA folder (repeatable)")
     p.add_argument("--embeddings", action="append", default=[], help="an embeddings folder (repeatable)")
+    p.add_argument(
+        "--upscalers", action="append", default=[], help="an ESRGAN-family upscaler folder (repeatable)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every route")
@@ -58,7 +61,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         folders.add_root(r)
     for y in a.extra_model_paths:
         folders.add_extra_model_paths(y)
-    for kind in ("checkpoints", "loras", "embeddings"):
+    for kind in ("checkpoints", "loras", "embeddings", "upscalers"):
         for f in getattr(a, kind):
             folders.add(kind, f)
     print_config(

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from baka.errors import BakaError, NotFound
 
-KINDS = ("checkpoints", "loras", "embeddings", "vae")
+KINDS = ("checkpoints", "loras", "embeddings", "vae", "upscalers")
 MAX_NAME = 1024  # characters of a relative model name (each part at most 255, as file systems allow)
 SUFFIXES = {
     "checkpoints": (".safetensors", ".ckpt"),
     "loras": (".safetensors", ".pt", ".ckpt"),
     "embeddings": (".pt", ".safetensors", ".bin"),
     "vae": (".safetensors", ".pt", ".ckpt"),
+    "upscalers": (".pth", ".pt", ".safetensors"),  # ESRGAN-family files (baka.models.esrgan)
 }
 # folder names below an install root, per kind: A1111 first, then ComfyUI
 LAYOUTS = {
@@ -25,8 +26,15 @@ LAYOUTS = {
     "loras": ("models/Lora", "models/LyCORIS", "models/loras"),
     "embeddings": ("embeddings", "models/embeddings"),
     "vae": ("models/VAE", "models/vae"),
+    "upscalers": ("models/ESRGAN", "models/RealESRGAN", "models/upscale_models"),
 }
-_YAML_KEYS = {"checkpoints": "checkpoints", "loras": "loras", "embeddings": "embeddings", "vae": "vae"}
+_YAML_KEYS = {
+    "checkpoints": "checkpoints",
+    "loras": "loras",
+    "embeddings": "embeddings",
+    "vae": "vae",
+    "upscalers": "upscale_models",
+}
 
 
 @dataclass

@@ -77,12 +77,16 @@ def schedulers() -> list[dict]:
 
 
 @router.get("/upscalers")
-def upscalers() -> list[dict]:
-    """Image upscalers for hires fix (A1111 lists "None" first, then its resamplers)."""
+def upscalers(st: StateDep) -> list[dict]:
+    """Image upscalers for hires fix and Extras: A1111 lists "None" first, then its resamplers, then
+    the model files (ESRGAN-family, by file name without its suffix, with their path)."""
+    from baka.generate.model_upscale import model_upscalers
     from baka.generate.upscale import UPSCALERS
 
     names = ["None", *(n for n in UPSCALERS.names() if not UPSCALERS.get(n).latent)]
-    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in names]
+    rows = [(n, None, None) for n in names]
+    rows += [(n, "ESRGAN", str(p)) for n, p in model_upscalers(st.folders.folders["upscalers"]).items()]
+    return [{"name": n, "model_name": m, "model_path": p, "model_url": None, "scale": 4} for n, m, p in rows]
 
 
 @router.get("/latent-upscale-modes")
@@ -303,6 +307,7 @@ def extra_single_image(body: ExtrasSingle, st: StateDep) -> dict:
         body.upscaling_crop,
         body.upscaler_2,
         body.extras_upscaler_2_visibility,
+        tuple(st.folders.folders["upscalers"]),
     )
     img = _decode_image(body.image)
     out = st.run("extras", lambda job: upscale(img, u))

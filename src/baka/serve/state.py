@@ -113,6 +113,7 @@ class State:
                 vae=vae_path,
                 embedding_dirs=self.folders.folders["embeddings"],
                 lora_dirs=self.folders.folders["loras"],
+                upscaler_dirs=self.folders.folders["upscalers"],
                 progress=False,
                 device=device,
                 # half precision on GPUs, as A1111 runs; float32 on the CPU
