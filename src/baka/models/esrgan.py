@@ -34,6 +34,8 @@ _RESIDUAL = 0.2  # residual scaling of dense blocks and RRDBs (section 3.1, "res
 class _DenseBlock(nn.Module):
     """Five 3x3 convs, each seeing the block input and every earlier output (growth ``gc``)."""
 
+    conv5: nn.Conv2d  # set with its siblings below, under the files' names conv1 .. conv5
+
     def __init__(self, nf: int, gc: int) -> None:
         super().__init__()
         for j in range(1, 6):
@@ -44,7 +46,7 @@ class _DenseBlock(nn.Module):
         feats = [x]
         for j in range(1, 5):
             feats.append(F.leaky_relu(getattr(self, f"conv{j}")(torch.cat(feats, 1)), _SLOPE))
-        return getattr(self, "conv5")(torch.cat(feats, 1)) * _RESIDUAL + x
+        return self.conv5(torch.cat(feats, 1)) * _RESIDUAL + x
 
 
 class _RRDB(nn.Module):
