@@ -140,3 +140,35 @@ def test_bad_everydream_files_are_one_clear_error(tmp_path, name, text, match):
         (tmp_path / name).write_bytes(text)
     with pytest.raises(BakaError, match=match):
         _dataset(tmp_path)
+
+
+def test_caption_from_file_name_as_everydream2(tmp_path):
+    """ED2's last resort (doc/DATA.md "by Filename", Dataset.__ensure_caption): an image whose files give
+    no main prompt takes its file name without extension, up to the first "_", split as a caption;
+    hand-computed from that rule."""
+    root = tmp_path / "ds"
+    files = {
+        "b.txt": "a dog",  # a caption file wins over the name
+        "sub/global.yaml": "tags:\n  - tag: in the style of xyz\n",
+        "c_1.yaml": "tags:\n  - tag: wet\n    weight: 2\n",  # tags but no main prompt: the name gives it
+    }
+    ted = "a photo of ted bennet, sitting on a green armchair"
+    images = [f"{ted}_1.png", "b_3.png", "b.png", "c_1.png", "sub/cloud strife_2.png", "plain.png"]
+    _tree(root, files, images)
+    want = {
+        f"{ted}_1.png": ted,
+        "b_3.png": "b",
+        "b.png": "a dog",
+        "c_1.png": "c, wet",
+        "sub/cloud strife_2.png": "cloud strife, in the style of xyz",
+        "plain.png": "plain",
+    }
+    got = {
+        it.path.relative_to(root).as_posix(): it.caption
+        for it in _dataset(root, caption_from_filename=True).train
+    }
+    assert got == want
+    # off (kohya's rule): no caption file, no class_tokens -> no caption; the yaml tags alone
+    off = {it.path.relative_to(root).as_posix(): it.caption for it in _dataset(root).train}
+    assert off["b_3.png"] == off["plain.png"] == "" and off["c_1.png"] == "wet"
+    assert off["sub/cloud strife_2.png"] == "in the style of xyz"

@@ -44,6 +44,8 @@ class Subset:
     color_aug: bool = False  # kohya: weak hue / gamma changes (baka.train.augment)
     is_reg: bool = False  # kohya: regularisation images (prior_loss_weight, repeats balanced to training)
     recursive: bool = False  # EveryDream2: images in subfolders too (each folder may have multiply.txt)
+    # EveryDream2: an image whose files give no main prompt takes its file name, up to the first "_"
+    caption_from_filename: bool = False
 
 
 @dataclass

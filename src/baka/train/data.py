@@ -117,7 +117,9 @@ class Dataset:
                     n_captions += 1
                 else:
                     caption = sub.class_tokens
-                caption, opts = ed2.resolve(p, caption)
+                # ED2's last resort (Dataset.__ensure_caption): "a photo of ted, smiling_2.jpg"
+                fallback = p.stem.split("_")[0] if sub.caption_from_filename else ""
+                caption, opts = ed2.resolve(p, caption, fallback)
                 try:
                     with Image.open(p) as im:
                         w, h = im.size

@@ -254,17 +254,20 @@ class FolderFiles:
             self._global[folder] = cfg
         return self._global[folder]
 
-    def resolve(self, image: Path, caption: str) -> tuple[str, ImageOptions]:
+    def resolve(self, image: Path, caption: str, fallback: str = "") -> tuple[str, ImageOptions]:
         """The image's caption (``caption``: its caption file's text) and options: global, local, then
-        its caption text and its own .yaml / .yml, as ED2 folds them."""
+        its caption text and its own .yaml / .yml, as ED2 folds them; ``fallback`` (ED2's caption from
+        the file name) gives the main prompt (and tags) when none of them does."""
         folder, names = image.parent, self.names(image.parent)
         own = NOTHING
         for ext in (".yml", ".yaml"):
             if image.stem + ext in names:
                 own = own.merge(yaml_config(folder / (image.stem + ext)))
         cfg = self.inherited(folder).merge(self.local(folder))
-        if cfg.has_caption or own.has_caption:  # ED2 builds the caption from its parts
+        if cfg.has_caption or own.has_caption or fallback:  # ED2 builds the caption from its parts
             parts = cfg.merge(caption_config(caption)).merge(own)
+            if not parts.main_prompts and fallback:
+                parts = parts.merge(caption_config(fallback))
             tags = sorted(parts.tags, key=lambda t: t.weight, reverse=True)  # stable, as ED2
             text = ", ".join(
                 ([parts.main_prompts[0]] if parts.main_prompts else []) + [t.value for t in tags]
