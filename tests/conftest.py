@@ -124,3 +124,23 @@ def webui_root(tiny_files, tmp_path_factory):
     (root / "embeddings").mkdir()
     (root / "secret.safetensors").write_bytes(b"not for clients")
     return root
+
+
+def png_b64(img) -> str:
+    """A picture as the A1111 API carries one: PNG bytes, base64."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def b64_image(data: str):
+    """The picture in an A1111 API reply's base64 field."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(data)))

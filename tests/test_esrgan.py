@@ -8,14 +8,13 @@ sequence at x4 and (inside a state_dict) x2, BSRGAN's names, Real-ESRGAN's param
 pixel-unshuffled x2.
 """
 
-import base64
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import b64_image, png_b64
 from esrgan_files import layouts, picture, save
 from PIL import Image
 
@@ -139,16 +138,10 @@ def test_server_lists_and_uses_model_files(files):
     assert {u["name"]: u["model_path"] for u in listed[3:]} == {
         k: str(Path(p).resolve()) for k, p in paths.items()
     }
-    buf = io.BytesIO()
-    picture().save(buf, format="PNG")
-    body = {
-        "image": base64.b64encode(buf.getvalue()).decode(),
-        "upscaler_1": "esrgan-x4",
-        "upscaling_resize": 2,
-    }
+    body = {"image": png_b64(picture()), "upscaler_1": "esrgan-x4", "upscaling_resize": 2}
     r = client.post("/sdapi/v1/extra-single-image", json=body)
     assert r.status_code == 200
-    got = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+    got = b64_image(r.json()["image"])
     assert got.size == (40, 24)  # 20 x 14 by 2, floored to multiples of 8
     want = upscale_by(model_upscaler("esrgan-x4", paths["esrgan-x4"]), picture(), 2)
     assert np.array_equal(np.asarray(got), np.asarray(want))

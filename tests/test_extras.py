@@ -2,11 +2,9 @@
 larger ratio; Upscaler.upscale floors both sides to multiples of 8; then the centre cut; a second
 upscaler blended), through the Python API, the CLI and the API."""
 
-import base64
-import io
-
 import numpy as np
 import pytest
+from conftest import b64_image, png_b64
 from PIL import Image
 
 from baka.errors import BakaError
@@ -87,16 +85,10 @@ def test_api_extra_single_image():
     from baka.serve.folders import ModelFolders
 
     client = TestClient(create_app(Settings(ModelFolders())))
-    buf = io.BytesIO()
-    _picture().save(buf, format="PNG")
-    body = {
-        "image": base64.b64encode(buf.getvalue()).decode(),
-        "upscaler_1": "Lanczos",
-        "upscaling_resize": 2,
-    }
+    body = {"image": png_b64(_picture()), "upscaler_1": "Lanczos", "upscaling_resize": 2}
     r = client.post("/sdapi/v1/extra-single-image", json=body)
     assert r.status_code == 200
-    assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (128, 96)
+    assert b64_image(r.json()["image"]).size == (128, 96)
     r = client.post("/sdapi/v1/extra-single-image", json={**body, "gfpgan_visibility": 0.5})
     assert r.status_code == 422 and "face restorers" in r.json()["detail"]
     r = client.post("/sdapi/v1/extra-single-image", json={**body, "upscaler_1": "Latent"})

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import job_result
+from conftest import job_result, png_b64
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -123,16 +123,12 @@ def test_img2img(client):
 def test_img2img_inpaint(client):
     """A mask makes img2img inpaint, with A1111's API defaults (Only masked, fill, padding 0, blur 4)."""
 
-    def b64(im):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
-
     pic = Image.new("RGB", (64, 64), (30, 30, 200))
     mask = Image.new("L", (64, 64))
     mask.paste(255, (16, 16, 40, 40))
-    body = {"prompt": "a cat", "steps": 3, "seed": 1, "width": 64, "height": 64, "init_images": [b64(pic)]}
-    r = client.post("/sdapi/v1/img2img", json={**body, "mask": b64(mask)})
+    body = {"prompt": "a cat", "steps": 3, "seed": 1, "width": 64, "height": 64}
+    body.update(init_images=[png_b64(pic)], mask=png_b64(mask))
+    r = client.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 200, r.text
     im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     info = im.info["parameters"]
@@ -141,11 +137,11 @@ def test_img2img_inpaint(client):
     assert np.array_equal(np.asarray(im.convert("RGB"))[:4, :4], np.asarray(pic)[:4, :4])
     r = client.post(
         "/sdapi/v1/img2img",
-        json={**body, "mask": b64(mask), "inpainting_fill": 1, "inpaint_full_res": False, "mask_blur": 0},
+        json={**body, "inpainting_fill": 1, "inpaint_full_res": False, "mask_blur": 0},
     )
     info = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).info["parameters"]
     assert "Inpaint area" not in info and "Masked content" not in info and "Mask blur" not in info
-    r = client.post("/sdapi/v1/img2img", json={**body, "mask": b64(mask), "mask_blur_x": 2, "mask_blur_y": 3})
+    r = client.post("/sdapi/v1/img2img", json={**body, "mask_blur_x": 2, "mask_blur_y": 3})
     assert r.status_code == 400 and "mask_blur_x" in r.text
 
 
