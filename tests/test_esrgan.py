@@ -123,7 +123,7 @@ def test_extras_and_hires_use_model_files(files, tiny_files, run_cli, tmp_path):
     assert code == 0 and Image.open(next((tmp_path / "gen").glob("*.png"))).size == (96, 96)
 
 
-def test_server_lists_and_uses_model_files(files):
+def test_server_lists_and_uses_model_files(files, tiny_files):
     from fastapi.testclient import TestClient
 
     from baka.serve.app import Settings, create_app
@@ -132,6 +132,7 @@ def test_server_lists_and_uses_model_files(files):
     d, paths = files
     folders = ModelFolders()
     folders.add("upscalers", d)
+    folders.add("checkpoints", tiny_files[0].parent)
     client = TestClient(create_app(Settings(folders)))
     listed = client.get("/sdapi/v1/upscalers").json()
     assert [u["name"] for u in listed[:3]] == ["None", "Lanczos", "Nearest"]
@@ -145,3 +146,12 @@ def test_server_lists_and_uses_model_files(files):
     assert got.size == (40, 24)  # 20 x 14 by 2, floored to multiples of 8
     want = upscale_by(model_upscaler("esrgan-x4", paths["esrgan-x4"]), picture(), 2)
     assert np.array_equal(np.asarray(got), np.asarray(want))
+    # hires fix through the API with a model file's name
+    body = {"prompt": "a cat", "steps": 2, "seed": 2, "width": 64, "height": 64, "enable_hr": True}
+    body.update(hr_scale=1.5, hr_upscaler="realesrgan-x2", denoising_strength=0.4)
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert "Hires upscaler: realesrgan-x2" in json.loads(r.json()["info"])["infotexts"][0]
+    assert b64_image(r.json()["images"][0]).size == (96, 96)
+    r = client.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "realesrgan-x5"})
+    assert r.status_code == 400 and "did you mean 'realesrgan-x4'" in r.text
