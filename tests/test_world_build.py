@@ -97,6 +97,7 @@ def test_the_small_runs_configs_load_as_written(tmp_path):
     )
     assert lora.mode == "lora" and lora.train_text_encoder and lora.save_precision == "fp16"
     assert lora.network.dim == build.STAR_NETWORK["dim"] and lora.network.rank_dropout == 0.1
+    assert lora.network.conv_dim == build.STAR_NETWORK["conv_dim"] > 0  # LoCon: the convs learn the points
     assert lora.max_steps == build.STAR_STEPS and lora.dataset.subsets[0].num_repeats == 10
     ti = load_config(build.embedding_toml(tmp_path, tmp_path / "m.safetensors", data))
     assert ti.mode == "embedding" and ti.token_string == build.TI_WORD and ti.init_word == "*"

@@ -214,22 +214,17 @@ def test_zero_terminal_snr_reaches_black_and_white(flat):
 
 
 def test_a_lora_teaches_the_unseen_star(flat):
-    """Issue #10: ``world-star`` (baka train, 40 large stars, UNet + text encoder LoRA) draws stars at
-    weight 1, and world-flat alone never does (it draws the circles / squares / triangles it knows).
-    Build 5: 67% stars (build 4's base: 96%; the target is test_star_lora_target)."""
+    """Issue #10: ``world-star`` (baka train, 40 large stars, UNet + text encoder LoCon) draws stars in
+    >= 80% of images at weight 1, and world-flat alone never does (it draws the circles / squares /
+    triangles it knows). Build 5 with the LoCon: 83% (linear layers only: 67%)."""
     from baka.models.shipped import SHIPPED_NETWORKS
 
-    assert shipped_path("world-star", SHIPPED_NETWORKS).stat().st_size < 2e6
+    assert shipped_path("world-star", SHIPPED_NETWORKS).stat().st_size < 3e6
     with_lora = star_scores(flat, N, lora="<lora:world-star:1>")
-    assert with_lora["star_share"] >= 0.5 and with_lora["color_accuracy"] >= 0.8, with_lora
+    assert with_lora["star_share"] >= STAR_MIN and with_lora["color_accuracy"] >= 0.8, with_lora
     assert flat.lora_unmatched == []  # every module of the shipped LoRA found its layer
     without = star_scores(flat, N)
     assert without["star_share"] <= 0.05 and without["color_accuracy"] >= 0.8, without
-
-
-@pytest.mark.world
-def test_star_lora_target(flat):
-    assert star_scores(flat, N, lora="<lora:world-star:1>")["star_share"] >= STAR_MIN
 
 
 def test_a_textual_inversion_embedding_used_by_name(tmp_path):
