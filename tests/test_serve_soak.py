@@ -43,6 +43,19 @@ def test_job_store_expires_by_age():
     q.close()
 
 
+def test_a_job_is_done_before_its_caller_hears_of_it():
+    """The reply (the future's result) comes after the job left the running set: a client that polls
+    /progress right after its txt2img reply sees no job (test_webuiapi_interrupt met this race)."""
+    q = JobQueue(maxsize=10, keep=10, max_age=3600)
+    seen = []
+    for fn in (lambda job: 1, lambda job: 1 / 0):
+        job = q.submit("t", fn)
+        job.future.add_done_callback(lambda f, j=job: seen.append((q.current, j.finished_at is not None)))
+        job.future.exception()
+    assert seen == [(None, True), (None, True)]
+    q.close()
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:

@@ -129,17 +129,23 @@ class JobQueue:
             job.device, job.worker, job.started_at = device, worker, time.monotonic()
             with self._lock:
                 self.running[worker] = job
-            if job.future.set_running_or_notify_cancel():
+            result, error, run = None, None, job.future.set_running_or_notify_cancel()
+            if run:
                 try:
-                    job.future.set_result(fn(job))
+                    result = fn(job)
                 except BaseException as e:  # reported to the client, the worker goes on
-                    job.future.set_exception(e)
+                    error = e
             job.finished_at = time.monotonic()
             job.latents = job.on_interrupt = None  # a finished job holds no tensors or generator
             with self._lock:
                 del self.running[worker]
-            with self._lock:
                 self._expire()
+            # the waiting request answers only now: a client that asks /progress right after its
+            # reply must not see its own job still running
+            if run and error is not None:
+                job.future.set_exception(error)
+            elif run:
+                job.future.set_result(result)
 
     def close(self) -> None:
         for _ in self._threads:
