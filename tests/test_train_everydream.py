@@ -148,7 +148,7 @@ def test_caption_from_file_name_as_everydream2(tmp_path):
     hand-computed from that rule."""
     root = tmp_path / "ds"
     files = {
-        "b.txt": "a dog",  # a caption file wins over the name
+        "b.txt": "a dog,big,  big",  # a caption file wins over the name (and is kept as written)
         "sub/global.yaml": "tags:\n  - tag: in the style of xyz\n",
         "c_1.yaml": "tags:\n  - tag: wet\n    weight: 2\n",  # tags but no main prompt: the name gives it
     }
@@ -158,7 +158,7 @@ def test_caption_from_file_name_as_everydream2(tmp_path):
     want = {
         f"{ted}_1.png": ted,
         "b_3.png": "b",
-        "b.png": "a dog",
+        "b.png": "a dog,big,  big",
         "c_1.png": "c, wet",
         "sub/cloud strife_2.png": "cloud strife, in the style of xyz",
         "plain.png": "plain",

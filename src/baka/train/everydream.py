@@ -264,7 +264,8 @@ class FolderFiles:
             if image.stem + ext in names:
                 own = own.merge(yaml_config(folder / (image.stem + ext)))
         cfg = self.inherited(folder).merge(self.local(folder))
-        if cfg.has_caption or own.has_caption or fallback:  # ED2 builds the caption from its parts
+        by_name = bool(fallback) and not caption.strip()  # a caption file's text comes first
+        if cfg.has_caption or own.has_caption or by_name:  # ED2 builds the caption from its parts
             parts = cfg.merge(caption_config(caption)).merge(own)
             if not parts.main_prompts and fallback:
                 parts = parts.merge(caption_config(fallback))
