@@ -84,6 +84,9 @@ def test_upscalers_sizes_and_errors(gen):
     for name in ("Latent (nearest-exact)", "Lanczos"):
         r = gen(GenParams("a cat", hr_scale=1.5, hr_upscaler=name, denoise=0.5, **P))
         assert r[0].image.size == (96, 96)
+    # A1111's "None" (listed first by /sdapi/v1/upscalers): a plain Lanczos resize, as Lanczos on the grid
+    none = gen(GenParams("a cat", hr_scale=1.5, hr_upscaler="None", denoise=0.5, **P))[0]
+    assert "Hires upscaler: None" in none.infotext and none.image.tobytes() == r[0].image.tobytes()
     with pytest.raises(BakaError, match="Lanczos"):
         gen(GenParams("a cat", hr_scale=2, hr_upscaler="lanczos2", **P))
     with pytest.raises(BakaError, match="denoising strength"):

@@ -83,7 +83,7 @@ def upscalers(st: StateDep) -> list[dict]:
     from baka.generate.model_upscale import model_upscalers
     from baka.generate.upscale import UPSCALERS
 
-    names = ["None", *(n for n in UPSCALERS.names() if not UPSCALERS.get(n).latent)]
+    names = ["None", *(n for n in UPSCALERS.names() if not UPSCALERS.get(n).latent and n != "None")]
     rows = [(n, None, None) for n in names]
     rows += [(n, "ESRGAN", str(p)) for n, p in model_upscalers(st.folders.folders["upscalers"]).items()]
     return [{"name": n, "model_name": m, "model_path": p, "model_url": None, "scale": 4} for n, m, p in rows]
