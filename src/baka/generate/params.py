@@ -516,7 +516,8 @@ PARAMS: tuple[Param, ...] = (
         "hr_upscaler",
         ("--hr-upscaler",),
         "hires upscaler: Latent, Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact),"
-        " Lanczos, Nearest, or an ESRGAN-family file's name in an --upscaler-dir",
+        " Lanczos, Nearest, None (Lanczos alone, as A1111), or an ESRGAN-family file's name in an"
+        " --upscaler-dir",
         api="hr_upscaler",
         info="Hires upscaler",
     ),
