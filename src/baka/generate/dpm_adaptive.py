@@ -90,11 +90,8 @@ class DPMAdaptiveScheduler(KSampler):
             yield self.timesteps[self._call]
 
     def _extend(self, sigmas: torch.Tensor) -> None:
-        from baka.generate.samplers import _log_sigmas, sigma_to_t
-
-        t = sigma_to_t(_log_sigmas(self.alphas_cumprod), sigmas).float().to(self.timesteps.device)
         self.call_sigmas = torch.cat([self.call_sigmas, sigmas.float()])
-        self.timesteps = torch.cat([self.timesteps, t])
+        self.timesteps = torch.cat([self.timesteps, self.timesteps_of(sigmas).to(self.timesteps.device)])
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kw):
         denoised, sigma = self.denoised(model_output, sample)

@@ -24,14 +24,18 @@ class KSampler(EulerDiscreteScheduler):
     call_sigmas: torch.Tensor
     _call = 0
 
-    def start(self, sigmas: torch.Tensor, device) -> None:
-        """Set the calls' sigmas (and their timesteps) and go back to the first call."""
+    def timesteps_of(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The model's (fractional) timesteps at ``sigmas``, float32."""
         from baka.generate.samplers import _log_sigmas, sigma_to_t
 
+        return sigma_to_t(_log_sigmas(self.alphas_cumprod), sigmas).float()
+
+    def start(self, sigmas: torch.Tensor, device) -> None:
+        """Set the calls' sigmas (and their timesteps) and go back to the first call."""
         if self.config.rescale_betas_zero_snr:
             raise BakaError(f"sampler {self.sampler_name!r} does not support zero terminal SNR")
         self.call_sigmas = sigmas.float()
-        self.timesteps = sigma_to_t(_log_sigmas(self.alphas_cumprod), sigmas).float().to(device or "cpu")
+        self.timesteps = self.timesteps_of(sigmas).to(device or "cpu")
         self._call = 0
         self.start_sigma = float(sigmas[0])  # what add_noise noises to (truncate sets A1111's own)
 
