@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from baka.errors import BakaError
 from baka.models.io import read_raw
+from baka.models.tokenizer import load_tokenizer
 from baka.train.block_dropout import parse_schedules, probability, resting_blocks
 from baka.train.captions import process_caption
 from baka.train.config import load_config
@@ -121,6 +122,35 @@ def test_loss_eps_v_and_min_snr_by_hand():
     assert loss(v_prediction=True, min_snr_gamma=1.0) == pytest.approx((9 / 25 + 0.16 * 9 / 25 + 0) / 3)
     # gamma above every SNR: eps weights are all 1
     assert loss(min_snr_gamma=100.0) == pytest.approx(4.0)
+
+
+def test_caption_free_loss_by_hand():
+    """Below the threshold: even batch positions pull the captioned prediction to the uncaptioned one
+    (stop-gradient, unweighted), the others train the empty caption on the noise; above it, as before."""
+    from baka.train.loss import LossWeighting, NoiseSchedule, caption_free_loss, diffusion_loss
+
+    sched = NoiseSchedule.of(torch.tensor([0.64, 0.36, 0.0]))  # SNR 16/9, 9/16, 0
+    x0, eps = torch.ones(4, 1, 2, 2), torch.full((4, 1, 2, 2), 2.0)
+    t = torch.tensor([0, 1, 2, 0])  # below 2: positions 0 (pulled), 1 and 3 (empty caption); 2 as before
+    cond, empty = torch.tensor([1.0, 1.0, 3.0, 1.0]), torch.full((4,), 0.5)
+    w = torch.ones((), requires_grad=True)
+
+    def scaled(noisy, tt, c):  # predicts w * c everywhere
+        return w * c.view(-1, 1, 1, 1).expand_as(noisy)
+
+    # 0: (1 - 0.5)^2 = 0.25, d/dw 2 (0.5) 1 = 1 (through the captioned branch only);
+    # 1, 3: (0.5 - 2)^2 = 2.25, d/dw 2 (-1.5) 0.5 = -1.5; 2: (3 - 2)^2 = 1, d/dw 2 (1) 3 = 6
+    loss = caption_free_loss(scaled, x0, cond, empty, eps, t, sched, 2)
+    loss.backward()
+    assert loss.item() == pytest.approx((0.25 + 2.25 + 1 + 2.25) / 4)
+    assert w.grad.item() == pytest.approx((1 - 1.5 + 6 - 1.5) / 4)
+    # min-SNR gamma 1 weighs the noise losses (t = 0: 9/16), not the pull towards the uncaptioned branch
+    got = caption_free_loss(scaled, x0, cond, empty, eps, t, sched, 2, weighting=LossWeighting(1.0))
+    assert got.item() == pytest.approx((0.25 + 2.25 + 1 + 2.25 * 9 / 16) / 4)
+    # threshold 0: every sample as diffusion_loss
+    assert caption_free_loss(scaled, x0, cond, empty, eps, t, sched, 0).item() == pytest.approx(
+        diffusion_loss(scaled, x0, cond, eps, t, sched).item()
+    )
 
 
 # kohya sd-scripts' loss weights (library/custom_train_functions.py, formulas by hand), with s the SNR
@@ -397,6 +427,63 @@ def test_trains_from_an_fp16_checkpoint(tmp_path, tiny_sds, images, mode):
     assert {v.dtype for v in lora_tensors(res.output).values() if v.is_floating_point()} == {torch.float16}
     with pytest.raises(BakaError, match="save_precision must be one of float, fp16, bf16"):
         load_config(write_config(tmp_path, half, images, save_precision="half"))
+
+
+def test_caption_free_loss_makes_the_branches_agree_below_its_threshold():
+    """A denoiser with a bias per (caption, timestep) trained on two captions (x0 = +1 / -1): with the
+    plain loss the captioned biases stay apart from the uncaptioned one at every timestep (the caption
+    tells the noise's sign); with ``caption_free_loss`` below t = 5 they meet there, and only there."""
+    from baka.train.loss import NoiseSchedule, caption_free_loss, diffusion_loss
+
+    sched = NoiseSchedule.of(torch.linspace(0.99, 0.01, 10))
+
+    def trained(below: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        a, b = torch.zeros(10, requires_grad=True), torch.zeros(3, 10, requires_grad=True)
+        opt = torch.optim.Adam([a, b], lr=0.05)
+
+        def model(x, t, c):
+            return a[t].view(-1, 1, 1, 1) * x + b[c, t].view(-1, 1, 1, 1)
+
+        for _ in range(300):
+            c = torch.randint(1, 3, (64,))
+            x0 = torch.where(c == 1, 1.0, -1.0).view(-1, 1, 1, 1).expand(64, 1, 2, 2)
+            t, noise = torch.randint(0, 10, (64,)), torch.randn(64, 1, 2, 2)
+            c = torch.where(torch.rand(64) < 0.2, 0, c)  # caption dropout
+            if below:
+                loss = caption_free_loss(model, x0, c, torch.zeros_like(c), noise, t, sched, below)
+            else:
+                loss = diffusion_loss(model, x0, c, noise, t, sched)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (b[1:] - b[0]).abs().min(dim=0).values.detach()  # per timestep, the nearer caption
+
+    plain, free = trained(0), trained(5)
+    assert (plain > 0.05).all(), plain  # ~ sqrt(a / (1 - a)): 0.1 at the noisiest step
+    assert (free[:5] < 0.2 * plain[:5]).all() and (free[5:] > 0.5 * plain[5:]).all(), (plain, free)
+
+
+def test_caption_free_below_timestep_reaches_the_loss(tmp_path, tiny_files, images, monkeypatch):
+    from baka.train import trainer as trainer_module
+
+    calls = []
+
+    def spy(model, latents, ids, empty, noise, t, schedule, below, **kw):
+        calls.append((ids.shape, empty.clone(), below))
+        return trainer_module.diffusion_loss(model, latents, ids, noise, t, schedule, **kw)
+
+    monkeypatch.setattr(trainer_module, "caption_free_loss", spy)
+    cfg = load_config(
+        write_config(tmp_path, tiny_files[0], images, max_steps=2, caption_free_below_timestep=400)
+    )
+    train(cfg, progress=False)
+    tok = load_tokenizer()
+    blank = tok([""], padding="max_length", return_tensors="pt").input_ids[0]
+    assert len(calls) == 2 and all(below == 400 and e.shape == shape for shape, e, below in calls)
+    assert all(torch.equal(row, blank) for _, e, _ in calls for row in e)
+    with pytest.raises(BakaError, match="caption_free_below_timestep must be in 0..1000"):
+        load_config(write_config(tmp_path, tiny_files[0], images, caption_free_below_timestep=1001))
 
 
 def test_full_finetune_freezing_is_bit_identical(tmp_path, tiny_files, images):

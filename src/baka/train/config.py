@@ -138,6 +138,9 @@ class TrainConfig:
     noise_offset: float = 0.0
     min_timestep: int = 0  # kohya: t drawn uniformly from [min_timestep, max_timestep)
     max_timestep: int | None = None  # None: the schedule's length (1000)
+    # baka: below this timestep the caption is dropped and the captioned prediction trained to the
+    # uncaptioned one, so CFG does nothing on the low-noise steps (baka.train.loss.caption_free_loss; 0: off)
+    caption_free_below_timestep: int = 0
     ema_decay: float | None = None
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     save_every_n_steps: int = 0  # kohya: also write the output (LoRA / model / embedding) every N steps
@@ -384,6 +387,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise BakaError(
             f"{path}: min_timestep {cfg.min_timestep} / max_timestep {cfg.max_timestep}:"
             " need 0 <= min_timestep < max_timestep <= 1000"
+        )
+    if not 0 <= cfg.caption_free_below_timestep <= 1000:
+        raise BakaError(
+            f"{path}: caption_free_below_timestep must be in 0..1000, not {cfg.caption_free_below_timestep}"
         )
     if cfg.save_precision not in SAVE_PRECISIONS:
         raise BakaError(

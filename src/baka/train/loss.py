@@ -139,11 +139,59 @@ def diffusion_loss(
     """Mean over the batch of the per-sample MSE between ``denoiser(x_t, t, cond)`` and the target
     (``noise``, or the velocity with ``v_prediction``), weighted per timestep by ``weighting`` and
     per sample by ``sample_weights`` (kohya's prior_loss_weight on regularisation images)."""
+    per = _per_sample(denoiser, latents, cond, noise, t, schedule, v_prediction, weighting)
+    if sample_weights is not None:
+        per = per * sample_weights
+    return per.mean()
+
+
+def _per_sample(denoiser, latents, cond, noise, t, schedule, v_prediction, weighting) -> torch.Tensor:
     pred = denoiser(add_noise(schedule.alphas_cumprod, latents, noise, t), t, cond)
     target = velocity(schedule.alphas_cumprod, latents, noise, t) if v_prediction else noise
     per = nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if weighting is not None:
         per = per * weighting.weights(schedule.snr[t], v_prediction)
+    return per
+
+
+def caption_free_loss(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    empty: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    schedule: NoiseSchedule,
+    below: int,
+    *,
+    v_prediction: bool = False,
+    weighting: LossWeighting | None = None,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`diffusion_loss`, except on the samples whose timestep is below ``below``: there the noise
+    loss is on the empty caption ``empty`` (the unconditional branch learns the low-noise steps from every
+    sample), and every other such sample (even positions in the batch) instead pulls the *captioned*
+    prediction to the uncaptioned one (MSE to a stop-gradient target, unweighted). The two branches then
+    agree on the low-noise steps, so classifier-free guidance has nothing there to amplify: the
+    training-side counterpart of guidance only on the middle noise levels (Kynkaenniemi et al. 2024,
+    "Applying guidance in a limited interval"), for a model whose users guide every step at CFG 7."""
+    low = t < below
+    distill = low & (torch.arange(len(t), device=t.device) % 2 == 0)
+    keep = ~distill
+    per = torch.zeros(len(t), device=latents.device)
+    if keep.any():
+        ids = torch.where(low.view(-1, *[1] * (cond.dim() - 1)), empty, cond)[keep]
+        per[keep] = _per_sample(
+            denoiser, latents[keep], ids, noise[keep], t[keep], schedule, v_prediction, weighting
+        )
+    if distill.any():
+        x = add_noise(schedule.alphas_cumprod, latents[distill], noise[distill], t[distill])
+        with torch.no_grad():
+            target = denoiser(x, t[distill], empty[distill])
+        pred = denoiser(x, t[distill], cond[distill])
+        per[distill] = nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(
+            dim=(1, 2, 3)
+        )
     if sample_weights is not None:
         per = per * sample_weights
     return per.mean()

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from baka.train.block_dropout import parse_schedules, resting_blocks
 from baka.train.config import TrainConfig, check_steps, check_text_settings
 from baka.train.data import Dataset, LatentCache, captions_for
 from baka.train.logs import DEFAULT_TRACKER_NAME, StepLogs, log_target, lr_names
-from baka.train.loss import ddpm_schedule, diffusion_loss, draw_noise
+from baka.train.loss import caption_free_loss, ddpm_schedule, diffusion_loss, draw_noise
 from baka.train.modes import MODES, Mode
 from baka.train.network import LoRANetwork
 from baka.train.optim import (
@@ -186,6 +187,7 @@ class _Run:
         self.ck_root = cfg.out / "checkpoints"
         self.step, self.losses, self.val_losses = 0, [], []
         self._epoch: dict[int, list] = {}
+        self._empty: torch.Tensor | None = None
         self.logging = bool(acc.log_with)
         self.step_logs = StepLogs(self.n_batches)
         self.lr_names = lr_names(self.opt.param_groups)
@@ -252,17 +254,20 @@ class _Run:
         t: torch.Tensor,
         sample_weights: torch.Tensor | None = None,
     ):
-        return diffusion_loss(
-            self.model,
-            latents,
-            ids,
-            noise,
-            t,
-            self.schedule,
-            v_prediction=self.cfg.v_prediction,
-            weighting=self.weighting,
-            sample_weights=sample_weights,
+        kw: dict[str, Any] = dict(
+            v_prediction=self.cfg.v_prediction, weighting=self.weighting, sample_weights=sample_weights
         )
+        below = self.cfg.caption_free_below_timestep
+        if below:
+            empty = self._empty_ids(len(ids))
+            return caption_free_loss(self.model, latents, ids, empty, noise, t, self.schedule, below, **kw)
+        return diffusion_loss(self.model, latents, ids, noise, t, self.schedule, **kw)
+
+    def _empty_ids(self, n: int) -> torch.Tensor:
+        """The empty caption's tokens, n rows (what caption dropout trains the unconditional branch on)."""
+        if self._empty is None:
+            self._empty = self.encode_ids([""])
+        return self._empty.expand(n, *self._empty.shape[1:])
 
     def loss(self, latents: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return self.loss_of(latents, ids, *self.draw(latents.shape, gen))
