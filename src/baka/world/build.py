@@ -8,9 +8,11 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 3. pretrain the text encoder on the captions (:func:`pretrain_text_encoder`: its end and padding tokens
    learn to say what the caption means; a second phase adds partial captions), then assemble
    ``init.safetensors``: random UNet (seeded), that text encoder, the trained VAE;
-4. ``baka train`` (``mode = "full"``, the UNet) trains ``world-flat`` from it (epsilon loss, min-SNR
-   plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR); ``world-striped`` and
-   ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``;
+4. ``baka train`` (``mode = "full"``, the UNet) trains ``world-flat-base`` from it (epsilon loss, min-SNR
+   plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR), then ``world-flat`` from
+   that with ``caption_free_below_timestep`` (the captioned and uncaptioned predictions agree on the
+   low-noise steps, so CFG 7 no longer bends the shapes there); ``world-striped`` and
+   ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``, with the same setting;
 5. ``baka train`` (``mode = "lora"``) teaches ``world-flat`` the unseen star from 40 images
    (``world-star``, UNet + text encoder LoRA), and (``mode = "embedding"``) learns ``world-azure``, a
    textual-inversion vector for the colour blue;
@@ -54,12 +56,20 @@ TE_STEPS = 300
 # partial captions (single tags and words: what negative prompts and ESD name), from the first phase
 TE_PHASES = ({"steps": 300, "lr": 3e-3, "whole": 1.0}, {"steps": 300, "lr": 2e-3, "whole": 0.5})
 FLAT_STEPS = 5000
-STRIPED_STEPS = 400
+# world-flat's second run (docs/world.md, "Shapes at CFG 7"): below t = 478 (sigma ~1.5, the last ~10 of
+# 20 DPM++ 2M Karras steps) the caption is dropped and the captioned prediction pulled to the uncaptioned
+# one, so CFG's 7x their difference has nothing to bend there (full suite, CFG 7: shape 59% -> 76% after
+# 1000 steps of it); striped and v-prediction keep the setting through their fine-tunes
+CF_STEPS = 2000
+CF_BELOW = 478
+STRIPED_STEPS = 600
 VPRED_STEPS = 1200
 # min-SNR 5 alone weighs an x0 error at t ~ 900 some 500x less than at t ~ 300, yet the high-noise steps
 # decide background, colour and layout; kohya's v_pred_like_loss adds a v-like term (x0 weight SNR + 1)
 EPS_KEYS = {"v_pred_like_loss": 0.5, "lr_scheduler": '"cosine"', "lr_warmup_steps": 50}
 VPRED_KEYS = {"lr_scheduler": '"cosine"', "lr_warmup_steps": 50}
+CF_KEYS = {**EPS_KEYS, "caption_free_below_timestep": CF_BELOW}
+VPRED_CF_KEYS = {**VPRED_KEYS, "caption_free_below_timestep": CF_BELOW}
 BATCH = 32
 SEED = 0
 # kohya's caption_tag_dropout_rate on the UNet's runs: a share of captions lose tags, so the UNet also
@@ -89,6 +99,7 @@ ESD_CONCEPT = "red"
 ESD_LORA = "world-no-red"
 ESD_ARGS = ("--method", "ESD-x", "--preset", "esd-2025", "--lr", "1e-3")
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
+BASE = "world-flat-base"
 
 
 def world_config():
@@ -800,9 +811,10 @@ def main(argv: list[str] | None = None) -> int:
         return out / name / f"{name}.safetensors"
 
     stages: list[tuple[str, Path, Path, int, float, bool, dict]] = [
-        ("world-flat", init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
-        ("world-striped", trained("world-flat"), sets["striped"], STRIPED_STEPS, 3e-4, False, EPS_KEYS),
-        ("world-vpred-ztsnr", trained("world-flat"), sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_KEYS),
+        (BASE, init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
+        ("world-flat", trained(BASE), sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS),
+        ("world-striped", trained("world-flat"), sets["striped"], STRIPED_STEPS, 3e-4, False, CF_KEYS),
+        ("world-vpred-ztsnr", trained("world-flat"), sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_CF_KEYS),
     ]
     for name, model, data, steps, lr, vpred, extra in stages:
         if not trained(name).exists():
@@ -810,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
-        if a.only and a.only in name:
+        if a.only and name == f"world-{a.only}".replace("vpred", "vpred-ztsnr"):
             break
     else:  # every model trained: the LoRA and the embedding on world-flat
         small = [
@@ -835,10 +847,12 @@ def main(argv: list[str] | None = None) -> int:
         "text_encoder_seconds": te["seconds"],
         "text_encoder_caption_accuracy": te["caption_accuracy"],
     }
-    for name, *_ in stages:
+    for name, *_ in stages[1:]:  # world-flat-base is world-flat's first run, not shipped
         if trained(name).exists():
             stats = {**base, **_losses(out, name)}
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
+            if name == "world-flat":
+                stats["base"] = {**_losses(out, BASE), **json.loads((out / BASE / "time.json").read_text())}
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")
     for name, folder, images in ((STAR_LORA, "lora", STAR_IMAGES), (TI_WORD, "embeddings", TI_IMAGES)):
