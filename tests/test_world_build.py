@@ -102,3 +102,24 @@ def test_the_small_runs_configs_load_as_written(tmp_path):
     ti = load_config(build.embedding_toml(tmp_path, tmp_path / "m.safetensors", data))
     assert ti.mode == "embedding" and ti.token_string == build.TI_WORD and ti.init_word == "*"
     assert ti.output_name == build.TI_WORD and ti.dataset.subsets[0].caption_dropout_rate == 0.0
+
+
+def test_the_model_stages_configs_load_as_written(tmp_path):
+    """world-flat's second run and the fine-tunes from it keep CFG off the low-noise steps; the base run
+    trains with the plain loss."""
+    from baka.train.config import load_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    model = tmp_path / "m.safetensors"
+    base = load_config(build.train_toml(tmp_path, build.BASE, model, data, 10, lr=1e-3, extra=build.EPS_KEYS))
+    assert base.caption_free_below_timestep == 0 and base.v_pred_like_loss == 0.5
+    for name, keys, vpred in (
+        ("world-flat", build.CF_KEYS, False),
+        ("world-vpred-ztsnr", build.VPRED_CF_KEYS, True),
+    ):
+        cfg = load_config(
+            build.train_toml(tmp_path, name, model, data, 10, lr=3e-4, v_pred=vpred, extra=keys)
+        )
+        assert cfg.caption_free_below_timestep == build.CF_BELOW == 478 and cfg.v_prediction == vpred
+        assert cfg.dataset.subsets[0].caption_tag_dropout_rate == build.TAG_DROPOUT

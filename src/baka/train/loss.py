@@ -148,10 +148,15 @@ def diffusion_loss(
 def _per_sample(denoiser, latents, cond, noise, t, schedule, v_prediction, weighting) -> torch.Tensor:
     pred = denoiser(add_noise(schedule.alphas_cumprod, latents, noise, t), t, cond)
     target = velocity(schedule.alphas_cumprod, latents, noise, t) if v_prediction else noise
-    per = nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per = _mse(pred, target)
     if weighting is not None:
         per = per * weighting.weights(schedule.snr[t], v_prediction)
     return per
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error, in float32."""
+    return nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 def caption_free_loss(
@@ -189,9 +194,7 @@ def caption_free_loss(
         with torch.no_grad():
             target = denoiser(x, t[distill], empty[distill])
         pred = denoiser(x, t[distill], cond[distill])
-        per[distill] = nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(
-            dim=(1, 2, 3)
-        )
+        per[distill] = _mse(pred, target)
     if sample_weights is not None:
         per = per * sample_weights
     return per.mean()

@@ -58,8 +58,8 @@ TE_PHASES = ({"steps": 300, "lr": 3e-3, "whole": 1.0}, {"steps": 300, "lr": 2e-3
 FLAT_STEPS = 5000
 # world-flat's second run (docs/world.md, "Shapes at CFG 7"): below t = 478 (sigma ~1.5, the last ~10 of
 # 20 DPM++ 2M Karras steps) the caption is dropped and the captioned prediction pulled to the uncaptioned
-# one, so CFG's 7x their difference has nothing to bend there (full suite, CFG 7: shape 59% -> 76% after
-# 1000 steps of it); striped and v-prediction keep the setting through their fine-tunes
+# one, so CFG's 7x their difference has nothing to bend there (full suite, CFG 7: shape 59% -> 77% after
+# these 2000 steps, 76% after 1000); striped and v-prediction keep the setting through their fine-tunes
 CF_STEPS = 2000
 CF_BELOW = 478
 STRIPED_STEPS = 600
@@ -100,6 +100,7 @@ ESD_LORA = "world-no-red"
 ESD_ARGS = ("--method", "ESD-x", "--preset", "esd-2025", "--lr", "1e-3")
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 BASE = "world-flat-base"
+ONLY = {"flat": "world-flat", "striped": "world-striped", "vpred": "world-vpred-ztsnr"}  # --only: stop after
 
 
 def world_config():
@@ -792,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m baka.world.build", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="build/world", help="work folder (datasets, runs)")
     p.add_argument("--dest", default=str(WEIGHTS_DIR), help="where the shipped fp16 files go")
-    p.add_argument("--only", choices=["vae", "flat", "striped", "vpred"], help="stop after this stage")
+    p.add_argument("--only", choices=["vae", *ONLY], help="stop after this stage")
     a = p.parse_args(argv)
     import torch
 
@@ -822,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
-        if a.only and name == f"world-{a.only}".replace("vpred", "vpred-ztsnr"):
+        if a.only and name == ONLY[a.only]:
             break
     else:  # every model trained: the LoRA and the embedding on world-flat
         small = [
