@@ -54,11 +54,11 @@ _latent("Latent (bicubic)", "bicubic", False)
 _latent("Latent (bicubic antialiased)", "bicubic", True)
 _latent("Latent (nearest)", "nearest", False)
 _latent("Latent (nearest-exact)", "nearest-exact", False)
+# A1111's "None" (UpscalerNone): no pass of its own, so hires fix resizes with Lanczos alone; in
+# Extras "None" means no upscale (baka.generate.extras). Registered first: A1111 lists it first
+UPSCALERS.add("None", Upscaler("None", False, lambda img, scale: img))
 _image("Lanczos", "LANCZOS")
 _image("Nearest", "NEAREST")
-# A1111's "None" (UpscalerNone): no pass of its own, so hires fix resizes with Lanczos alone; in
-# Extras "None" means no upscale (baka.generate.extras)
-UPSCALERS.add("None", Upscaler("None", False, lambda img, scale: img))
 
 
 def get_upscaler(name: str, dirs: Iterable[str | Path] = ()) -> Upscaler:

@@ -83,7 +83,7 @@ def upscalers(st: StateDep) -> list[dict]:
     from baka.generate.model_upscale import model_upscalers
     from baka.generate.upscale import UPSCALERS
 
-    names = ["None", *(n for n in UPSCALERS.names() if not UPSCALERS.get(n).latent and n != "None")]
+    names = [n for n in UPSCALERS.names() if not UPSCALERS.get(n).latent]  # "None" first, as A1111
     rows = [(n, None, None) for n in names]
     rows += [(n, "ESRGAN", str(p)) for n, p in model_upscalers(st.folders.folders["upscalers"]).items()]
     return [{"name": n, "model_name": m, "model_path": p, "model_url": None, "scale": 4} for n, m, p in rows]
