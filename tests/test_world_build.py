@@ -65,25 +65,42 @@ def test_text_encoder_pretraining_puts_the_caption_into_the_padding_states():
     init = build.identity_text_encoder()
     a, b = _end_states(init, captions)
     assert torch.equal(a, b)  # the identity encoder's padding states know nothing of the caption
-    sd, log, acc = build.pretrain_text_encoder(init, steps=100, batch=32, n_captions=2000, whole=0.5)
+    sd, log, acc = build.pretrain_text_encoder(
+        init, steps=100, batch=32, n_captions=2000, whole=0.5, attention_only=True
+    )
     assert sum(log[-10:]) / 10 < 0.75 * sum(log[:10]) / 10, log  # partial captions: slower than whole ones
-    assert set(acc) == {"all", "whole", *build._caption_targets()}
+    assert set(acc) == {"all", "whole", "held_out", *build._caption_targets()}
     assert all(0.0 <= v <= 1.0 for v in acc.values()), acc
     a, b = _end_states(sd, captions)
     assert not torch.equal(a, b)
+    # attention only: every MLP weight is where it started, everything else has moved
+    mlp = [k for k in sd if ".mlp." in k]
+    assert mlp and all(torch.equal(sd[k], init[k]) for k in mlp)
+    out_proj = "encoder.layers.0.self_attn.out_proj.weight"
+    assert not torch.equal(sd[out_proj], init[out_proj])
+
+
+def test_text_encoder_pretraining_can_train_the_mlps_too():
+    init = build.identity_text_encoder()
+    sd, _, _ = build.pretrain_text_encoder(init, steps=5, batch=8, n_captions=64, attention_only=False)
+    assert not torch.equal(sd["encoder.layers.0.mlp.fc2.weight"], init["encoder.layers.0.mlp.fc2.weight"])
 
 
 def test_the_shipped_text_encoder_says_the_caption_in_its_padding_states():
     """Build 5's pretrained encoder: the last padding state of two captions that differ in one word
     (cosine 0.53 for the background, 0.78 for the colour; the identity encoder gives exactly 1)."""
-    from baka.models.io import load_checkpoint
-
-    te = {k: v.float() for k, v in load_checkpoint("world-flat").components()["text_encoder"].items()}
+    te = _shipped_text_encoder()
     base = "red circle, blue background, large, left"
     other_bg, other_colour = base.replace("blue", "white"), base.replace("red", "green")
     s = _end_states(te, [base, other_bg, other_colour, base])
     cos = torch.nn.functional.cosine_similarity(s[:1], s[1:], dim=1)
     assert cos[0] < 0.8 and cos[1] < 0.9 and cos[2] > 0.9999, cos
+
+
+def _shipped_text_encoder() -> dict:
+    from baka.models.io import load_checkpoint
+
+    return {k: v.float() for k, v in load_checkpoint("world-flat").components()["text_encoder"].items()}
 
 
 def test_the_small_runs_configs_load_as_written(tmp_path):

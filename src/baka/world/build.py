@@ -55,6 +55,12 @@ TE_STEPS = 300
 # text encoder pretraining: whole captions first (the binding of words in order), then a share of
 # partial captions (single tags and words: what negative prompts and ESD name), from the first phase
 TE_PHASES = ({"steps": 300, "lr": 3e-3, "whole": 1.0}, {"steps": 300, "lr": 2e-3, "whole": 0.5})
+# attention only: the encoder's MLPs stay at the identity start (fc2 zero), so a token's state mixes
+# the earlier tokens' states by attention alone. With trained MLPs (builds 4-6, the shipped weights) the
+# end state of a held-out pair's caption ("green triangle, ...") reads as a seen pair's (a linear probe:
+# triangle 0-39% by layer); with attention only it reads right at every layer (docs/world.md, "Build 7").
+# Build 7 (in progress, build/world7) sets it; it becomes the default when its weights ship.
+TE_ATTENTION_ONLY = False
 FLAT_STEPS = 5000
 # world-flat's second run (docs/world.md, "Shapes at CFG 7"): below t = 478 (sigma ~1.5, the last ~10 of
 # 20 DPM++ 2M Karras steps) the caption is dropped and the captioned prediction pulled to the uncaptioned
@@ -385,6 +391,7 @@ def pretrain_text_encoder(
     seed: int = SEED,
     n_captions: int = 20000,
     whole: float = 1.0,
+    attention_only: bool = TE_ATTENTION_ONLY,
 ) -> tuple[dict, list[float], dict[str, float]]:
     """Teach the (identity-initialised) text encoder to say what a caption means in every token from
     the caption's end on: linear heads read each attribute (colours, shapes, background, size,
@@ -397,9 +404,11 @@ def pretrain_text_encoder(
     words' order bound by the causal attention ("blue background" vs "blue square"), so any average of
     the padding states already carries the caption. Captions come from the training split only, so the
     held-out combinations stay unseen. A share of the captions is partial (:func:`partial_caption`), so
-    single tags and words get a meaning too, with ``UNSAID`` for what they leave out. Returns (state
-    dict, loss log, report): on 2048 fresh captions' states, the share with every attribute right
-    (``all``; ``whole``: whole captions only) and each attribute's accuracy on the partial ones.
+    single tags and words get a meaning too, with ``UNSAID`` for what they leave out. ``attention_only``
+    keeps the MLPs at zero (their weights frozen), so states combine earlier tokens' by attention alone.
+    Returns (state dict, loss log, report): on 2048 fresh captions' states, the share with every
+    attribute right (``all``; ``whole``: whole captions only), each attribute's accuracy on the partial
+    ones, and ``held_out``: whole captions of held-out scenes (pairs the heads never saw) read right.
     """
     import torch
     from tqdm import tqdm
@@ -412,6 +421,9 @@ def pretrain_text_encoder(
     torch.manual_seed(seed)
     te = make_text_encoder(world_config().text_encoder)
     te.load_state_dict(te_sd)
+    if attention_only:
+        for name, p in te.named_parameters():
+            p.requires_grad_(".mlp." not in name)
     tok = load_tokenizer()
     targets = _caption_targets()
     width = te.config.hidden_size
@@ -421,12 +433,12 @@ def pretrain_text_encoder(
         slices[k] = slice(at, at + len(v))
         at += len(v)
 
-    def data(n: int, offset: int):
+    def data(n: int, offset: int, split: str = "train"):
         rng = random.Random(seed * 7919 + offset)
         captions, said, is_whole = [], [], []
         for i in range(n):
-            sc = sample_scene(seed + 7, offset + i, style="flat", split="train")
-            is_whole.append(rng.random() < whole)
+            sc = sample_scene(seed + 7, offset + i, style="flat", split=split)
+            is_whole.append(split != "train" or rng.random() < whole)
             cap, lab = (sc.caption, _scene_labels(sc)) if is_whole[-1] else partial_caption(sc, rng)
             captions.append(cap)
             said.append(lab)
@@ -445,7 +457,7 @@ def pretrain_text_encoder(
 
     ids, labels, mask, _ = data(n_captions, 0)
     gen = torch.Generator().manual_seed(seed)
-    params = [*te.parameters(), *head.parameters()]
+    params = [p for p in (*te.parameters(), *head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     log = []
@@ -460,14 +472,19 @@ def pretrain_text_encoder(
         sched.step()
         log.append(float(loss.detach()))
         bar.set_postfix(loss=f"{log[-1]:.4f}")
+
+    def hits(ids, labels, mask):  # [tokens, attributes]: each attribute read right at each token
+        logits, lab = logits_and_labels(ids, labels, mask)
+        return torch.stack([logits[:, sl].argmax(1) == lab[:, j] for j, sl in parts], 1)
+
     with torch.no_grad():
         ids, labels, mask, said_all = data(2048, 10**6)
-        logits, lab = logits_and_labels(ids, labels, mask)
-        hits = torch.stack([logits[:, sl].argmax(1) == lab[:, j] for j, sl in parts], 1)
+        right = hits(ids, labels, mask)
         said_all = said_all.repeat_interleave(mask.sum(1))
-    report = {"all": hits.all(1).float().mean(), "whole": hits[said_all].all(1).float().mean()}
-    if not said_all.all():
-        report.update({k: hits[~said_all, j].float().mean() for j, k in enumerate(targets)})
+        report = {"all": right.all(1).float().mean(), "whole": right[said_all].all(1).float().mean()}
+        if not said_all.all():
+            report.update({k: right[~said_all, j].float().mean() for j, k in enumerate(targets)})
+        report["held_out"] = hits(*data(512, 0, split="heldout")[:3]).all(1).float().mean()
     return te.state_dict(), log, {k: round(float(v), 4) for k, v in report.items()}
 
 
@@ -847,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         "text_encoder_steps": te["steps"],
         "text_encoder_seconds": te["seconds"],
         "text_encoder_caption_accuracy": te["caption_accuracy"],
+        "text_encoder_held_out_accuracy": te["phases"][-1]["accuracy"].get("held_out"),
     }
     for name, *_ in stages[1:]:  # world-flat-base is world-flat's first run, not shipped
         if trained(name).exists():
