@@ -89,18 +89,14 @@ def test_text_encoder_pretraining_can_train_the_mlps_too():
 def test_the_shipped_text_encoder_says_the_caption_in_its_padding_states():
     """Build 5's pretrained encoder: the last padding state of two captions that differ in one word
     (cosine 0.53 for the background, 0.78 for the colour; the identity encoder gives exactly 1)."""
-    te = _shipped_text_encoder()
+    from baka.models.io import load_checkpoint
+
+    te = {k: v.float() for k, v in load_checkpoint("world-flat").components()["text_encoder"].items()}
     base = "red circle, blue background, large, left"
     other_bg, other_colour = base.replace("blue", "white"), base.replace("red", "green")
     s = _end_states(te, [base, other_bg, other_colour, base])
     cos = torch.nn.functional.cosine_similarity(s[:1], s[1:], dim=1)
     assert cos[0] < 0.8 and cos[1] < 0.9 and cos[2] > 0.9999, cos
-
-
-def _shipped_text_encoder() -> dict:
-    from baka.models.io import load_checkpoint
-
-    return {k: v.float() for k, v in load_checkpoint("world-flat").components()["text_encoder"].items()}
 
 
 def test_the_small_runs_configs_load_as_written(tmp_path):
