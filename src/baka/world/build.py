@@ -56,7 +56,7 @@ TE_STEPS = 300
 # partial captions (single tags and words: what negative prompts and ESD name), from the first phase
 TE_PHASES = ({"steps": 300, "lr": 3e-3, "whole": 1.0}, {"steps": 300, "lr": 2e-3, "whole": 0.5})
 # attention only: the encoder's MLPs stay at the identity start (fc2 zero), so a token's state mixes
-# the earlier tokens' states by attention alone. With trained MLPs (builds 4-6, the shipped weights) the
+# the earlier tokens' states by attention alone. With trained MLPs (builds 4-6) the
 # end state of a held-out pair's caption ("green triangle, ...") reads as a seen pair's (a linear probe:
 # triangle 0-39% by layer); with attention only it reads right at every layer (docs/world.md, "Build 7",
 # the shipped weights).
