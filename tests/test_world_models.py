@@ -116,7 +116,8 @@ def test_guidance_works(flat, full7):
 def test_negative_prompt_removes_what_it_names(flat):
     """A prompt that names no colour gets world-flat's favourite colour on most seeds; one word in the
     negative prompt naming that colour removes part of it (the text encoder was pretrained on single
-    tags too, the UNet trained with kohya's tag dropout; build 5: blue 24/24 -> 16/24)."""
+    tags too, the UNet trained with kohya's tag dropout; build 7: purple 24/24 -> 0/24, build 5: blue 24/24 ->
+    16/24)."""
     base = "circle, grey background, large, center"
     rs = readings(flat, base, n=N)
     colour = _favourite(rs)
