@@ -870,8 +870,9 @@ def main(argv: list[str] | None = None) -> int:
         "text_encoder_seconds": te["seconds"],
         "text_encoder_caption_accuracy": te["caption_accuracy"],
     }
-    if "held_out" in te["phases"][-1]["accuracy"]:  # reports from before build 7 lack it
-        base["text_encoder_held_out_accuracy"] = te["phases"][-1]["accuracy"]["held_out"]
+    held_out = te["phases"][-1]["accuracy"].get("held_out")
+    if held_out is not None:  # reports from before build 7 lack it
+        base["text_encoder_held_out_accuracy"] = held_out
     for name, *_ in stages[1:]:  # world-flat-base is world-flat's first run, not shipped
         if trained(name).exists():
             stats = {**base, **_losses(out, name)}
