@@ -164,3 +164,31 @@ def test_presets_and_fp16_model(tiny_sds, tmp_path, run_cli):
     assert effective["iterations"] == "2" and effective["preset"] == "esd-2025" and out.is_file()
     code, _, err = run_cli("erase", half, "a cat", "-o", out, "--preset", "papr")
     assert code == 2 and "did you mean 'paper'" in err
+
+
+def test_separator_erases_each_prompt(tiny_files, tmp_path, probe, run_cli):
+    """The original train-esd.py's ``--seperator``: the concept is several prompts, one drawn per
+    iteration, so the edit moves every prompt's prediction towards its own target."""
+    from baka.generate.conditioning import PromptEncoder
+
+    assert EraseConfig("a cat|a dog").prompts() == ["a cat|a dog"]
+    assert EraseConfig(" a cat | a dog |", separator="|").prompts() == ["a cat", "a dog"]
+    out = tmp_path / "both.safetensors"
+    erase(
+        tiny_files[0],
+        EraseConfig("a cat | a dog", "ESD-x", iterations=40, lr=1e-4, ddim_steps=5, separator="|"),
+        out,
+        progress=False,
+    )
+    ck, _, u, xs, ts = probe
+    enc = PromptEncoder(build_module("text_encoder", ck.config, ck.components()["text_encoder"]))
+    with torch.no_grad():
+        dog = enc.encode_chunks(enc.chunks("a dog")[:1])
+    dog_probe = (ck, dog, u, xs, ts)
+    assert gap(out, probe) < 0.9 * gap(tiny_files[0], probe)
+    assert gap(out, dog_probe) < 0.9 * gap(tiny_files[0], dog_probe)
+    code, _, err = run_cli(
+        "erase", tiny_files[0], " | ", "-o", tmp_path / "x.safetensors", "--separator", "|"
+    )
+    assert code != 0 and "no prompt" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()

@@ -30,6 +30,11 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ddim-steps", type=int, help="(preset's)")
     p.add_argument("--start-guidance", type=float, help="CFG while sampling x_t (preset's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--separator",
+        help="the concept is several prompts split at this string (e.g. '|'), one drawn per iteration,"
+        " as the original train-esd.py's --seperator (default: one prompt)",
+    )
     p.add_argument("--delta-only", action="store_true", help="write only the changed weights")
 
 
@@ -50,7 +55,10 @@ def cmd_erase(a: argparse.Namespace) -> int:
         if v is not None
     }
     settings = {**PRESETS.get(a.preset), **given}
-    cfg = EraseConfig(a.concept, ERASE_METHODS.canonical(a.method), seed=a.seed, **settings)
+    cfg = EraseConfig(
+        a.concept, ERASE_METHODS.canonical(a.method), seed=a.seed, separator=a.separator, **settings
+    )
+    cfg.prompts()  # an empty split fails here, before the model loads
     print_config(
         "erase",
         {

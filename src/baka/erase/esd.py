@@ -96,6 +96,17 @@ class EraseConfig:
     size: int | None = None  # image size for x_t; default the model's native size
     # the paper samples x_t with the model being edited; the 2025 release with the frozen original
     sample_with_original: bool = False
+    # the original train-esd.py's --seperator: the concept is several prompts, one drawn per iteration
+    separator: str | None = None
+
+    def prompts(self) -> list[str]:
+        """The concept's prompts: split at ``separator`` (empty pieces dropped), or the whole."""
+        if not self.separator:
+            return [self.concept]
+        words = [w.strip() for w in self.concept.split(self.separator) if w.strip()]
+        if not words:
+            raise BakaError(f"concept {self.concept!r} has no prompt between its {self.separator!r}")
+        return words
 
 
 # named settings: the paper's (the defaults above) and the 2025 release's esd_sd.py defaults
@@ -161,7 +172,7 @@ def erase(
     opt = torch.optim.Adam(params.values(), lr=cfg.lr)
     enc = PromptEncoder(te)
     with torch.no_grad():
-        emb_c = enc.encode_chunks(enc.chunks(cfg.concept)[:1])
+        embs = [enc.encode_chunks(enc.chunks(c)[:1]) for c in cfg.prompts()]
         emb_0 = enc.encode_chunks(enc.chunks("")[:1])
     sched = DDIMScheduler.from_config(ckpt.config.scheduler)
     sched.set_timesteps(cfg.ddim_steps)
@@ -169,6 +180,8 @@ def erase(
     gen = torch.Generator().manual_seed(cfg.seed)
     unet.train()
     for _ in tqdm(range(cfg.iterations), desc=f"erase {cfg.method}", disable=not progress):
+        # one prompt per iteration (drawn only when there are several: one prompt keeps the old stream)
+        emb_c = embs[int(torch.randint(len(embs), (1,), generator=gen))] if len(embs) > 1 else embs[0]
         k = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
         x = torch.randn(1, unet.config.in_channels, size, size, generator=gen)
         with torch.no_grad():  # x_t: k DDIM steps with the model being edited, guided towards c
