@@ -206,7 +206,8 @@ def esd(n: int) -> tuple[str, dict]:
             [name, f"{m['word_share']:.0%}", f"{m['erased_share']:.0%}", f"{m['others_color_accuracy']:.0%}"]
         )
     return _table(
-        f"ESD-x erasing `red` (world-no-red from `baka erase`; {n} seeds / red captions / other captions)",
+        f"ESD-x erasing `red` (world-no-red: `baka erase` on 16 red training captions, `--separator`;"
+        f" {n} seeds / red captions / other captions)",
         ["model", "prompt `red` drawn red", "red captions drawn red", "other colours right"],
         rows,
     ), data

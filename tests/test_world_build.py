@@ -1,6 +1,8 @@
 """The pieces of ``make world`` (baka.world.build) that run in seconds: the caption targets of the
 text encoder's pretraining and a short pretraining run. The full build is ``make world`` (docs/world.md)."""
 
+import json
+
 import torch
 
 from baka.world import build
@@ -158,10 +160,68 @@ def test_the_model_stages_configs_load_as_written(tmp_path):
     assert base.caption_free_below_timestep == 0 and base.v_pred_like_loss == 0.5
     for name, keys, vpred, below in (
         ("world-flat", build.CF_KEYS, False, 300),
-        ("world-vpred-ztsnr", build.VPRED_CF_KEYS, True, 478),
+        ("world-vpred-ztsnr", build.VPRED_CF_KEYS, True, 700),
     ):
         cfg = load_config(
             build.train_toml(tmp_path, name, model, data, 10, lr=3e-4, v_pred=vpred, extra=keys)
         )
         assert cfg.caption_free_below_timestep == below and cfg.v_prediction == vpred
         assert cfg.dataset.subsets[0].caption_tag_dropout_rate == build.TAG_DROPOUT
+
+
+def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
+    """Every stage after world-flat starts from its fp16 copy, so ``--from-shipped`` seeds that start
+    from the package and goes straight to world-striped; the cards keep the VAE / encoder figures."""
+    import pytest
+    import torch
+
+    from baka.models.io import read_raw, save_checkpoint
+
+    shipped = build.WEIGHTS_DIR / "world-flat.safetensors"
+    want, meta = read_raw(shipped)
+    # a from-scratch build's fp32 world-flat and the shipped file give the same start
+    scratch = tmp_path / "scratch"
+    fp32 = save_checkpoint({k: v.float() for k, v in want.items()}, tmp_path / "fp32.safetensors")
+    got, _ = read_raw(build.write_flat_start(scratch, fp32))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    calls = []
+
+    class Trained(Exception):
+        pass
+
+    def fake_train(toml):
+        calls.append(toml.read_text())
+        raise Trained
+
+    out = tmp_path / "late"
+    monkeypatch.setattr(
+        build, "render_sets", lambda o: {k: o / k for k in ("flat", "striped", "star", build.TI_WORD)}
+    )
+    monkeypatch.setattr(build, "run_train", fake_train)
+    with pytest.raises(Trained):
+        build.main(["--out", str(out), "--dest", str(tmp_path / "ship"), "--from-shipped"])
+    assert 'output_name = "world-striped"' in calls[0]
+    assert f'model = "{build.flat_start(out)}"' in calls[0]
+    got, _ = read_raw(build.flat_start(out))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    stats = build.base_stats(out)
+    card = json.loads(meta["baka_world"])
+    assert stats == {k: card[k] for k in card if k.startswith(("vae_", "text_encoder_"))}
+    assert stats["text_encoder_held_out_accuracy"] and stats["vae_judge"]
+    with pytest.raises(SystemExit):
+        build.main(["--out", str(out), "--from-shipped", "--only", "flat"])
+
+
+def test_the_esd_stage_erases_red_in_context_not_on_the_eval_prompts():
+    """world-no-red is erased on red captions of the training set (one per iteration), none of them a
+    prompt the ESD claim is measured on."""
+    from baka.erase.esd import EraseConfig
+    from baka.world.eval import suite_scenes
+
+    prompts = build.ESD_PROMPTS
+    assert len(set(prompts)) == len(prompts) >= 8
+    assert all(p.startswith(build.ESD_CONCEPT + " ") for p in prompts)
+    assert not {s.caption for s, _ in suite_scenes("full")} & set(prompts)
+    sep = build.ESD_ARGS[build.ESD_ARGS.index("--separator") + 1]
+    assert EraseConfig(sep.join(prompts), separator=sep).prompts() == list(prompts)

@@ -1,10 +1,10 @@
 """Issue #10's measured claims on the shipped shapes-world models (docs/world.md): fixed seeds, the
 normal generator, the judge. They load the packaged files (never retrain).
 
-Unmarked tests hold what build 7 does today, with a margin below its figures, so a change that breaks
+Unmarked tests hold what build 8 does today, with a margin below its figures, so a change that breaks
 prompt following, the merge, v-prediction, zero-terminal SNR, LoRA loading (the shipped star LoRA) or
 embeddings (the shipped textual-inversion vector) fails the default run. Tests marked
-``world`` assert the issue's own targets that build 7 still misses (figures and causes in
+``world`` assert the issue's own targets that build 8 still misses (figures and causes in
 docs/world.md); ``make test-world`` runs them, and they fail until a build reaches them.
 """
 
@@ -216,19 +216,14 @@ def vpred_lum():
 
 
 def test_zero_terminal_snr_spreads_black_and_white(flat, vpred_lum):
-    """Build 7, mean luminance black / white: world-vpred-ztsnr 0.037 / 0.901, world-flat (epsilon)
-    0.042 / 0.887 (Lin et al. 2023: the epsilon model stays nearer mid-grey); the ground-truth render
-    of the prompt reads 0.039 / 0.927. Build 6 reached 0.035 / 0.935 (test_zero_terminal_snr_target)."""
-    black, white = vpred_lum
-    assert black <= BLACK_MAX and white >= 0.88, (black, white)
-    eps_black, eps_white = _luminance(flat, "black"), _luminance(flat, "white")
-    assert eps_white - eps_black < white - black, (eps_black, eps_white, black, white)
-
-
-@pytest.mark.world
-def test_zero_terminal_snr_target(vpred_lum):
+    """Issue #10: world-vpred-ztsnr draws "black background" at mean luminance <= 0.08 and "white
+    background" >= 0.92 (build 8: 0.036 / 0.933; its fine-tune caption-free below t = 700), further apart
+    than world-flat (epsilon; build 7/8: 0.042 / 0.887; Lin et al. 2023: the epsilon model stays nearer
+    mid-grey). The ground-truth render of the prompt reads 0.039 / 0.927."""
     black, white = vpred_lum
     assert black <= BLACK_MAX and white >= WHITE_MIN, (black, white)
+    eps_black, eps_white = _luminance(flat, "black"), _luminance(flat, "white")
+    assert eps_white - eps_black < white - black, (eps_black, eps_white, black, white)
 
 
 def test_a_lora_teaches_the_unseen_star(flat):
@@ -279,27 +274,18 @@ def test_a_textual_inversion_embedding_used_by_name(tmp_path):
     assert blue(with_file, bases, "world-azure") <= 0.2 and blue(without, bases, "world-azure") >= 0.75
 
 
-def test_esd_erases_the_word_red_and_keeps_the_other_colours(flat):
-    """``world-no-red`` (``baka erase world-flat red`` with ESD-x, extracted as a LoRA by ``baka lora
-    extract``): the prompt ``red`` mostly no longer draws red (build 7: 24/24 red without the LoRA, 7/24
-    with it; build 6: 5/24, build 5: 1/24), and prompts for the other colours mostly keep them (build 7:
-    67%, build 6: 88%: the issue's 85% is test_esd_target). Red *captions* stay red."""
+def test_esd_erases_red_and_keeps_the_other_colours(flat):
+    """Issue #10's ESD claim (the paper's erased-class vs other-classes table): with ``world-no-red``
+    (``baka erase`` ESD-x on 16 red training captions, one per iteration, extracted as a LoRA by ``baka
+    lora extract``) prompts asking for red give red in <= 20% of images while the other colours keep
+    >= 85% (build 8: 0% / 92%, the word `red` alone 13/24 red; without the LoRA 100% / 96%). Build 7
+    erased the word alone: red captions stayed red, 24/24."""
     from baka.world.eval import erase_scores
 
-    assert color_share(readings(flat, "red", n=N), "red") >= 0.9
-    assert color_share(readings(flat, "red <lora:world-no-red:1>", n=N), "red") <= 0.35
+    before = erase_scores(flat, "red", N)
+    assert before["erased_share"] >= 0.9 and before["others_color_accuracy"] >= 0.9, before
+    erased = erase_scores(flat, "red", N, lora="<lora:world-no-red:1>")
     assert flat.lora_unmatched == []
-    erased = erase_scores(flat, "red", N, lora="<lora:world-no-red:1>")
-    assert erased["others_color_accuracy"] >= 0.6, erased
-
-
-@pytest.mark.world
-def test_esd_target(flat):
-    """Issue #10's ESD claim: prompts asking for red give red in <= 20% of images while the other
-    colours keep >= 85% (the paper's erased-class vs other-classes table)."""
-    from baka.world.eval import erase_scores
-
-    erased = erase_scores(flat, "red", N, lora="<lora:world-no-red:1>")
     assert erased["erased_share"] <= ESD_MAX and erased["others_color_accuracy"] >= ESD_OTHERS_MIN, erased
 
 

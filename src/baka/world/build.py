@@ -16,10 +16,14 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 5. ``baka train`` (``mode = "lora"``) teaches ``world-flat`` the unseen star from 40 images
    (``world-star``, UNet + text encoder LoRA), and (``mode = "embedding"``) learns ``world-azure``, a
    textual-inversion vector for the colour blue;
-6. ``baka erase`` (ESD-x) erases "red" from ``world-flat``; ``baka lora extract`` turns the edit into the
-   LoRA ``world-no-red`` (:func:`erase_stage`);
+6. ``baka erase`` (ESD-x, one of 16 red training captions per iteration) erases "red" from
+   ``world-flat``; ``baka lora extract`` turns the edit into the LoRA ``world-no-red`` (:func:`erase_stage`);
 7. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights`` (the LoRAs to
    ``weights/lora``, the embedding to ``weights/embeddings``).
+
+Every stage after ``world-flat`` starts from its fp16 copy, the tensors the package ships, so
+``--from-shipped`` reproduces stages 4 (striped, v-prediction) to 6 from the installed ``world-flat``
+alone, without the hour before it; a from-scratch build gives the same tensors.
 
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
 2-core machine two threads are twice as fast as one; when other jobs share the cores, 1 is much faster.
@@ -70,9 +74,11 @@ FLAT_STEPS = 5000
 # seen green shape), t = 300 keeps it at 80% (full suite, CFG 7; docs/world.md, "Build 7")
 CF_STEPS = 2000
 CF_BELOW = 300
-# v-prediction keeps build 6's t = 478: its white background is lost to guidance on the steps between
-# (build 7 at t = 300: "white background" 0.882 at CFG 7; build 6 at 478: 0.935; docs/world.md)
-VPRED_CF_BELOW = 478
+# v-prediction goes caption-free below t = 700: its white background is lost to guidance on the steps
+# between ("white background" at CFG 7, 24 seeds: t = 300 0.882, 478 0.901, 600 0.879, 700 0.933, on
+# build 7's world-flat; the price is the v-prediction model's own shapes, full suite 67% -> 54%;
+# docs/world.md, "Build 8")
+VPRED_CF_BELOW = 700
 STRIPED_STEPS = 600
 VPRED_STEPS = 1200
 # min-SNR 5 alone weighs an x0 error at t ~ 900 some 500x less than at t ~ 300, yet the high-noise steps
@@ -103,12 +109,44 @@ TI_IMAGES = 40
 TI_SEED = 11
 TI_STEPS = 1000
 # ESD (Gandikota et al. 2023) erases "red" from world-flat: baka erase (ESD-x, the 2025 release's
-# settings at 20x its learning rate: at 5e-5 nothing measurable moved on this small model), then baka
-# lora extract turns the edit into a LoRA (every edited attn2 layer's input is 32 wide, so rank 32 is
-# exact), shipped as ``<lora:world-no-red:1>``
+# settings at a higher learning rate and more iterations: at 5e-5 nothing measurable moved on this small
+# model), then baka lora extract turns the edit into a LoRA (every edited attn2 layer's input is 32 wide,
+# so rank 32 is exact), shipped as ``<lora:world-no-red:1>``. The concept is given in context: this UNet
+# reads a caption from its padding states, which the word alone does not move (erasing the word left
+# whole red captions red, 24/24), so ESD draws one of ESD_PROMPTS per iteration (``--separator``, the
+# original's ``--seperator``): the first 16 distinct one-shape red captions of the flat training set that
+# are not eval-suite prompts (the claim is measured on the suite's red captions).
 ESD_CONCEPT = "red"
+ESD_PROMPTS = (
+    "red circle, yellow background, medium, bottom",
+    "red square, blue background, large, right",
+    "red triangle, grey background, small, top",
+    "red square, green background, small, left",
+    "red triangle, blue background, small, bottom",
+    "red square, black background, large, right",
+    "red circle, grey background, large, right",
+    "red square, blue background, medium, right",
+    "red triangle, green background, medium, top",
+    "red circle, blue background, large, left",
+    "red circle, grey background, small, top",
+    "red circle, grey background, large, center",
+    "red circle, black background, medium, left",
+    "red square, black background, small, left",
+    "red square, blue background, medium, top",
+    "red triangle, yellow background, medium, center",
+)
 ESD_LORA = "world-no-red"
-ESD_ARGS = ("--method", "ESD-x", "--preset", "esd-2025", "--lr", "1e-3")
+ESD_ARGS: tuple[str, ...] = (
+    "--method",
+    "ESD-x",
+    "--preset",
+    "esd-2025",
+    "--lr",
+    "2e-3",
+    "--iterations",
+    "400",
+)
+ESD_ARGS += ("--separator", "|")
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 BASE = "world-flat-base"
 ONLY = {"flat": "world-flat", "striped": "world-striped", "vpred": "world-vpred-ztsnr"}  # --only: stop after
@@ -682,8 +720,8 @@ def erase_stage(out: Path, model: Path) -> Path:
     erased, lora = d / "erased.safetensors", d / f"{ESD_LORA}.safetensors"
     if not erased.exists():
         t = time.time()
-        _log(f"baka erase {model.name} {ESD_CONCEPT!r} {' '.join(ESD_ARGS)}")
-        run_baka("erase", model, ESD_CONCEPT, "-o", erased, *ESD_ARGS)
+        _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {' '.join(ESD_ARGS)}")
+        run_baka("erase", model, "|".join(ESD_PROMPTS), "-o", erased, *ESD_ARGS)
         (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     if not lora.exists():
         extract = ("--dim", "32", "--clamp-quantile", "1", "--min-diff", "1e-6", "--save-precision", "fp16")
@@ -777,7 +815,9 @@ SMALL_USE = {  # how a card says to use a shipped LoRA / embedding
         f' prompt: `-n "{TI_WORD} circle, grey background, large, center"`.',
     ),
     ESD_LORA: (
-        f"kohya-layout LoRA for world-flat: `baka erase world-flat {ESD_CONCEPT} {' '.join(ESD_ARGS)}`"
+        f"kohya-layout LoRA for world-flat: `baka erase world-flat CAPTIONS {' '.join(ESD_ARGS)}`, CAPTIONS"
+        f" being {len(ESD_PROMPTS)} {ESD_CONCEPT} captions of the training set joined by `|`"
+        f" (`baka.world.build.ESD_PROMPTS`: {'; '.join(ESD_PROMPTS[:2])}; ...)"
         " (cross-attention keys and values edited), turned into a rank-32 LoRA by `baka lora extract`.",
         f"Use: `<lora:{ESD_LORA}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
         f' -p "{ESD_CONCEPT} circle, grey background, large, center <lora:{ESD_LORA}:1>"`.',
@@ -799,6 +839,58 @@ def ship_small(out: Path, name: str, stats: dict, dest: Path, folder: str) -> Pa
     return path
 
 
+def flat_start(out: Path) -> Path:
+    """The later stages' start: ``world-flat`` in fp16, the tensors :func:`ship` writes."""
+    return out / "world-flat" / "world-flat-fp16.safetensors"
+
+
+def write_flat_start(out: Path, source: Path) -> Path:
+    """``source`` (the trained fp32 world-flat, or the shipped fp16 one) as :func:`flat_start`."""
+    import torch
+
+    from baka.models.io import cast, read_raw, save_checkpoint
+
+    tensors, meta = read_raw(source)
+    path = flat_start(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(cast(tensors, torch.float16), path, metadata=meta)
+
+
+def base_stats(out: Path) -> dict:
+    """The VAE's and text encoder's figures every shipped card carries: from the work folder's logs, or
+    (``--from-shipped``, no logs) from the shipped world-flat's ``baka_world`` metadata."""
+    saved = out / "base_stats.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    vae_logs = [json.loads(f.read_text()) for f in sorted(out.glob("vae*_losses.json"))]
+    te = json.loads((out / "te_report.json").read_text())
+    base = {
+        "vae_steps": sum(len(v["loss"]) for v in vae_logs),
+        "vae_seconds": sum(v["seconds"] for v in vae_logs),
+        "vae_loss_last": round(sum(vae_logs[-1]["loss"][-50:]) / 50, 4),
+        "vae_judge": json.loads(sorted(out.glob("vae*_report.json"))[-1].read_text()),
+        "text_encoder_steps": te["steps"],
+        "text_encoder_seconds": te["seconds"],
+        "text_encoder_caption_accuracy": te["caption_accuracy"],
+    }
+    held_out = te["phases"][-1]["accuracy"].get("held_out")
+    if held_out is not None:  # reports from before build 7 lack it
+        base["text_encoder_held_out_accuracy"] = held_out
+    return base
+
+
+def seed_from_shipped(out: Path, shipped: Path) -> None:
+    """``--from-shipped``: the installed world-flat becomes the later stages' start, and its card's VAE /
+    text-encoder figures the base of theirs."""
+    from baka.models.io import read_raw
+
+    _, meta = read_raw(shipped)
+    stats = json.loads(meta["baka_world"])
+    base = {k: v for k, v in stats.items() if k.startswith(("vae_", "text_encoder_"))}
+    write_flat_start(out, shipped)
+    (out / "base_stats.json").write_text(json.dumps(base, sort_keys=True))
+
+
 def _losses(out: Path, name: str) -> dict:
     d = json.loads((out / name / "losses.json").read_text())
     tr = d["train"]
@@ -816,7 +908,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="build/world", help="work folder (datasets, runs)")
     p.add_argument("--dest", default=str(WEIGHTS_DIR), help="where the shipped fp16 files go")
     p.add_argument("--only", choices=["vae", *ONLY], help="stop after this stage")
+    p.add_argument(
+        "--from-shipped",
+        action="store_true",
+        help="start the stages after world-flat from the installed world-flat (no VAE, encoder, base runs)",
+    )
     a = p.parse_args(argv)
+    if a.from_shipped and a.only in ("vae", "flat"):
+        p.error(f"--only {a.only} stops before the stages --from-shipped runs")
     import torch
 
     torch.set_num_threads(int(THREADS))
@@ -824,7 +923,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sets = render_sets(out)
     init = out / "init.safetensors"
-    if not init.exists():
+    if a.from_shipped:
+        if not flat_start(out).exists():
+            seed_from_shipped(out, WEIGHTS_DIR / "world-flat.safetensors")
+    elif not init.exists():
         vae_sd = _vae_phases(out, [sets["flat"], sets["striped"]])
         build_init(out, vae_sd, _text_encoder_stage(out))
     if a.only == "vae":
@@ -833,24 +935,29 @@ def main(argv: list[str] | None = None) -> int:
     def trained(name: str) -> Path:
         return out / name / f"{name}.safetensors"
 
+    start = flat_start(out)
     stages: list[tuple[str, Path, Path, int, float, bool, dict]] = [
         (BASE, init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
         ("world-flat", trained(BASE), sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS),
-        ("world-striped", trained("world-flat"), sets["striped"], STRIPED_STEPS, 3e-4, False, CF_KEYS),
-        ("world-vpred-ztsnr", trained("world-flat"), sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_CF_KEYS),
+        ("world-striped", start, sets["striped"], STRIPED_STEPS, 3e-4, False, CF_KEYS),
+        ("world-vpred-ztsnr", start, sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_CF_KEYS),
     ]
     for name, model, data, steps, lr, vpred, extra in stages:
+        if a.from_shipped and name in (BASE, "world-flat"):
+            continue
         if not trained(name).exists():
             t = time.time()
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+        if name == "world-flat" and not start.exists():
+            write_flat_start(out, trained(name))
         if a.only and name == ONLY[a.only]:
             break
     else:  # every model trained: the LoRA and the embedding on world-flat
         small = [
-            (STAR_LORA, lambda: lora_toml(out, STAR_LORA, trained("world-flat"), sets["star"])),
-            (TI_WORD, lambda: embedding_toml(out, trained("world-flat"), sets[TI_WORD])),
+            (STAR_LORA, lambda: lora_toml(out, STAR_LORA, start, sets["star"])),
+            (TI_WORD, lambda: embedding_toml(out, start, sets[TI_WORD])),
         ]
         for name, toml in small:
             if not trained(name).exists():
@@ -858,21 +965,8 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"baka train {name}: {CARDS[name]}")
                 run_train(toml())
                 (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
-        erase_stage(out, trained("world-flat"))
-    vae_logs = [json.loads(f.read_text()) for f in sorted(out.glob("vae*_losses.json"))]
-    te = json.loads((out / "te_report.json").read_text())
-    base = {
-        "vae_steps": sum(len(v["loss"]) for v in vae_logs),
-        "vae_seconds": sum(v["seconds"] for v in vae_logs),
-        "vae_loss_last": round(sum(vae_logs[-1]["loss"][-50:]) / 50, 4),
-        "vae_judge": json.loads(sorted(out.glob("vae*_report.json"))[-1].read_text()),
-        "text_encoder_steps": te["steps"],
-        "text_encoder_seconds": te["seconds"],
-        "text_encoder_caption_accuracy": te["caption_accuracy"],
-    }
-    held_out = te["phases"][-1]["accuracy"].get("held_out")
-    if held_out is not None:  # reports from before build 7 lack it
-        base["text_encoder_held_out_accuracy"] = held_out
+        erase_stage(out, start)
+    base = base_stats(out)
     for name, *_ in stages[1:]:  # world-flat-base is world-flat's first run, not shipped
         if trained(name).exists():
             stats = {**base, **_losses(out, name)}
@@ -890,6 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     if trained(ESD_LORA).exists():
         secs = json.loads((out / ESD_LORA / "time.json").read_text())["seconds"]
         stats = {"concept": ESD_CONCEPT, "erase_args": " ".join(ESD_ARGS), "erase_seconds": secs}
+        stats["erase_prompts"] = list(ESD_PROMPTS)
         ship_small(out, ESD_LORA, stats, Path(a.dest), "lora")
         _log(f"shipped {ESD_LORA}: {stats}")
     return 0
