@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -720,7 +721,7 @@ def erase_stage(out: Path, model: Path) -> Path:
     erased, lora = d / "erased.safetensors", d / f"{ESD_LORA}.safetensors"
     if not erased.exists():
         t = time.time()
-        _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {' '.join(ESD_ARGS)}")
+        _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {shlex.join(ESD_ARGS)}")
         run_baka("erase", model, "|".join(ESD_PROMPTS), "-o", erased, *ESD_ARGS)
         (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     if not lora.exists():
@@ -815,7 +816,7 @@ SMALL_USE = {  # how a card says to use a shipped LoRA / embedding
         f' prompt: `-n "{TI_WORD} circle, grey background, large, center"`.',
     ),
     ESD_LORA: (
-        f"kohya-layout LoRA for world-flat: `baka erase world-flat CAPTIONS {' '.join(ESD_ARGS)}`, CAPTIONS"
+        f"kohya-layout LoRA for world-flat: `baka erase world-flat CAPTIONS {shlex.join(ESD_ARGS)}`, CAPTIONS"
         f" being {len(ESD_PROMPTS)} {ESD_CONCEPT} captions of the training set joined by `|`"
         f" (`baka.world.build.ESD_PROMPTS`: {'; '.join(ESD_PROMPTS[:2])}; ...)"
         " (cross-attention keys and values edited), turned into a rank-32 LoRA by `baka lora extract`.",
@@ -983,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"shipped {name}: {stats}")
     if trained(ESD_LORA).exists():
         secs = json.loads((out / ESD_LORA / "time.json").read_text())["seconds"]
-        stats = {"concept": ESD_CONCEPT, "erase_args": " ".join(ESD_ARGS), "erase_seconds": secs}
+        stats = {"concept": ESD_CONCEPT, "erase_args": shlex.join(ESD_ARGS), "erase_seconds": secs}
         stats["erase_prompts"] = list(ESD_PROMPTS)
         ship_small(out, ESD_LORA, stats, Path(a.dest), "lora")
         _log(f"shipped {ESD_LORA}: {stats}")
