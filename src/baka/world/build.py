@@ -137,17 +137,7 @@ ESD_PROMPTS = (
     "red triangle, yellow background, medium, center",
 )
 ESD_LORA = "world-no-red"
-ESD_ARGS: tuple[str, ...] = (
-    "--method",
-    "ESD-x",
-    "--preset",
-    "esd-2025",
-    "--lr",
-    "2e-3",
-    "--iterations",
-    "400",
-)
-ESD_ARGS += ("--separator", "|")
+ESD_ARGS = "--method ESD-x --preset esd-2025 --lr 2e-3 --iterations 400 --separator |".split()
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 BASE = "world-flat-base"
 ONLY = {"flat": "world-flat", "striped": "world-striped", "vpred": "world-vpred-ztsnr"}  # --only: stop after
