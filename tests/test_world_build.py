@@ -173,7 +173,6 @@ def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
     """Every stage after world-flat starts from its fp16 copy, so ``--from-shipped`` seeds that start
     from the package and goes straight to world-striped; the cards keep the VAE / encoder figures."""
     import pytest
-    import torch
 
     from baka.models.io import read_raw, save_checkpoint
 

@@ -70,20 +70,25 @@ def test_a_random_model_follows_nothing(tiny_files):
     assert m["background_accuracy"] <= 0.4 and m["color_accuracy"] <= 0.4, m
 
 
-def _favourite(rs) -> str:
+UNSAID_COLOUR = "circle, grey background, large, center"  # a prompt that names no colour
+
+
+@pytest.fixture(scope="module")
+def favourite(flat):
+    """world-flat's favourite colour for UNSAID_COLOUR and its share of N seeds (one generation for
+    both negative-prompt tests)."""
     from collections import Counter
 
-    return Counter(r.main.color for r in rs if r.main is not None).most_common(1)[0][0]
+    rs = readings(flat, UNSAID_COLOUR, n=N)
+    colour = Counter(r.main.color for r in rs if r.main is not None).most_common(1)[0][0]
+    return colour, color_share(rs, colour)
 
 
-def test_a_whole_caption_negative_prompt_moves_away_from_it(flat):
+def test_a_whole_caption_negative_prompt_moves_away_from_it(flat, favourite):
     """A caption-like negative prompt steers: the colour the prompt draws on every seed goes (build 7:
     purple 24/24 -> yellow 24/24)."""
-    base = "circle, grey background, large, center"
-    rs = readings(flat, base, n=N)
-    colour = _favourite(rs)
-    without = color_share(rs, colour)
-    with_neg = color_share(readings(flat, base, negative=f"{colour} {base}", n=N), colour)
+    colour, without = favourite
+    with_neg = color_share(readings(flat, UNSAID_COLOUR, negative=f"{colour} {UNSAID_COLOUR}", n=N), colour)
     assert with_neg <= without - NEG_GAP, (colour, without, with_neg)
 
 
@@ -113,24 +118,20 @@ def test_guidance_works(flat, full7):
         assert full7[k] >= m1[k] - 0.05, (k, m1, full7)
 
 
-def test_negative_prompt_removes_what_it_names(flat):
+def test_negative_prompt_removes_what_it_names(flat, favourite):
     """A prompt that names no colour gets world-flat's favourite colour on most seeds; one word in the
     negative prompt naming that colour removes part of it (the text encoder was pretrained on single
     tags too, the UNet trained with kohya's tag dropout; build 7: purple 24/24 -> 0/24, build 5: blue 24/24 ->
     16/24)."""
-    base = "circle, grey background, large, center"
-    rs = readings(flat, base, n=N)
-    colour = _favourite(rs)
-    without = color_share(rs, colour)
-    with_neg = color_share(readings(flat, base, negative=colour, n=N), colour)
+    colour, without = favourite
+    with_neg = color_share(readings(flat, UNSAID_COLOUR, negative=colour, n=N), colour)
     assert without >= 0.5 and with_neg <= without - NEG_GAP, (colour, without, with_neg)
 
 
 @pytest.mark.world
 def test_emphasis_moves_colour(flat):
-    base = "circle, grey background, large, center"
-    strong = color_share(readings(flat, "(red:1.4) " + base, n=N), "red")
-    weak = color_share(readings(flat, "(red:0.6) " + base, n=N), "red")
+    strong = color_share(readings(flat, "(red:1.4) " + UNSAID_COLOUR, n=N), "red")
+    weak = color_share(readings(flat, "(red:0.6) " + UNSAID_COLOUR, n=N), "red")
     assert strong >= weak + EMPH_GAP, (strong, weak)
 
 
