@@ -1,0 +1,65 @@
+"""ESD on the shapes world with another method or learning rate than the shipped ``world-no-red``
+(issue #10 names ESD-x and ESD-u). Each run is ``baka erase`` on the shipped world-flat with the build's
+16 red captions and arguments (``baka.world.build.ESD_PROMPTS`` / ``ESD_ARGS``), ``--method`` and
+``--lr`` replaced; the erased checkpoint is judged as ``world_claims.py`` judges the LoRA. One command,
+fixed seeds; ~7-8 min per ESD-u run on 2 cores (an existing output is judged again, not retrained; its
+erase time is shown only if this script made it).
+
+    .venv/bin/python bench/world_esd.py [--method ESD-u] [--lr 5e-4 1e-3] [--n 24] [--out build/world-esd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="ESD-u", help="baka erase --method")
+    ap.add_argument("--lr", nargs="+", default=["5e-4", "1e-3"], help="one run per learning rate")
+    ap.add_argument("--n", type=int, default=24, help="seeds / red captions / other captions judged")
+    ap.add_argument("--out", default="build/world-esd", help="where the erased checkpoints go")
+    ap.add_argument("--json", help="also write every figure here")
+    a = ap.parse_args()
+    from baka.generate.engine import Generator
+    from baka.models.shipped import shipped_path
+    from baka.world.build import ESD_ARGS, ESD_CONCEPT, ESD_PROMPTS, run_baka
+    from baka.world.eval import color_share, erase_scores, readings
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, figures = [], {}
+    for lr in a.lr:
+        args = dict(zip(ESD_ARGS[::2], ESD_ARGS[1::2], strict=True))  # every option takes a value
+        args.update({"--method": a.method, "--lr": lr})
+        erased = out / f"{a.method}-lr{lr}.safetensors"
+        timing = erased.with_suffix(".json")  # the erase's wall time, kept for a later re-judging
+        if not erased.exists():
+            t = time.time()
+            flat_args = [x for kv in args.items() for x in kv]
+            run_baka("erase", shipped_path("world-flat"), "|".join(ESD_PROMPTS), "-o", erased, *flat_args)
+            timing.write_text(json.dumps({"seconds": round(time.time() - t)}))
+        seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+        gen = Generator(erased, progress=False)
+        m = erase_scores(gen, ESD_CONCEPT, a.n)
+        m["word_share"] = color_share(readings(gen, ESD_CONCEPT, n=a.n), ESD_CONCEPT)
+        m["erase_seconds"] = seconds
+        figures[lr] = m
+        cells = (m["word_share"], m["erased_share"], m["others_color_accuracy"])
+        took = "-" if seconds is None else f"{seconds} s"
+        rows.append(f"| {lr} | {took} | " + " | ".join(f"{v:.0%}" for v in cells) + " |")
+        print(rows[-1], flush=True)
+    c = ESD_CONCEPT
+    print(f"\n### {a.method} erasing `{c}` ({len(ESD_PROMPTS)} captions, {a.n} seeds / captions)\n")
+    print(f"| lr | erase time | prompt `{c}` drawn {c} | {c} captions drawn {c} | other colours right |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
