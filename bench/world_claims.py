@@ -19,7 +19,8 @@ IN_FROM_B = ",".join(["0"] + ["1"] * 13 + ["0"] * 12)
 MERGE_PRESETS = ("GRAD_V", "GRAD_A", "FLAT_25", "FLAT_75", "SMOOTHSTEP", "REVERSE-SMOOTHSTEP")
 
 
-def _table(title: str, header: list[str], rows: list[list[object]]) -> str:
+def md_table(title: str, header: list[str], rows: list[list[object]]) -> str:
+    """A markdown table under a ``###`` title (also used by the other world bench scripts)."""
     fmt = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for r in rows:
         fmt.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
@@ -52,7 +53,7 @@ def prompt_following(suite: str) -> tuple[str, dict]:
         "texture",
         "images",
     ]
-    return _table(f"Prompt following ({suite} suite, 20 steps, DPM++ 2M Karras)", head, rows), data
+    return md_table(f"Prompt following ({suite} suite, 20 steps, DPM++ 2M Karras)", head, rows), data
 
 
 def guidance_and_emphasis(n: int) -> tuple[str, dict]:
@@ -78,7 +79,7 @@ def guidance_and_emphasis(n: int) -> tuple[str, dict]:
         data[name] = {"red": share, "blue": blue, "colours": dict(seen)}
         colours = ", ".join(f"{c} {k / len(rs):.0%}" for c, k in seen.most_common())
         rows.append([name, prompt, neg or "-", f"{share:.0%}", f"{blue:.0%}", colours])
-    return _table(
+    return md_table(
         f"Negative prompt and emphasis (world-flat, CFG 7, {n} seeds)",
         ["case", "prompt", "negative", "red", "blue", "colours read"],
         rows,
@@ -106,7 +107,7 @@ def block_merge(suite: str) -> tuple[str, dict]:
         data[name] = m
         rows.append([name, f"{m['shape_accuracy']:.0%}", f"{m['color_accuracy']:.0%}", m["texture_energy"]])
     gen.patcher.remove(merge)
-    return _table(
+    return md_table(
         f"Block merge world-flat x world-striped (runtime merge, {suite} suite, CFG 7)",
         ["weights (B = striped)", "shape", "colour", "texture energy"],
         rows,
@@ -132,7 +133,7 @@ def zero_snr(n: int) -> tuple[str, dict]:
                 lum = sum(r.luminance for r in rs) / len(rs)
                 data[f"{model}/{bg}/{freeu or 'off'}"] = lum
                 rows.append([model, f"{bg} background", freeu or "off", lum])
-    return _table(
+    return md_table(
         f"Zero-terminal SNR and FreeU: mean luminance ({n} seeds, CFG 7)",
         ["model", "prompt", "FreeU", "mean luminance"],
         rows,
@@ -149,7 +150,7 @@ def star_lora(n: int) -> tuple[str, dict]:
         m = star_scores(gen, n, lora=f"<lora:world-star:{w:g}>" if w else "")
         data[f"{w:g}"] = m
         rows.append([f"{w:g}", f"{m['star_share']:.0%}", f"{m['color_accuracy']:.0%}", m["n_images"]])
-    return _table(
+    return md_table(
         f"Star LoRA (world-star on world-flat, {n} large-star prompts, CFG 7)",
         ["LoRA weight", "stars", "colour", "images"],
         rows,
@@ -185,7 +186,7 @@ def textual_inversion(n: int) -> tuple[str, dict]:
             data[f"{gname}/{cname}"] = share
             rows.append([gname, cname, f"{share:.0%}", len(rs)])
     shutil.rmtree(folder.parent)
-    return _table(
+    return md_table(
         "Textual inversion (world-azure, 1 vector, on world-flat, CFG 7): share of blue shapes",
         ["embedding file", "prompt", "blue", "images"],
         rows,
@@ -205,7 +206,7 @@ def esd(n: int) -> tuple[str, dict]:
         rows.append(
             [name, f"{m['word_share']:.0%}", f"{m['erased_share']:.0%}", f"{m['others_color_accuracy']:.0%}"]
         )
-    return _table(
+    return md_table(
         f"ESD-x erasing `red` (world-no-red: `baka erase` on 16 red training captions, `--separator`;"
         f" {n} seeds / red captions / other captions)",
         ["model", "prompt `red` drawn red", "red captions drawn red", "other colours right"],

@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--out", default="build/world-esd", help="where the erased checkpoints go")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
+    from world_claims import md_table
+
     from baka.generate.engine import Generator
     from baka.models.shipped import shipped_path
     from baka.world.build import ESD_ARGS, ESD_CONCEPT, ESD_PROMPTS, run_baka
@@ -49,14 +51,12 @@ def main() -> None:
         m["erase_seconds"] = seconds
         figures[lr] = m
         cells = (m["word_share"], m["erased_share"], m["others_color_accuracy"])
-        took = "-" if seconds is None else f"{seconds} s"
-        rows.append(f"| {lr} | {took} | " + " | ".join(f"{v:.0%}" for v in cells) + " |")
-        print(rows[-1], flush=True)
+        rows.append([lr, "-" if seconds is None else f"{seconds} s", *(f"{v:.0%}" for v in cells)])
+        print(" | ".join(rows[-1]), flush=True)
     c = ESD_CONCEPT
-    print(f"\n### {a.method} erasing `{c}` ({len(ESD_PROMPTS)} captions, {a.n} seeds / captions)\n")
-    print(f"| lr | erase time | prompt `{c}` drawn {c} | {c} captions drawn {c} | other colours right |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    title = f"{a.method} erasing `{c}` ({len(ESD_PROMPTS)} captions, {a.n} seeds / captions)"
+    header = ["lr", "erase time", f"prompt `{c}` drawn {c}", f"{c} captions drawn {c}", "other colours right"]
+    print(md_table(title, header, rows))
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))
 

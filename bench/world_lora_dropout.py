@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="star prompts judged per variant")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
+    from world_claims import md_table
+
     from baka.generate.engine import Generator
     from baka.models.shipped import shipped_path
     from baka.world.build import STAR_IMAGES, STAR_SEED, lora_toml, run_train
@@ -60,11 +62,10 @@ def main() -> None:
         m["final_loss"] = round(sum(loss[-100:]) / len(loss[-100:]), 4)
         m["seconds"] = round(time.time() - t)
         figures[name] = m
-        rows.append(f"| {name} | {m['star_share']:.0%} | {m['color_accuracy']:.0%} | {m['final_loss']} |")
-        print(rows[-1], flush=True)
-    print(f"\n### Star LoRA with dropouts ({a.steps} steps, {a.n} large-star prompts, CFG 7)\n")
-    print("| variant | stars | colour | train loss (last 100 steps) |\n|---|---|---|---|")
-    print("\n".join(rows))
+        rows.append([name, f"{m['star_share']:.0%}", f"{m['color_accuracy']:.0%}", m["final_loss"]])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    title = f"Star LoRA with dropouts ({a.steps} steps, {a.n} large-star prompts, CFG 7)"
+    print(md_table(title, ["variant", "stars", "colour", "train loss (last 100 steps)"], rows))
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))
 
