@@ -193,15 +193,23 @@ def textual_inversion(n: int) -> tuple[str, dict]:
     ), data
 
 
+def esd_figures(gen, n: int, lora: str = "") -> dict:
+    """The ESD table's figures for a generator (and optional LoRA tag): red captions drawn red, the
+    other colours' accuracy, and the word ``red`` alone drawn red."""
+    from baka.world.eval import color_share, erase_scores, readings
+
+    m = erase_scores(gen, "red", n, lora=lora)
+    m["word_share"] = color_share(readings(gen, f"red {lora}".strip(), n=n), "red")
+    return m
+
+
 def esd(n: int) -> tuple[str, dict]:
     from baka.generate.engine import Generator
-    from baka.world.eval import color_share, erase_scores, readings
 
     gen = Generator(FLAT, progress=False)
     rows, data = [], {}
     for name, lora in (("world-flat", ""), ("world-flat + `<lora:world-no-red:1>`", "<lora:world-no-red:1>")):
-        m = erase_scores(gen, "red", n, lora=lora)
-        m["word_share"] = color_share(readings(gen, f"red {lora}".strip(), n=n), "red")
+        m = esd_figures(gen, n, lora)
         data[name] = m
         rows.append(
             [name, f"{m['word_share']:.0%}", f"{m['erased_share']:.0%}", f"{m['others_color_accuracy']:.0%}"]

@@ -24,12 +24,11 @@ def main() -> None:
     ap.add_argument("--out", default="build/world-esd", help="where the erased checkpoints go")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
-    from world_claims import md_table
+    from world_claims import esd_figures, md_table
 
     from baka.generate.engine import Generator
     from baka.models.shipped import shipped_path
-    from baka.world.build import ESD_ARGS, ESD_CONCEPT, ESD_PROMPTS, run_baka
-    from baka.world.eval import color_share, erase_scores, readings
+    from baka.world.build import ESD_ARGS, ESD_CONCEPT, ESD_PROMPTS, erase_in_context
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,13 +40,10 @@ def main() -> None:
         timing = erased.with_suffix(".json")  # the erase's wall time, kept for a later re-judging
         if not erased.exists():
             t = time.time()
-            flat_args = [x for kv in args.items() for x in kv]
-            run_baka("erase", shipped_path("world-flat"), "|".join(ESD_PROMPTS), "-o", erased, *flat_args)
+            erase_in_context(shipped_path("world-flat"), erased, [x for kv in args.items() for x in kv])
             timing.write_text(json.dumps({"seconds": round(time.time() - t)}))
         seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-        gen = Generator(erased, progress=False)
-        m = erase_scores(gen, ESD_CONCEPT, a.n)
-        m["word_share"] = color_share(readings(gen, ESD_CONCEPT, n=a.n), ESD_CONCEPT)
+        m = esd_figures(Generator(erased, progress=False), a.n)
         m["erase_seconds"] = seconds
         figures[lr] = m
         cells = (m["word_share"], m["erased_share"], m["others_color_accuracy"])

@@ -703,6 +703,13 @@ def run_train(toml: Path) -> None:
     run_baka("train", toml)
 
 
+def erase_in_context(model: Path, erased: Path, args: list[str] = ESD_ARGS) -> None:
+    """``baka erase`` ``ESD_PROMPTS`` from ``model`` into ``erased``, joined by the separator that
+    ``args`` names (one prompt per iteration)."""
+    sep = args[args.index("--separator") + 1]
+    run_baka("erase", model, sep.join(ESD_PROMPTS), "-o", erased, *args)
+
+
 def erase_stage(out: Path, model: Path) -> Path:
     """``baka erase`` the concept from ``model``, then ``baka lora extract`` the edit as a LoRA (fp16,
     rank 32, no clamping: exact on the edited layers; unchanged layers are skipped)."""
@@ -712,7 +719,7 @@ def erase_stage(out: Path, model: Path) -> Path:
     if not erased.exists():
         t = time.time()
         _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {shlex.join(ESD_ARGS)}")
-        run_baka("erase", model, "|".join(ESD_PROMPTS), "-o", erased, *ESD_ARGS)
+        erase_in_context(model, erased)
         (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     if not lora.exists():
         extract = ("--dim", "32", "--clamp-quantile", "1", "--min-diff", "1e-6", "--save-precision", "fp16")
