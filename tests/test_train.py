@@ -873,6 +873,91 @@ def test_clip_skip_and_long_captions_condition_as_generation(tmp_path, tiny_file
     assert one.shape == (1, 77) and torch.equal(one[0], ids[1, :77])
 
 
+def test_weighted_captions_tokens_and_states_by_hand(tiny_files):
+    """kohya's weighted_captions: A1111's emphasis in a caption weights its tokens' states. The ids are
+    the caption's without the brackets; the weights a table from the documented syntax ((x:w) times w,
+    (x) times 1.1, [x] divided by 1.1, 1.0 at BOS / EOS / padding); "No norm" (kohya's SD strategy)
+    multiplies the plain states by them, "Original" is generation's default emphasis (mean restored)."""
+    from baka.generate.conditioning import PromptEncoder
+    from baka.models.io import load_checkpoint
+    from baka.models.pipeline import build_module
+    from baka.models.tokenizer import BOS_ID, EOS_ID, tokenize
+    from baka.models.tokenizer import load_tokenizer as _tokenizer
+    from baka.train.modes import plain_states, plain_tokens, weighted_states, weighted_tokens
+
+    ck = load_checkpoint(tiny_files[0])
+    te = build_module("text_encoder", ck.config, ck.components()["text_encoder"])
+    tok = _tokenizer()
+    caption = "(red:1.4) circle, [blue] background, (large), ((center))"
+    bare = "red circle, blue background, large, center"
+    cond = weighted_tokens(None, tok, [caption, bare], "cpu")
+    assert cond.shape == (2, 2, 77) and cond.dtype == torch.float64
+    words = ["red", "circle", ",", "blue", "background", ",", "large", ",", "center"]
+    assert [len(tokenize(w)) for w in words] == [1] * 9  # one token each, so the table is per word
+    want_w = [1.0, 1.4, 1.0, 1.0, 1 / 1.1, 1.0, 1.0, 1.1, 1.0, 1.1 * 1.1] + [1.0] * 67
+    assert cond[0, 0].long().tolist() == [BOS_ID, *[tokenize(w)[0] for w in words]] + [EOS_ID] * 67
+    assert torch.equal(cond[0, 0].long(), plain_tokens(None, tok, [bare], "cpu")[0])
+    torch.testing.assert_close(cond[0, 1], torch.tensor(want_w, dtype=torch.float64))
+    assert torch.equal(cond[1, 1], torch.ones(77, dtype=torch.float64))  # no syntax: all 1
+    # kohya's caption parser has no BREAK: the word stays text, weighted as its bracket
+    brk = weighted_tokens(None, tok, ["(red BREAK circle:2)", "red BREAK circle"], "cpu")
+    assert torch.equal(brk[1, 0].long(), plain_tokens(None, tok, ["red BREAK circle"], "cpu")[0])
+    assert brk[0, 1, 1:4].tolist() == [2.0, 2.0, 2.0] and torch.equal(brk[0, 0], brk[1, 0])
+    with torch.no_grad():
+        plain = plain_states(None, te, cond[:, 0].long())
+        no_norm = weighted_states(None, te, cond)
+        original = weighted_states(None, te, cond, emphasis="Original")
+        want_original = PromptEncoder(te, emphasis="Original").encode(caption)[0]
+    w = torch.tensor(want_w, dtype=torch.float32)[:, None]
+    torch.testing.assert_close(no_norm[0], plain[0] * w)
+    torch.testing.assert_close(original[0], want_original, rtol=1e-5, atol=1e-5)
+    assert torch.equal(no_norm[1], plain[1]) and torch.equal(original[1], plain[1])  # weights 1: unchanged
+    ratio = (no_norm[0] / plain[0])[1:10, 0].tolist()  # each token's state scaled by its own weight
+    assert ratio == pytest.approx(want_w[1:10], rel=1e-5)
+    # max_token_length 150: generation's chunks of the weighted caption, each weighted as generation does
+    long = ", ".join(f"(tag{i}:1.2) detail" for i in range(30))
+    cond2 = weighted_tokens(None, tok, [long, caption], "cpu", chunks=2)
+    assert cond2.shape == (2, 2, 154)
+    with torch.no_grad():
+        got = weighted_states(None, te, cond2, emphasis="Original")
+        enc = PromptEncoder(te, emphasis="Original")
+        want_long = enc.encode_chunks(enc.chunks(long)[:2])[0]
+        want_short = torch.cat([enc.encode(caption)[0], enc.encode("")[0]])
+    torch.testing.assert_close(got[0], want_long, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want_short, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_captions_reach_training_and_are_checked(tmp_path, tiny_files, images):
+    """weighted_captions = true trains on the weighted states: captions without emphasis train exactly
+    as without the option; the same captions with "(red:2)" train other weights. Refused for textual
+    inversion; an unknown emphasis mode names the nearest."""
+    import shutil
+
+    emph = tmp_path / "emph"
+    shutil.copytree(images, emph)
+    for f in emph.glob("*.txt"):
+        f.write_text(f.read_text().replace("red circle", "(red:2) circle").replace(", solo", ", [solo]"))
+
+    def run(name, data, **over):
+        (tmp_path / name).mkdir()
+        cfg = load_config(write_config(tmp_path / name, tiny_files[0], data, max_steps=2, **over))
+        return lora_tensors(train(cfg, progress=False).output)
+
+    base = run("base", images)
+    same = run("same", images, weighted_captions=True)
+    weighted = run("weighted", emph, weighted_captions=True, weighted_captions_emphasis="original")
+    literal = run("literal", emph)  # the brackets as characters
+    assert all(torch.equal(base[k], same[k]) for k in base)
+    assert any(not torch.equal(weighted[k], base[k]) for k in base)
+    assert any(not torch.equal(weighted[k], literal[k]) for k in base)
+    for over, match in (
+        ({"mode": "embedding", "token_string": "emb"}, "not with mode 'embedding'"),
+        ({"weighted_captions_emphasis": "No nrom"}, "did you mean 'No norm'"),
+    ):
+        with pytest.raises(BakaError, match=match):
+            load_config(write_config(tmp_path, tiny_files[0], images, weighted_captions=True, **over))
+
+
 def test_clip_skip_and_max_token_length_train_and_are_recorded(tmp_path, tiny_files, images):
     cfg = load_config(
         write_config(tmp_path, tiny_files[0], images, max_steps=2, clip_skip=2, max_token_length=150)

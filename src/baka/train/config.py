@@ -111,6 +111,10 @@ class TrainConfig:
     freeze_final_layer_norm: bool = False  # ED2 trains the final layer norm unless told not to
     clip_skip: int = 1  # kohya / A1111: condition on CLIP layer -N (anime SD1 models use 2)
     max_token_length: int = 75  # kohya: 75, 150 or 225 caption tokens (A1111's 75-token chunks)
+    # kohya: captions' A1111 emphasis ("(red:1.3)") weights the text encoder's states, as in generation
+    weighted_captions: bool = False
+    # how the weights apply (A1111's emphasis modes): "No norm" (kohya today), "Original" (A1111 default)
+    weighted_captions_emphasis: str = "No norm"
     optimizer: str = "AdamW"  # kohya's names (baka.train.optim.OPTIMIZERS)
     optimizer_args: list[str] | dict = field(default_factory=list)  # kohya: ["key=value", ...]
     weight_decay: float = 1e-2
@@ -452,8 +456,18 @@ def check_steps(cfg: TrainConfig) -> None:
 
 
 def check_text_settings(cfg: TrainConfig) -> None:
-    """kohya's ranges: ``max_token_length`` 75 / 150 / 225, ``clip_skip`` from 1 (to the encoder's 12)."""
+    """kohya's ranges: ``max_token_length`` 75 / 150 / 225, ``clip_skip`` from 1 (to the encoder's 12);
+    ``weighted_captions`` with a known emphasis mode, and not for textual inversion."""
     if cfg.max_token_length not in (75, 150, 225):
         raise BakaError(f"max_token_length must be 75, 150 or 225 (kohya), not {cfg.max_token_length}")
     if not 1 <= cfg.clip_skip <= 12:
         raise BakaError(f"clip_skip must be from 1 to 12, not {cfg.clip_skip}")
+    if cfg.weighted_captions:
+        from baka.generate.conditioning import EMPHASIS
+
+        if cfg.mode == "embedding":
+            raise BakaError("weighted_captions: not with mode 'embedding' (its captions are read unweighted)")
+        try:
+            cfg.weighted_captions_emphasis = EMPHASIS.canonical(cfg.weighted_captions_emphasis)
+        except BakaError as e:
+            raise BakaError(f"weighted_captions_emphasis: {e}") from None

@@ -5,7 +5,8 @@ the run writes. ``lora`` (kohya LoRA / LoCon), ``full`` (EveryDream2 fine-tune),
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,6 +58,61 @@ def plain_states(
     b, n = cond.shape[0], cond.shape[1] // 77
     z = clip_states(text_encoder, cond.reshape(b * n, 77), clip_skip)
     return z.reshape(b, n * 77, z.shape[-1])
+
+
+def weighted_tokens(
+    extra: nn.Module | None, tok, captions: list[str], device, chunks: int = 1
+) -> torch.Tensor:
+    """kohya's ``weighted_captions``: [B, 2, 77 * chunks], each caption's token ids (row 0) and their
+    A1111 emphasis weights (row 1; 1.0 at BOS, EOS and padding), float64 so the ids stay exact.
+
+    The caption is parsed as A1111 parses a prompt (``(word:1.3)``, ``(word)``, ``[word]``) and each run
+    tokenized on its own. One chunk: the runs' tokens cut at 75, between BOS and EOS padding, as kohya's
+    ``_get_weighted_input_ids``; without emphasis syntax the ids are :func:`plain_tokens`'. More chunks
+    (``max_token_length`` 150 / 225): the chunks generation builds, as :func:`plain_tokens` takes them."""
+    from baka.generate.prompt import CHUNK, chunk_prompt, parse_prompt_attention
+    from baka.models.tokenizer import BOS_ID, EOS_ID, tokenize
+
+    rows = []
+    for caption in captions:
+        if chunks == 1:
+            ids: list[int] = []
+            weights: list[float] = []
+            last = 1.0
+            for text, w in parse_prompt_attention(caption):
+                # kohya's caption parser knows no BREAK: the word is text, weighted as its bracket's text
+                # (the run before it; A1111's parser marks BREAK with a negative weight)
+                w = last if text == "BREAK" and w < 0 else w
+                got, last = tokenize(text), w
+                ids += got
+                weights += [w] * len(got)
+            ids, weights = ids[:CHUNK], weights[:CHUNK]
+            pad = CHUNK - len(ids)
+            rows.append([[BOS_ID, *ids, *[EOS_ID] * (pad + 1)], [1.0, *weights, *[1.0] * (pad + 1)]])
+            continue
+        got_chunks = chunk_prompt(caption, parse=True)[0][:chunks]
+        got_chunks += chunk_prompt("", parse=False)[0] * (chunks - len(got_chunks))
+        rows.append([[t for c in got_chunks for t in c.tokens], [w for c in got_chunks for w in c.weights]])
+    return torch.tensor(rows, dtype=torch.float64, device=device)
+
+
+def weighted_states(
+    extra: nn.Module | None,
+    text_encoder: nn.Module,
+    cond: torch.Tensor,
+    clip_skip: int = 1,
+    emphasis: str = "No norm",
+) -> torch.Tensor:
+    """[B, 77 * chunks, width]: :func:`plain_states` of the ids, each token's state multiplied by its
+    weight by A1111's ``emphasis`` mode, chunk by chunk: ``No norm`` (kohya's text encoding strategy
+    today), ``Original`` (A1111's default and older kohya's: the chunk's mean restored afterwards)."""
+    from baka.generate.conditioning import EMPHASIS
+
+    ids, weights = cond[:, 0].long(), cond[:, 1].float()
+    z = plain_states(extra, text_encoder, ids, clip_skip)
+    b, n, width = z.shape[0], z.shape[1] // 77, z.shape[-1]
+    out = EMPHASIS.get(emphasis).apply(z.float().reshape(b * n, 77, width), weights.reshape(b * n, 77))
+    return out.to(z.dtype).reshape(b, n * 77, width)
 
 
 @dataclass(frozen=True)
@@ -129,6 +185,12 @@ def _embedding_states(extra, text_encoder: nn.Module, cond: torch.Tensor, clip_s
     return extra.text_states(text_encoder, cond, clip_skip)
 
 
+def with_weighted_captions(mode: Mode, emphasis: str) -> Mode:
+    """``mode`` with kohya's ``weighted_captions``: captions keep their emphasis weights to the encoder's
+    states (:func:`weighted_tokens`, :func:`weighted_states`)."""
+    return replace(mode, tokens=weighted_tokens, text_states=partial(weighted_states, emphasis=emphasis))
+
+
 MODES: Registry[Mode] = Registry("training mode")
 MODES.add("lora", Mode(_lora, _save_lora))
 MODES.add("full", Mode(_full, _save_full), aliases=("finetune",))
@@ -138,4 +200,4 @@ MODES.add(
     aliases=("textual_inversion", "ti"),
 )
 
-__all__ = ["MODES", "Mode", "Trainable"]
+__all__ = ["MODES", "Mode", "Trainable", "with_weighted_captions"]

@@ -26,7 +26,7 @@ from baka.train.config import TrainConfig, check_steps, check_text_settings
 from baka.train.data import Dataset, LatentCache, captions_for
 from baka.train.logs import DEFAULT_TRACKER_NAME, StepLogs, log_target, lr_names
 from baka.train.loss import caption_free_loss, ddpm_schedule, diffusion_loss, draw_noise
-from baka.train.modes import MODES, Mode
+from baka.train.modes import MODES, Mode, with_weighted_captions
 from baka.train.network import LoRANetwork
 from baka.train.optim import (
     EMA,
@@ -156,8 +156,10 @@ class _Run:
         te_layers = freeze_text_encoder(te, cfg)
         self.network, named = trainables(cfg, unet, te, te_layers, self.device)
         self.named, groups = param_groups(named, cfg)
-        self.mode = MODES.get(cfg.mode)
         check_text_settings(cfg)
+        self.mode = MODES.get(cfg.mode)
+        if cfg.weighted_captions:
+            self.mode = with_weighted_captions(self.mode, cfg.weighted_captions_emphasis)
         check_steps(cfg)
         denoiser = _Denoiser(
             unet,
