@@ -956,6 +956,10 @@ def test_weighted_captions_reach_training_and_are_checked(tmp_path, tiny_files, 
     ):
         with pytest.raises(BakaError, match=match):
             load_config(write_config(tmp_path, tiny_files[0], images, weighted_captions=True, **over))
+    from baka.train.config import TrainConfig, check_text_settings
+
+    with pytest.raises(BakaError, match="not with mode 'embedding'"):  # an alias, as Python may give it
+        check_text_settings(TrainConfig(model="m", output_dir="o", mode="ti", weighted_captions=True))
 
 
 def test_clip_skip_and_max_token_length_train_and_are_recorded(tmp_path, tiny_files, images):

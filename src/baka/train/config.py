@@ -464,8 +464,9 @@ def check_text_settings(cfg: TrainConfig) -> None:
         raise BakaError(f"clip_skip must be from 1 to 12, not {cfg.clip_skip}")
     if cfg.weighted_captions:
         from baka.generate.conditioning import EMPHASIS
+        from baka.train.modes import MODES
 
-        if cfg.mode == "embedding":
+        if MODES.canonical(cfg.mode) == "embedding":  # a config built in Python may name an alias
             raise BakaError("weighted_captions: not with mode 'embedding' (its captions are read unweighted)")
         try:
             cfg.weighted_captions_emphasis = EMPHASIS.canonical(cfg.weighted_captions_emphasis)
