@@ -63,15 +63,17 @@ def render_set(out: Path, share: float, seed: int = 13) -> int:
 
 def strength(image, color: str, background: str) -> float:
     """The shape's colour strength: its pixels' (those 30 RGB units or more from the background) mean
-    colour projected on background -> palette colour; 0 when no shape is drawn."""
+    colour projected on background -> palette colour; 0 when fewer pixels than the judge's smallest
+    shape are drawn."""
     import numpy as np
 
     from baka.world.render import BACKGROUNDS, COLORS
+    from baka.world.score import MIN_AREA
 
     a = np.asarray(image.convert("RGB")).astype(np.float32)
     bg, c = np.array(BACKGROUNDS[background], np.float32), np.array(COLORS[color], np.float32)
     fg = np.sqrt(((a - bg) ** 2).sum(-1)) > 30
-    if fg.sum() < 12:
+    if fg.sum() < MIN_AREA:
         return 0.0
     axis = c - bg
     return float(((a[fg] - bg) @ axis).mean() / (axis @ axis))

@@ -41,24 +41,19 @@ class TrainableEmbedding(nn.Module):
         """[B, 2, 77 chunks]: each caption's first ``chunks`` 77-token chunks as generation builds them
         (kohya's max_token_length 150 / 225; short captions padded with the empty chunk), and for each
         position the index of the vector that replaces it (-1: the token's own embedding)."""
-        from baka.generate.prompt import chunk_prompt
+        from baka.train.modes import caption_chunks
 
-        empty = chunk_prompt("", parse=False)[0][0].tokens
         rows = []
         for caption in captions:
             ids: list[int] = []
             slots: list[int] = []
-            got = chunk_prompt(caption, self.db, parse=False)[0][:chunks]
-            for chunk in got:
+            for chunk in caption_chunks(caption, chunks, embeddings=self.db):
                 here = [-1] * len(chunk.tokens)
                 for pos, emb in chunk.fixes:
                     for k in range(emb.vectors.shape[0]):
                         here[pos + k] = k
                 ids += chunk.tokens
                 slots += here
-            for _ in range(chunks - len(got)):
-                ids += empty
-                slots += [-1] * len(empty)
             rows.append([ids, slots])
         return torch.tensor(rows, device=device)
 

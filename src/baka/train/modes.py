@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -21,6 +21,24 @@ Trainable = dict[str, tuple[nn.Parameter, str]]  # name -> (parameter, block id)
 Build = Callable[[TrainConfig, nn.Module, nn.Module, set[int], object], tuple[nn.Module | None, Trainable]]
 # (cfg, the unwrapped denoiser, base checkpoint, dataset, step, seconds) -> output file
 Save = Callable[..., Path]
+
+
+def caption_chunks(caption: str, chunks: int, *, parse: bool = False, embeddings=None) -> list:
+    """The caption's first ``chunks`` 77-token chunks as generation builds them (kohya's
+    ``max_token_length`` 150 / 225), a short caption padded with the empty prompt's chunk; ``parse``:
+    A1111's emphasis syntax read (else brackets are literal); ``embeddings``: their names give way to
+    vector slots (:func:`baka.generate.prompt.chunk_prompt`)."""
+    from baka.generate.prompt import chunk_prompt
+
+    got = chunk_prompt(caption, embeddings, parse=parse)[0][:chunks]
+    return got + _empty_chunk() * (chunks - len(got))
+
+
+@cache
+def _empty_chunk() -> list:
+    from baka.generate.prompt import chunk_prompt
+
+    return chunk_prompt("", parse=False)[0]
 
 
 def plain_tokens(extra: nn.Module | None, tok, captions: list[str], device, chunks: int = 1) -> torch.Tensor:
@@ -38,13 +56,7 @@ def plain_tokens(extra: nn.Module | None, tok, captions: list[str], device, chun
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(device)
-    from baka.generate.prompt import chunk_prompt
-
-    empty = chunk_prompt("", parse=False)[0][0].tokens
-    rows = []
-    for c in captions:
-        got = [ch.tokens for ch in chunk_prompt(c, parse=False)[0][:chunks]]
-        rows.append([t for ch in got + [empty] * (chunks - len(got)) for t in ch])
+    rows = [[t for ch in caption_chunks(c, chunks) for t in ch.tokens] for c in captions]
     return torch.tensor(rows, device=device)
 
 
@@ -70,7 +82,7 @@ def weighted_tokens(
     tokenized on its own. One chunk: the runs' tokens cut at 75, between BOS and EOS padding, as kohya's
     ``_get_weighted_input_ids``; without emphasis syntax the ids are :func:`plain_tokens`'. More chunks
     (``max_token_length`` 150 / 225): the chunks generation builds, as :func:`plain_tokens` takes them."""
-    from baka.generate.prompt import CHUNK, chunk_prompt, parse_prompt_attention
+    from baka.generate.prompt import CHUNK, parse_prompt_attention
     from baka.models.tokenizer import BOS_ID, EOS_ID, tokenize
 
     rows = []
@@ -90,9 +102,8 @@ def weighted_tokens(
             pad = CHUNK - len(ids)
             rows.append([[BOS_ID, *ids, *[EOS_ID] * (pad + 1)], [1.0, *weights, *[1.0] * (pad + 1)]])
             continue
-        got_chunks = chunk_prompt(caption, parse=True)[0][:chunks]
-        got_chunks += chunk_prompt("", parse=False)[0] * (chunks - len(got_chunks))
-        rows.append([[t for c in got_chunks for t in c.tokens], [w for c in got_chunks for w in c.weights]])
+        got = caption_chunks(caption, chunks, parse=True)
+        rows.append([[t for c in got for t in c.tokens], [w for c in got for w in c.weights]])
     return torch.tensor(rows, dtype=torch.float64, device=device)
 
 
