@@ -58,7 +58,8 @@ def prompt_following(suite: str) -> tuple[str, dict]:
 
 def guidance_and_emphasis(n: int) -> tuple[str, dict]:
     from baka.generate.engine import Generator
-    from baka.world.eval import color_share, readings
+    from baka.world.eval import color_share, images
+    from baka.world.score import color_strength, read_image
 
     gen = Generator(FLAT, progress=False)
     base = "circle, grey background, large, center"
@@ -73,15 +74,17 @@ def guidance_and_emphasis(n: int) -> tuple[str, dict]:
     ]
     rows, data = [], {}
     for name, prompt, neg in cases:
-        rs = readings(gen, prompt, negative=neg, n=n)
+        ims = images(gen, prompt, negative=neg, n=n)
+        rs = [read_image(im) for im in ims]
         share, blue = color_share(rs, "red"), color_share(rs, "blue")
+        strength = sum(color_strength(im, "red", "grey") for im in ims) / n  # emphasis: how red
         seen = Counter(r.main.color if r.main else "none" for r in rs)
-        data[name] = {"red": share, "blue": blue, "colours": dict(seen)}
+        data[name] = {"red": share, "blue": blue, "red_strength": strength, "colours": dict(seen)}
         colours = ", ".join(f"{c} {k / len(rs):.0%}" for c, k in seen.most_common())
-        rows.append([name, prompt, neg or "-", f"{share:.0%}", f"{blue:.0%}", colours])
+        rows.append([name, prompt, neg or "-", f"{share:.0%}", f"{strength:.2f}", f"{blue:.0%}", colours])
     return md_table(
-        f"Negative prompt and emphasis (world-flat, CFG 7, {n} seeds)",
-        ["case", "prompt", "negative", "red", "blue", "colours read"],
+        f"Negative prompt and emphasis (world-flat, CFG 7, {n} seeds; red strength: palette red 1, grey 0)",
+        ["case", "prompt", "negative", "red", "red strength", "blue", "colours read"],
         rows,
     ), data
 

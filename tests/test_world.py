@@ -90,6 +90,27 @@ def test_judge_texture_luminance_and_reserved_shape():
     }
 
 
+def test_color_strength_reads_a_faded_colour():
+    """The emphasis measure: a shape faded towards its background by w reads w times the palette
+    colour's reading (1, less its antialiased edge), any background and colour; no shape reads 0."""
+    from baka.world.score import color_strength
+
+    for color, bg, shape in (
+        ("red", "grey", "circle"),
+        ("blue", "white", "square"),
+        ("yellow", "black", "triangle"),
+    ):
+        scene = R.Scene(shapes=(R.make_shape(color, shape, "large", "center"),), background=bg)
+        img, b = R.render_scene(scene).astype(np.float32), np.array(R.BACKGROUNDS[bg], np.float32)
+        full = color_strength(img.astype(np.uint8), color, bg)
+        assert 0.9 <= full <= 1.0  # below 1 only by the antialiased edge
+        for w in (0.4, 0.7):
+            faded = np.clip(b + w * (img - b), 0, 255).round().astype(np.uint8)
+            assert color_strength(faded, color, bg) == pytest.approx(w * full, abs=0.05), (color, bg, w)
+        blank = np.broadcast_to(b, img.shape).astype(np.uint8)
+        assert color_strength(blank, color, bg) == 0.0
+
+
 def test_star_split_and_star_harmonic():
     stars = list(R.scenes(40, seed=3, split="star"))
     assert {s.shapes[0].shape for s in stars} == {"star"} and len({s.caption for s in stars}) > 20

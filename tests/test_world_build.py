@@ -3,6 +3,7 @@ text encoder's pretraining and a short pretraining run. The full build is ``make
 
 import json
 
+import pytest
 import torch
 
 from baka.world import build
@@ -148,25 +149,101 @@ def test_the_small_runs_configs_load_as_written(tmp_path):
     assert ti.output_name == build.TI_WORD and ti.dataset.subsets[0].caption_dropout_rate == 0.0
 
 
-def test_the_model_stages_configs_load_as_written(tmp_path):
-    """world-flat's second run and the fine-tunes from it keep CFG off the low-noise steps; the base run
-    trains with the plain loss."""
+@pytest.mark.parametrize("emphasis", [False, True])
+def test_the_model_stages_configs_load_as_written(tmp_path, emphasis):
+    """world-flat's runs: the base run with the plain loss, then the caption-free run (with
+    ``--emphasis``: world-flat-cf, then the weighted-caption run on the weighted set without the
+    caption-free setting, then world-flat caption-free on that set); the fine-tunes from world-flat keep
+    CFG off the low-noise steps."""
     from baka.train.config import load_config
 
-    data = tmp_path / "data"
-    data.mkdir()
-    model = tmp_path / "m.safetensors"
-    base = load_config(build.train_toml(tmp_path, build.BASE, model, data, 10, lr=1e-3, extra=build.EPS_KEYS))
-    assert base.caption_free_below_timestep == 0 and base.v_pred_like_loss == 0.5
-    for name, keys, vpred, below in (
-        ("world-flat", build.CF_KEYS, False, 300),
-        ("world-vpred-ztsnr", build.VPRED_CF_KEYS, True, 700),
-    ):
+    sets = {k: tmp_path / k for k in ("flat", "striped", "weighted")}
+    stages = build.model_stages(tmp_path, sets, tmp_path / "init.safetensors", emphasis=emphasis)
+    want = {  # name: (caption-free below, weighted captions, data, start)
+        build.BASE: (0, False, "flat", tmp_path / "init.safetensors"),
+    }
+    if emphasis:
+        want[build.CF_RUN] = (300, False, "flat", build.trained(tmp_path, build.BASE))
+        want[build.WEIGHTED] = (0, True, "weighted", build.fp16_copy(tmp_path, build.CF_RUN))
+        want["world-flat"] = (300, True, "weighted", build.trained(tmp_path, build.WEIGHTED))
+    else:
+        want["world-flat"] = (300, False, "flat", build.trained(tmp_path, build.BASE))
+    want["world-striped"] = (300, False, "striped", build.flat_start(tmp_path))
+    want["world-vpred-ztsnr"] = (700, False, "flat", build.flat_start(tmp_path))
+    assert [s[0] for s in stages] == list(want)
+    assert {s[0] for s in stages if s[0].startswith("world-flat")} <= set(build.FLAT_CHAIN)
+    for name, model, data, steps, lr, vpred, extra in stages:
         cfg = load_config(
-            build.train_toml(tmp_path, name, model, data, 10, lr=3e-4, v_pred=vpred, extra=keys)
+            build.train_toml(tmp_path, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra)
         )
-        assert cfg.caption_free_below_timestep == below and cfg.v_prediction == vpred
+        below, weighted, folder, start = want[name]
+        assert cfg.caption_free_below_timestep == below and cfg.weighted_captions == weighted, name
+        assert cfg.v_prediction == vpred == (name == "world-vpred-ztsnr")
+        assert cfg.dataset.subsets[0].image_dir == str(sets[folder]) and cfg.model == str(start)
         assert cfg.dataset.subsets[0].caption_tag_dropout_rate == build.TAG_DROPOUT
+        if weighted:
+            assert cfg.weighted_captions_emphasis == "No norm"  # kohya's SD text encoding
+    assert stages[0][-1]["v_pred_like_loss"] == 0.5
+
+
+def test_the_emphasis_candidate_is_never_written_over_the_shipped_files(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        build.main(["--emphasis", "--out", "unused"])
+    assert "--dest" in capsys.readouterr().err
+
+
+def test_the_weighted_set_fades_the_weighted_colour(tmp_path):
+    """data/weighted: the flat scenes; weighted colour words (A1111 syntax) on a share of one-shape
+    scenes, the colour faded towards the background by the weight below 1, kept above."""
+    import re
+
+    from PIL import Image
+
+    from baka.world.render import render_scene, scenes
+    from baka.world.score import color_strength
+
+    n = 60
+    assert build.render_weighted(tmp_path, n=n, share=1.0) > 20
+    weighted = 0
+    for i, sc in enumerate(scenes(n, 0, "flat", "train")):
+        caption = (tmp_path / f"{i:05d}.txt").read_text()
+        m = re.match(r"\((\w+):([\d.]+)\) (\w+), ", caption)
+        if len(sc.shapes) == 2:
+            assert caption == sc.caption
+            continue
+        s = sc.shapes[0]
+        assert m and m.group(1, 3) == (s.color, s.shape), caption
+        w = float(m.group(2))
+        assert w in build.EMPH_FADED + build.EMPH_ABOVE
+        assert caption.replace(m.group(0), f"{s.color} {s.shape}, ") == sc.caption
+        got = color_strength(Image.open(tmp_path / f"{i:05d}.png"), s.color, sc.background)
+        full = color_strength(render_scene(sc), s.color, sc.background)  # < 1 by the antialiased edge
+        assert abs(got - min(w, 1.0) * full) < 0.05, (caption, got, full)
+        weighted += 1
+    assert weighted > 20
+    # the build's share: about half the one-shape scenes
+    again = tmp_path / "half"
+    assert 0.3 * n < build.render_weighted(again, n=n) < 0.6 * n
+
+
+def test_the_decoder_phase_leaves_the_latent_space_alone(tmp_path):
+    """VAE phase 3 trains post_quant_conv and the decoder only, so every UNet trained on the encoder's
+    latents stays valid; no rescale either."""
+    from baka.models.config import make_vae
+    from baka.world.render import render_folder
+
+    render_folder(tmp_path / "img", 6, seed=0, style="flat", split="train")
+    torch.manual_seed(0)
+    before = make_vae(build.world_config().vae).state_dict()
+    after, log = build.train_vae(
+        [tmp_path / "img"], steps=2, batch=2, init=before, lr=1e-3, decoder_only=True, fade=1.0
+    )
+    assert len(log) == 2
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder and any(not torch.equal(before[k], after[k]) for k in decoder)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in decoder)
 
 
 def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
@@ -195,7 +272,9 @@ def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
 
     out = tmp_path / "late"
     monkeypatch.setattr(
-        build, "render_sets", lambda o: {k: o / k for k in ("flat", "striped", "star", build.TI_WORD)}
+        build,
+        "render_sets",
+        lambda o, emphasis=False: {k: o / k for k in ("flat", "striped", "star", build.TI_WORD)},
     )
     monkeypatch.setattr(build, "run_train", fake_train)
     with pytest.raises(Trained):

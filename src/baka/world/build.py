@@ -25,6 +25,12 @@ Every stage after ``world-flat`` starts from its fp16 copy, the tensors the pack
 ``--from-shipped`` reproduces stages 4 (striped, v-prediction) to 6 from the installed ``world-flat``
 alone, without the hour before it; a from-scratch build gives the same tensors.
 
+``--emphasis`` builds the build 9 candidate (not shipped: it teaches world-flat A1111 emphasis but
+costs four other claims; docs/world.md, "Build 9 candidate"): a third VAE phase fits the decoder alone to
+faded colours, a ``weighted`` set (colour words weighted, the colour faded below 1) is rendered, and
+world-flat's caption-free run (``world-flat-cf``) is followed by ``world-flat-weighted`` (kohya's
+``weighted_captions``) and ``world-flat``, caption-free again on the weighted set.
+
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
 2-core machine two threads are twice as fast as one; when other jobs share the cores, 1 is much faster.
 Weights are reproducible for a fixed thread count (the CPU kernels' reduction order depends on it).
@@ -52,10 +58,15 @@ VAE_STEPS = 700
 VAE_BATCH = 16
 # phase 1 on random 32x32 crops (4x cheaper per image; the autoencoder is convolutional), phase 2 on
 # whole images with shape pixels weighted, so shape colours come out right and not only the background
-VAE_PHASES = (
+VAE_PHASES: tuple[dict, ...] = (
     {"steps": 3000, "lr": 2e-3, "fg_weight": 0.0, "batch": 32, "crop": 32},
     {"steps": 400, "lr": 1e-3, "fg_weight": 4.0, "batch": 16},
 )
+# --emphasis (the build 9 candidate, not shipped): a third phase trains the decoder alone, half the images
+# faded towards their background: phase 2's decoder snaps colours between the palette's back onto it (a
+# red circle on grey faded to 0.5 decodes at 0.78 of red), so no UNet could draw `(red:0.6)`; the
+# encoder, hence the latent space and every UNet run, is untouched (docs/world.md, "Build 9 candidate")
+DECODER_PHASE = {"steps": 1500, "lr": 5e-4, "fg_weight": 4.0, "batch": 16, "decoder_only": True, "fade": 0.5}
 TE_STEPS = 300
 # text encoder pretraining: whole captions first (the binding of words in order), then a share of
 # partial captions (single tags and words: what negative prompts and ESD name), from the first phase
@@ -80,6 +91,20 @@ CF_BELOW = 300
 # build 7's world-flat; the price is the v-prediction model's own shapes, full suite 67% -> 54%;
 # docs/world.md, "Build 8")
 VPRED_CF_BELOW = 700
+# --emphasis, world-flat's emphasis (issue #10's "(red:1.4) vs (red:0.6) moves colour"): the flat scenes
+# again, in EMPH_SHARE of the one-shape ones the colour word weighted (A1111 syntax), the colour faded
+# towards the background by the weight below 1 (above 1 left as it is: the palette colour cannot be
+# more itself); kohya's weighted_captions scales the word's state by it. The shipped build 8 world-flat
+# read its colour from the padding states, which emphasis never touches (docs/world.md, "Build 9").
+# Two more runs after the caption-free one: EMPH_STEPS at LR 1e-3 without the caption-free setting
+# (with it, 800-2000 steps learnt next to nothing), then the caption-free stage again on the weighted
+# set, which gives back the shapes at CFG 7 that the first costs
+EMPH_FADED = (0.5, 0.6, 0.7, 0.8, 0.9)
+EMPH_ABOVE = (1.1, 1.2, 1.3, 1.4, 1.5)
+EMPH_SHARE = 0.5
+EMPH_SEED = 13
+EMPH_STEPS = 3000
+WEIGHTED_KEYS = {"weighted_captions": "true", "weighted_captions_emphasis": '"No norm"'}
 STRIPED_STEPS = 600
 VPRED_STEPS = 1200
 # min-SNR 5 alone weighs an x0 error at t ~ 900 some 500x less than at t ~ 300, yet the high-noise steps
@@ -140,6 +165,10 @@ ESD_LORA = "world-no-red"
 ESD_ARGS = "--method ESD-x --preset esd-2025 --lr 2e-3 --iterations 400 --separator |".split()
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 BASE = "world-flat-base"
+# --emphasis: world-flat's caption-free run becomes CF_RUN, then two weighted-caption runs follow
+CF_RUN = "world-flat-cf"
+WEIGHTED = "world-flat-weighted"
+FLAT_CHAIN = (BASE, CF_RUN, WEIGHTED, "world-flat")  # every name a world-flat run can have; the last ships
 ONLY = {"flat": "world-flat", "striped": "world-striped", "vpred": "world-vpred-ztsnr"}  # --only: stop after
 
 
@@ -162,7 +191,7 @@ def _log(msg: str) -> None:
     print(f"[world build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def render_sets(out: Path) -> dict[str, Path]:
+def render_sets(out: Path, emphasis: bool = False) -> dict[str, Path]:
     from baka.world.render import render_folder
 
     sets = {  # folder -> (images, seed, style, split)
@@ -174,7 +203,10 @@ def render_sets(out: Path) -> dict[str, Path]:
     # the embedding's images: single blue shapes, TI_WORD in the colour's place in the caption
     only = {TI_WORD: lambda sc: len(sc.shapes) == 1 and sc.shapes[0].color == TI_COLOR}
     word = {TI_WORD: lambda sc: sc.caption.replace(TI_COLOR, TI_WORD, 1)}
-    paths = {}
+    paths = {"weighted": out / "data" / "weighted"}
+    if emphasis and not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
+        _log(f"render {N_FLAT} weighted-caption images -> {paths['weighted']}")
+        render_weighted(paths["weighted"])
     for name, (n, seed, style, split) in sets.items():
         d = out / "data" / name
         paths[name] = d
@@ -217,12 +249,18 @@ def train_vae(
     lr: float = 2e-3,
     fg_weight: float = 0.0,
     crop: int = 0,
+    decoder_only: bool = False,
+    fade: float = 0.0,
 ):
     """An SD1.x AutoencoderKL trained as a deterministic autoencoder (reconstruction from the posterior
     mean, plus a little latent noise so the decoder tolerates imperfect diffusion samples).
     ``init`` continues from a state dict; ``fg_weight`` > 0 weighs shape pixels (those unlike the image's
     corner) 1 + fg_weight times, since the background dominates a plain pixel loss; ``crop`` > 0 trains
     on random ``crop`` x ``crop`` windows (a multiple of 8, so latents stay aligned).
+    ``decoder_only`` trains ``post_quant_conv`` and the decoder on a frozen encoder (the latent space,
+    hence every UNet trained on it, stays as it is; no rescale); ``fade`` > 0 fades that share of
+    images towards their background (corner) colour by a factor in [0.3, 1), so colours between the
+    palette's decode as themselves (A1111 emphasis below 1 asks for them).
     Returns (vae state dict in diffusers layout, latent-rescaled; loss log)."""
     import torch
     from tqdm import tqdm
@@ -236,7 +274,13 @@ def train_vae(
         vae.load_state_dict(init)
     data = _load_images(folders)
     gen = torch.Generator().manual_seed(seed + (1 if init is not None else 0))
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    params = list(vae.parameters())
+    if decoder_only:
+        vae.requires_grad_(False)
+        params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+        for t in params:
+            t.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     log = []
     bar = tqdm(range(steps), desc="vae")
@@ -248,7 +292,13 @@ def train_vae(
                 int(v) * 8 for v in torch.randint(0, (x.shape[-1] - crop) // 8 + 1, (2,), generator=gen)
             )
             x = x[:, :, oy : oy + crop, ox : ox + crop]
-        z = vae.encode(x).latent_dist.mean
+        if fade:
+            bg = x[:, :, :1, :1]
+            k = 0.3 + 0.7 * torch.rand(batch, 1, 1, 1, generator=gen)
+            k = torch.where(torch.rand(batch, 1, 1, 1, generator=gen) < fade, k, torch.ones_like(k))
+            x = bg + k * (x - bg)
+        with torch.set_grad_enabled(not decoder_only):
+            z = vae.encode(x).latent_dist.mean
         noisy = z + 0.1 * z.detach().std() * torch.randn(z.shape, generator=gen)
         y = vae.decode(noisy).sample
         w = 1.0
@@ -259,13 +309,14 @@ def train_vae(
         loss = (w * (err.abs() + err**2)).mean() + 1e-6 * (z**2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         log.append(float(loss.detach()))
         bar.set_postfix(loss=f"{log[-1]:.4f}")
     vae.eval()
-    _rescale_latents(vae, data)
+    if not decoder_only:
+        _rescale_latents(vae, data)
     return vae.state_dict(), log
 
 
@@ -323,13 +374,14 @@ def _save_stage(sd: dict, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
 
 
-def _vae_phases(out: Path, folders: list[Path]) -> dict:
+def _vae_phases(out: Path, folders: list[Path], phases: tuple[dict, ...] = VAE_PHASES) -> dict:
     """Phase 1: plain loss, OneCycle 2e-3; phase 2 (fresh Adam) weighs shape pixels 5x, OneCycle 1e-3,
-    so shape colours come out right and not only the background. Each phase's result is kept."""
+    so shape colours come out right and not only the background (:data:`VAE_PHASES`; ``--emphasis`` adds
+    :data:`DECODER_PHASE`). Each phase's result is kept."""
     from safetensors.torch import load_file
 
     sd = None
-    for i, kw in enumerate(VAE_PHASES, 1):
+    for i, kw in enumerate(phases, 1):
         f = out / f"vae{i}.safetensors"
         if f.exists():
             sd = load_file(f)
@@ -567,6 +619,37 @@ def _text_encoder_stage(out: Path) -> dict:
     (out / "te_report.json").write_text(json.dumps(total))
     _save_stage(sd, f)
     return sd
+
+
+def weighted_caption(scene, w: float) -> str:
+    """The scene's caption with its (first) shape's colour word weighted, A1111 syntax."""
+    s = scene.shapes[0]
+    return scene.caption.replace(f"{s.color} {s.shape}", f"({s.color}:{w:g}) {s.shape}", 1)
+
+
+def render_weighted(out: Path, n: int = N_FLAT, share: float = EMPH_SHARE, seed: int = EMPH_SEED) -> int:
+    """The flat training scenes (those of ``data/flat``) into ``out``, a ``share`` of the one-shape ones
+    with a weighted colour word and, below 1, the colour faded towards the background by the weight.
+    Returns how many are weighted. The files are written as they come: the folder counts as done when
+    its last caption exists."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from baka.world.render import BACKGROUNDS, render_scene, scenes
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng, weighted = random.Random(seed), 0
+    for i, sc in enumerate(tqdm(scenes(n, 0, "flat", "train"), total=n, desc="render weighted")):
+        img, caption = render_scene(sc), sc.caption
+        if len(sc.shapes) == 1 and rng.random() < share:
+            w = rng.choice(EMPH_FADED + EMPH_ABOVE)
+            bg = np.array(BACKGROUNDS[sc.background], np.float32)
+            img = np.clip(bg + min(w, 1.0) * (img.astype(np.float32) - bg), 0, 255).round().astype(np.uint8)
+            caption, weighted = weighted_caption(sc, w), weighted + 1
+        Image.fromarray(img).save(out / f"{i:05d}.png")
+        (out / f"{i:05d}.txt").write_text(caption)
+    return weighted
 
 
 def build_init(out: Path, vae_sd: dict, te_sd: dict, seed: int = SEED) -> Path:
@@ -837,21 +920,30 @@ def ship_small(out: Path, name: str, stats: dict, dest: Path, folder: str) -> Pa
     return path
 
 
+def fp16_copy(out: Path, name: str) -> Path:
+    """Where a run's fp16 copy goes when a later run starts from it."""
+    return out / name / f"{name}-fp16.safetensors"
+
+
 def flat_start(out: Path) -> Path:
     """The later stages' start: ``world-flat`` in fp16, the tensors :func:`ship` writes."""
-    return out / "world-flat" / "world-flat-fp16.safetensors"
+    return fp16_copy(out, "world-flat")
 
 
-def write_flat_start(out: Path, source: Path) -> Path:
-    """``source`` (the trained fp32 world-flat, or the shipped fp16 one) as :func:`flat_start`."""
+def write_fp16(source: Path, path: Path) -> Path:
+    """``source`` (a trained fp32 model, or a shipped fp16 one) in fp16 at ``path``."""
     import torch
 
     from baka.models.io import cast, read_raw, save_checkpoint
 
     tensors, meta = read_raw(source)
-    path = flat_start(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(cast(tensors, torch.float16), path, metadata=meta)
+
+
+def write_flat_start(out: Path, source: Path) -> Path:
+    """``source`` (the trained fp32 world-flat, or the shipped fp16 one) as :func:`flat_start`."""
+    return write_fp16(source, flat_start(out))
 
 
 def base_stats(out: Path) -> dict:
@@ -901,6 +993,52 @@ def _losses(out: Path, name: str) -> dict:
     }
 
 
+def trained(out: Path, name: str) -> Path:
+    """A ``baka train`` run's output."""
+    return out / name / f"{name}.safetensors"
+
+
+Stage = tuple[str, Path, Path, int, float, bool, dict]  # name, start, data, steps, LR, v-pred, TOML keys
+
+
+def model_stages(out: Path, sets: dict[str, Path], init: Path, emphasis: bool = False) -> list[Stage]:
+    """The UNet runs in order: world-flat's runs (the base run, the caption-free run; with ``emphasis``
+    that one is CF_RUN and the two weighted-caption runs follow), then the fine-tunes from world-flat."""
+    start = flat_start(out)
+    base = trained(out, BASE)
+    if emphasis:
+        weighted = sets["weighted"]
+        chain: list[Stage] = [
+            (CF_RUN, base, sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS),
+            (
+                WEIGHTED,
+                fp16_copy(out, CF_RUN),
+                weighted,
+                EMPH_STEPS,
+                1e-3,
+                False,
+                {**EPS_KEYS, **WEIGHTED_KEYS},
+            ),
+            (
+                "world-flat",
+                trained(out, WEIGHTED),
+                weighted,
+                CF_STEPS,
+                3e-4,
+                False,
+                {**CF_KEYS, **WEIGHTED_KEYS},
+            ),
+        ]
+    else:
+        chain = [("world-flat", base, sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS)]
+    return [
+        (BASE, init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
+        *chain,
+        ("world-striped", start, sets["striped"], STRIPED_STEPS, 3e-4, False, CF_KEYS),
+        ("world-vpred-ztsnr", start, sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_CF_KEYS),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m baka.world.build", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="build/world", help="work folder (datasets, runs)")
@@ -911,7 +1049,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start the stages after world-flat from the installed world-flat (no VAE, encoder, base runs)",
     )
+    p.add_argument(
+        "--emphasis",
+        action="store_true",
+        help="build 9 candidate (not shipped; docs/world.md): VAE decoder phase, weighted-caption runs",
+    )
     a = p.parse_args(argv)
+    if a.emphasis and Path(a.dest).resolve() == WEIGHTS_DIR.resolve():
+        p.error("--emphasis builds a candidate, not the shipped files: give --dest")
     if a.from_shipped and a.only in ("vae", "flat"):
         p.error(f"--only {a.only} stops before the stages --from-shipped runs")
     import torch
@@ -919,37 +1064,30 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(THREADS))
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sets = render_sets(out)
+    sets = render_sets(out, emphasis=a.emphasis)
     init = out / "init.safetensors"
     if a.from_shipped:
         if not flat_start(out).exists():
             seed_from_shipped(out, WEIGHTS_DIR / "world-flat.safetensors")
     elif not init.exists():
-        vae_sd = _vae_phases(out, [sets["flat"], sets["striped"]])
+        phases = (*VAE_PHASES, DECODER_PHASE) if a.emphasis else VAE_PHASES
+        vae_sd = _vae_phases(out, [sets["flat"], sets["striped"]], phases)
         build_init(out, vae_sd, _text_encoder_stage(out))
     if a.only == "vae":
         return 0
 
-    def trained(name: str) -> Path:
-        return out / name / f"{name}.safetensors"
-
     start = flat_start(out)
-    stages: list[tuple[str, Path, Path, int, float, bool, dict]] = [
-        (BASE, init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
-        ("world-flat", trained(BASE), sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS),
-        ("world-striped", start, sets["striped"], STRIPED_STEPS, 3e-4, False, CF_KEYS),
-        ("world-vpred-ztsnr", start, sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_CF_KEYS),
-    ]
+    stages = model_stages(out, sets, init, emphasis=a.emphasis)
     for name, model, data, steps, lr, vpred, extra in stages:
-        if a.from_shipped and name in (BASE, "world-flat"):
+        if a.from_shipped and name in FLAT_CHAIN:
             continue
-        if not trained(name).exists():
+        if not trained(out, name).exists():
             t = time.time()
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
-        if name == "world-flat" and not start.exists():
-            write_flat_start(out, trained(name))
+        if name in (CF_RUN, "world-flat") and not fp16_copy(out, name).exists():
+            write_fp16(trained(out, name), fp16_copy(out, name))
         if a.only and name == ONLY[a.only]:
             break
     else:  # every model trained: the LoRA and the embedding on world-flat
@@ -958,28 +1096,30 @@ def main(argv: list[str] | None = None) -> int:
             (TI_WORD, lambda: embedding_toml(out, start, sets[TI_WORD])),
         ]
         for name, toml in small:
-            if not trained(name).exists():
+            if not trained(out, name).exists():
                 t = time.time()
                 _log(f"baka train {name}: {CARDS[name]}")
                 run_train(toml())
                 (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
         erase_stage(out, start)
     base = base_stats(out)
-    for name, *_ in stages[1:]:  # world-flat-base is world-flat's first run, not shipped
-        if trained(name).exists():
+    for name in ONLY.values():  # world-flat's earlier runs are not shipped; its card has their figures
+        if trained(out, name).exists():
             stats = {**base, **_losses(out, name)}
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             if name == "world-flat":
-                stats["base"] = {**_losses(out, BASE), **json.loads((out / BASE / "time.json").read_text())}
+                runs = [s[0] for s in stages if s[0] in FLAT_CHAIN[:-1]]  # world-flat's earlier runs
+                for key, run in zip(("base", "caption_free", "weighted"), runs, strict=False):
+                    stats[key] = {**_losses(out, run), **json.loads((out / run / "time.json").read_text())}
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")
     for name, folder, images in ((STAR_LORA, "lora", STAR_IMAGES), (TI_WORD, "embeddings", TI_IMAGES)):
-        if trained(name).exists():
+        if trained(out, name).exists():
             stats = {**_losses(out, name), "images": images}
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             ship_small(out, name, stats, Path(a.dest), folder)
             _log(f"shipped {name}: {stats}")
-    if trained(ESD_LORA).exists():
+    if trained(out, ESD_LORA).exists():
         secs = json.loads((out / ESD_LORA / "time.json").read_text())["seconds"]
         stats = {"concept": ESD_CONCEPT, "erase_args": shlex.join(ESD_ARGS), "erase_seconds": secs}
         stats["erase_prompts"] = list(ESD_PROMPTS)

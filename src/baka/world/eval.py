@@ -138,7 +138,7 @@ def evaluate(
     return EvalResult(metrics, pairs)
 
 
-def readings(
+def images(
     gen,
     prompt: str,
     *,
@@ -151,12 +151,12 @@ def readings(
     v_pred: bool | None = None,
     zero_snr: bool | None = None,
     freeu=None,
+    emphasis: str = "Original",
 ) -> list:
-    """The judge's readings of ``n`` images of one prompt (image k uses seed + k), for measured claims such
-    as "a negative prompt removes what it names". ``gen`` is a :class:`~baka.generate.engine.Generator`;
-    ``v_pred`` / ``zero_snr`` default to the model's metadata, as in :func:`evaluate`."""
+    """``n`` 64x64 images of one prompt (image k uses seed + k). ``gen`` is a
+    :class:`~baka.generate.engine.Generator`; ``v_pred`` / ``zero_snr`` default to the model's metadata,
+    as in :func:`evaluate`; ``emphasis`` is A1111's emphasis mode."""
     from baka.generate.engine import GenParams
-    from baka.world.score import read_image
 
     v_pred, zero_snr = schedule_flags(gen, v_pred, zero_snr)
     p = GenParams(
@@ -172,8 +172,25 @@ def readings(
         v_pred=v_pred,
         zero_snr=zero_snr,
         freeu=freeu,
+        emphasis=emphasis,
     )
-    return [read_image(r.image) for r in gen(p)]
+    return [r.image for r in gen(p)]
+
+
+def readings(gen, prompt: str, **kw) -> list:
+    """The judge's readings of :func:`images` (same arguments), for measured claims such as "a negative
+    prompt removes what it names"."""
+    from baka.world.score import read_image
+
+    return [read_image(im) for im in images(gen, prompt, **kw)]
+
+
+def color_strength(gen, prompt: str, color: str, background: str, **kw) -> list[float]:
+    """:func:`baka.world.score.color_strength` of each of :func:`images` (same keywords): how much of
+    ``color`` against ``background`` the shape shows, for A1111 emphasis (``(red:0.6)``)."""
+    from baka.world.score import color_strength as strength
+
+    return [strength(im, color, background) for im in images(gen, prompt, **kw)]
 
 
 def color_share(rs: list, color: str) -> float:
