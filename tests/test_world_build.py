@@ -192,6 +192,9 @@ def test_the_emphasis_candidate_is_never_written_over_the_shipped_files(capsys):
     with pytest.raises(SystemExit):
         build.main(["--emphasis", "--out", "unused"])
     assert "--dest" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build.main(["--emphasis", "--from-shipped", "--out", "unused", "--dest", "unused"])
+    assert "--from-shipped" in capsys.readouterr().err
 
 
 def test_the_weighted_set_fades_the_weighted_colour(tmp_path):

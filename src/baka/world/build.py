@@ -95,7 +95,8 @@ VPRED_CF_BELOW = 700
 # again, in EMPH_SHARE of the one-shape ones the colour word weighted (A1111 syntax), the colour faded
 # towards the background by the weight below 1 (above 1 left as it is: the palette colour cannot be
 # more itself); kohya's weighted_captions scales the word's state by it. The shipped build 8 world-flat
-# read its colour from the padding states, which emphasis never touches (docs/world.md, "Build 9").
+# reads its colour from the padding states, which emphasis never touches (docs/world.md, "Build 9
+# candidate").
 # Two more runs after the caption-free one: EMPH_STEPS at LR 1e-3 without the caption-free setting
 # (with it, 800-2000 steps learnt next to nothing), then the caption-free stage again on the weighted
 # set, which gives back the shapes at CFG 7 that the first costs
@@ -1057,6 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.emphasis and Path(a.dest).resolve() == WEIGHTS_DIR.resolve():
         p.error("--emphasis builds a candidate, not the shipped files: give --dest")
+    if a.emphasis and a.from_shipped:
+        p.error("--emphasis trains its own world-flat; --from-shipped starts from the installed one")
     if a.from_shipped and a.only in ("vae", "flat"):
         p.error(f"--only {a.only} stops before the stages --from-shipped runs")
     import torch
