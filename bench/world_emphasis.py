@@ -44,7 +44,7 @@ def strengths(gen, n: int, emphasis: str) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=16, help="seeds per prompt")
+    ap.add_argument("--n", type=int, default=16, help="seeds per prompt (default: 16)")
     cf = Path("build/world-emphasis/ship/world-flat.safetensors")
     ap.add_argument(
         "--compare",
@@ -59,7 +59,10 @@ def main() -> None:
     from baka.generate.engine import Generator
     from baka.world.eval import evaluate
 
-    models = {"world-flat": "world-flat", **{str(Path(m).parent.parent.name or m): m for m in a.compare}}
+    models = {"world-flat": "world-flat"}
+    for m in a.compare:  # a build's ship/world-flat.safetensors is labelled by its build folder
+        label = Path(m).parent.parent.name
+        models[m if not label or label in models else label] = m
     figures: dict[str, dict] = {}
     rows: dict[str, list] = {e: [] for e in EMPHASES}
     suite_rows = []
