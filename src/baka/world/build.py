@@ -26,7 +26,7 @@ Every stage after ``world-flat`` starts from its fp16 copy, the tensors the pack
 alone, without the hour before it; a from-scratch build gives the same tensors.
 
 ``--emphasis`` builds the build 9 candidate (not shipped: it teaches world-flat A1111 emphasis but
-costs four other claims; docs/world.md, "Build 9 candidate"): a third VAE phase fits the decoder alone to
+costs three other claims; docs/world.md, "Build 9 candidate"): a third VAE phase fits the decoder alone to
 faded colours, a ``weighted`` set (colour words weighted, the colour faded below 1) is rendered, and
 world-flat's caption-free run (``world-flat-cf``) is followed by ``world-flat-weighted`` (kohya's
 ``weighted_captions``) and ``world-flat``, caption-free again on the weighted set.
