@@ -1,11 +1,12 @@
 """ESD on the shapes world with another method or learning rate than the shipped ``world-no-red``
-(issue #10 names ESD-x and ESD-u). Each run is ``baka erase`` on the shipped world-flat with the build's
-16 red captions and arguments (``baka.world.build.ESD_PROMPTS`` / ``ESD_ARGS``), ``--method`` and
-``--lr`` replaced; the erased checkpoint is judged as ``world_claims.py`` judges the LoRA. One command,
-fixed seeds; ~7-8 min per ESD-u run on 2 cores (an existing output is judged again, not retrained; its
-erase time is shown only if this script made it).
+(issue #10 names ESD-x and ESD-u). Each run is ``baka erase`` on the shipped world-flat (or
+``--model``) with the build's 16 red captions and arguments (``baka.world.build.ESD_PROMPTS`` /
+``ESD_ARGS``), ``--method`` and ``--lr`` replaced; the erased checkpoint is judged as ``world_claims.py``
+judges the LoRA. One command, fixed seeds; ~7-8 min per ESD-u run on 2 cores (an existing output is
+judged again, not retrained; its erase time is shown only if this script made it).
 
     .venv/bin/python bench/world_esd.py [--method ESD-u] [--lr 5e-4 1e-3] [--n 24] [--out build/world-esd]
+        [--model world-flat]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("--lr", nargs="+", default=["5e-4", "1e-3"], help="one run per learning rate")
     ap.add_argument("--n", type=int, default=24, help="seeds / red captions / other captions judged")
     ap.add_argument("--out", default="build/world-esd", help="where the erased checkpoints go")
+    ap.add_argument("--model", default="world-flat", help="the model erased (a path or a shipped name)")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
     from world_claims import esd_figures, md_table
@@ -40,7 +42,8 @@ def main() -> None:
         timing = erased.with_suffix(".json")  # the erase's wall time, kept for a later re-judging
         if not erased.exists():
             t = time.time()
-            erase_in_context(shipped_path("world-flat"), erased, [x for kv in args.items() for x in kv])
+            model = shipped_path(a.model) or Path(a.model)
+            erase_in_context(model, erased, [x for kv in args.items() for x in kv])
             timing.write_text(json.dumps({"seconds": round(time.time() - t)}))
         seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
         m = esd_figures(Generator(erased, progress=False), a.n)
