@@ -211,7 +211,7 @@ def test_the_weighted_set_fades_the_weighted_colour(tmp_path):
     assert build.render_weighted(tmp_path, n=n, share=1.0) > 20
     weighted = 0
     for i, sc in enumerate(scenes(n, 0, "flat", "train")):
-        caption = (tmp_path / f"{i:05d}.txt").read_text()
+        caption = (tmp_path / f"{i:05d}.txt").read_text().strip()
         m = re.match(r"\((\w+):([\d.]+)\) (\w+), ", caption)
         if len(sc.shapes) == 2:
             assert caption == sc.caption

@@ -170,6 +170,7 @@ BASE = "world-flat-base"
 CF_RUN = "world-flat-cf"
 WEIGHTED = "world-flat-weighted"
 FLAT_CHAIN = (BASE, CF_RUN, WEIGHTED, "world-flat")  # every name a world-flat run can have; the last ships
+EARLIER_RUNS = {BASE: "base", CF_RUN: "caption_free", WEIGHTED: "weighted"}  # world-flat card's keys for them
 ONLY = {"flat": "world-flat", "striped": "world-striped", "vpred": "world-vpred-ztsnr"}  # --only: stop after
 
 
@@ -204,10 +205,12 @@ def render_sets(out: Path, emphasis: bool = False) -> dict[str, Path]:
     # the embedding's images: single blue shapes, TI_WORD in the colour's place in the caption
     only = {TI_WORD: lambda sc: len(sc.shapes) == 1 and sc.shapes[0].color == TI_COLOR}
     word = {TI_WORD: lambda sc: sc.caption.replace(TI_COLOR, TI_WORD, 1)}
-    paths = {"weighted": out / "data" / "weighted"}
-    if emphasis and not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
-        _log(f"render {N_FLAT} weighted-caption images -> {paths['weighted']}")
-        render_weighted(paths["weighted"])
+    paths = {}
+    if emphasis:
+        paths["weighted"] = out / "data" / "weighted"
+        if not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
+            _log(f"render {N_FLAT} weighted-caption images -> {paths['weighted']}")
+            render_weighted(paths["weighted"])
     for name, (n, seed, style, split) in sets.items():
         d = out / "data" / name
         paths[name] = d
@@ -631,25 +634,23 @@ def weighted_caption(scene, w: float) -> str:
 def render_weighted(out: Path, n: int = N_FLAT, share: float = EMPH_SHARE, seed: int = EMPH_SEED) -> int:
     """The flat training scenes (those of ``data/flat``) into ``out``, a ``share`` of the one-shape ones
     with a weighted colour word and, below 1, the colour faded towards the background by the weight.
-    Returns how many are weighted. The files are written as they come: the folder counts as done when
-    its last caption exists."""
+    Returns how many are weighted."""
     import numpy as np
-    from PIL import Image
-    from tqdm import tqdm
 
-    from baka.world.render import BACKGROUNDS, render_scene, scenes
+    from baka.world.render import BACKGROUNDS, render_folder
 
-    out.mkdir(parents=True, exist_ok=True)
     rng, weighted = random.Random(seed), 0
-    for i, sc in enumerate(tqdm(scenes(n, 0, "flat", "train"), total=n, desc="render weighted")):
-        img, caption = render_scene(sc), sc.caption
+
+    def weigh(sc, img, caption):
+        nonlocal weighted
         if len(sc.shapes) == 1 and rng.random() < share:
             w = rng.choice(EMPH_FADED + EMPH_ABOVE)
             bg = np.array(BACKGROUNDS[sc.background], np.float32)
             img = np.clip(bg + min(w, 1.0) * (img.astype(np.float32) - bg), 0, 255).round().astype(np.uint8)
             caption, weighted = weighted_caption(sc, w), weighted + 1
-        Image.fromarray(img).save(out / f"{i:05d}.png")
-        (out / f"{i:05d}.txt").write_text(caption)
+        return img, caption
+
+    render_folder(out, n, seed=0, style="flat", split="train", progress=True, edit=weigh)
     return weighted
 
 
@@ -1006,32 +1007,13 @@ def model_stages(out: Path, sets: dict[str, Path], init: Path, emphasis: bool = 
     """The UNet runs in order: world-flat's runs (the base run, the caption-free run; with ``emphasis``
     that one is CF_RUN and the two weighted-caption runs follow), then the fine-tunes from world-flat."""
     start = flat_start(out)
-    base = trained(out, BASE)
+    caption_free = CF_RUN if emphasis else "world-flat"
+    chain: list[Stage] = [(caption_free, trained(out, BASE), sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS)]
     if emphasis:
-        weighted = sets["weighted"]
-        chain: list[Stage] = [
-            (CF_RUN, base, sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS),
-            (
-                WEIGHTED,
-                fp16_copy(out, CF_RUN),
-                weighted,
-                EMPH_STEPS,
-                1e-3,
-                False,
-                {**EPS_KEYS, **WEIGHTED_KEYS},
-            ),
-            (
-                "world-flat",
-                trained(out, WEIGHTED),
-                weighted,
-                CF_STEPS,
-                3e-4,
-                False,
-                {**CF_KEYS, **WEIGHTED_KEYS},
-            ),
-        ]
-    else:
-        chain = [("world-flat", base, sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS)]
+        weighted, keys = sets["weighted"], {**EPS_KEYS, **WEIGHTED_KEYS}
+        chain.append((WEIGHTED, fp16_copy(out, CF_RUN), weighted, EMPH_STEPS, 1e-3, False, keys))
+        keys = {**CF_KEYS, **WEIGHTED_KEYS}
+        chain.append(("world-flat", trained(out, WEIGHTED), weighted, CF_STEPS, 3e-4, False, keys))
     return [
         (BASE, init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
         *chain,
@@ -1111,8 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
             stats = {**base, **_losses(out, name)}
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             if name == "world-flat":
-                runs = [s[0] for s in stages if s[0] in FLAT_CHAIN[:-1]]  # world-flat's earlier runs
-                for key, run in zip(("base", "caption_free", "weighted"), runs, strict=False):
+                for run in (s[0] for s in stages if s[0] in EARLIER_RUNS):
+                    key = EARLIER_RUNS[run]
                     stats[key] = {**_losses(out, run), **json.loads((out / run / "time.json").read_text())}
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")

@@ -271,10 +271,12 @@ def render_folder(
     progress: bool = False,
     select: Callable[[Scene], bool] | None = None,
     caption: Callable[[Scene], str] | None = None,
+    edit: Callable[[Scene, np.ndarray, str], tuple[np.ndarray, str]] | None = None,
 ) -> RenderReport:
     """Write ``n`` images ``00000.png`` + ``00000.txt`` (kohya layout: one folder = one subset).
     ``select`` keeps only the scenes it accepts (the first ``n`` of them, numbered from 0); ``caption``
-    writes another caption than the scene's own (e.g. a textual-inversion word in place of a tag)."""
+    writes another caption than the scene's own (e.g. a textual-inversion word in place of a tag);
+    ``edit`` (called once per written scene, in order) may change the image and caption together."""
     from itertools import count
 
     from tqdm import tqdm
@@ -290,8 +292,11 @@ def render_folder(
     for k, scene in zip(tqdm(range(n), desc="render", disable=not progress), chosen, strict=False):
         stem = folder / f"{k:05d}"
         text = caption(scene) if caption else scene.caption
+        img = render_scene(scene)
+        if edit is not None:
+            img, text = edit(scene, img, text)
         with atomic_output(stem.with_suffix(".png"), clean=False) as tmp:
-            Path(tmp).write_bytes(png_bytes(render_scene(scene)))
+            Path(tmp).write_bytes(png_bytes(img))
         with atomic_output(stem.with_suffix(".txt"), clean=False) as tmp:
             Path(tmp).write_text(text + "\n", encoding="utf-8")
         rep.captions.append(text)
