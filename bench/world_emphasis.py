@@ -1,12 +1,11 @@
 """A1111 emphasis on the shapes world, measured (issue #10: "``(red:1.4)`` vs ``(red:0.6)`` moves colour
 measurably").
 
-The shipped world-flat (build 8) reads its colour from the padding states, which emphasis never touches.
-``python -m baka.world.build --emphasis --out build/world-emphasis --dest build/world-emphasis/ship``
-builds the build 9 candidate, which learns it with kohya's ``weighted_captions`` (colour words weighted,
-the colour faded towards the background below 1) and a decoder fitted to faded colours (docs/world.md,
-"Build 9 candidate"). This bench measures the shipped world-flat and, for comparison, any other model
-given (``--compare``; by default that candidate's world-flat when it exists): the colour strength
+Build 8's world-flat read its colour from the padding states, which emphasis never touches; build 9
+(shipped) learns it with kohya's ``weighted_captions`` (colour words weighted, the colour faded towards
+the background below 1) and a decoder fitted to faded colours (docs/world.md, "Build 9"). This bench
+measures the shipped world-flat and, for comparison, any other model given (``--compare``, e.g. build
+8's world-flat from git history or a build folder's ``ship/world-flat.safetensors``): the colour strength
 (:func:`baka.world.score.color_strength`: 1 the palette colour, 0 the background) of
 ``(colour:w) shape, bg background, large, center`` at several w, in A1111's ``No norm`` (kohya's training
 emphasis) and ``Original`` (generation's default) modes, and the quick suite. ~3 min per model on 2
@@ -45,13 +44,7 @@ def strengths(gen, n: int, emphasis: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16, help="seeds per prompt (default: 16)")
-    cf = Path("build/world-emphasis/ship/world-flat.safetensors")
-    ap.add_argument(
-        "--compare",
-        nargs="*",
-        default=[str(cf)] if cf.exists() else [],
-        help="other models to measure beside the shipped world-flat (default: the --emphasis build's)",
-    )
+    ap.add_argument("--compare", nargs="*", default=[], help="other models to measure beside the shipped one")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
     from world_claims import md_table

@@ -3,7 +3,6 @@ text encoder's pretraining and a short pretraining run. The full build is ``make
 
 import json
 
-import pytest
 import torch
 
 from baka.world import build
@@ -149,27 +148,22 @@ def test_the_small_runs_configs_load_as_written(tmp_path):
     assert ti.output_name == build.TI_WORD and ti.dataset.subsets[0].caption_dropout_rate == 0.0
 
 
-@pytest.mark.parametrize("emphasis", [False, True])
-def test_the_model_stages_configs_load_as_written(tmp_path, emphasis):
-    """world-flat's runs: the base run with the plain loss, then the caption-free run (with
-    ``--emphasis``: world-flat-cf, then the weighted-caption run on the weighted set without the
-    caption-free setting, then world-flat caption-free on that set); the fine-tunes from world-flat keep
-    CFG off the low-noise steps."""
+def test_the_model_stages_configs_load_as_written(tmp_path):
+    """world-flat's runs: the base run with the plain loss, the caption-free run (world-flat-cf), the
+    weighted-caption run on the weighted set without the caption-free setting, then world-flat
+    caption-free on that set; the fine-tunes from world-flat keep CFG off the low-noise steps."""
     from baka.train.config import load_config
 
     sets = {k: tmp_path / k for k in ("flat", "striped", "weighted")}
-    stages = build.model_stages(tmp_path, sets, tmp_path / "init.safetensors", emphasis=emphasis)
+    stages = build.model_stages(tmp_path, sets, tmp_path / "init.safetensors")
     want = {  # name: (caption-free below, weighted captions, data, start)
         build.BASE: (0, False, "flat", tmp_path / "init.safetensors"),
+        build.CF_RUN: (300, False, "flat", build.trained(tmp_path, build.BASE)),
+        build.WEIGHTED: (0, True, "weighted", build.fp16_copy(tmp_path, build.CF_RUN)),
+        "world-flat": (300, True, "weighted", build.trained(tmp_path, build.WEIGHTED)),
+        "world-striped": (300, False, "striped", build.flat_start(tmp_path)),
+        "world-vpred-ztsnr": (700, False, "flat", build.flat_start(tmp_path)),
     }
-    if emphasis:
-        want[build.CF_RUN] = (300, False, "flat", build.trained(tmp_path, build.BASE))
-        want[build.WEIGHTED] = (0, True, "weighted", build.fp16_copy(tmp_path, build.CF_RUN))
-        want["world-flat"] = (300, True, "weighted", build.trained(tmp_path, build.WEIGHTED))
-    else:
-        want["world-flat"] = (300, False, "flat", build.trained(tmp_path, build.BASE))
-    want["world-striped"] = (300, False, "striped", build.flat_start(tmp_path))
-    want["world-vpred-ztsnr"] = (700, False, "flat", build.flat_start(tmp_path))
     assert [s[0] for s in stages] == list(want)
     assert {s[0] for s in stages if s[0].startswith("world-flat")} <= set(build.FLAT_CHAIN)
     for name, model, data, steps, lr, vpred, extra in stages:
@@ -184,17 +178,6 @@ def test_the_model_stages_configs_load_as_written(tmp_path, emphasis):
         if weighted:
             assert cfg.weighted_captions_emphasis == "No norm"  # kohya's SD text encoding
     assert stages[0][-1]["v_pred_like_loss"] == 0.5
-
-
-def test_the_emphasis_candidate_is_never_written_over_the_shipped_files(capsys):
-    import pytest
-
-    with pytest.raises(SystemExit):
-        build.main(["--emphasis", "--out", "unused"])
-    assert "--dest" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        build.main(["--emphasis", "--from-shipped", "--out", "unused", "--dest", "unused"])
-    assert "--from-shipped" in capsys.readouterr().err
 
 
 def test_the_weighted_set_fades_the_weighted_colour(tmp_path):
@@ -277,7 +260,7 @@ def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
     monkeypatch.setattr(
         build,
         "render_sets",
-        lambda o, emphasis=False: {k: o / k for k in ("flat", "striped", "star", build.TI_WORD)},
+        lambda o: {k: o / k for k in ("flat", "striped", "star", build.TI_WORD, "weighted")},
     )
     monkeypatch.setattr(build, "run_train", fake_train)
     with pytest.raises(Trained):

@@ -34,3 +34,18 @@ def test_world_eval_cli_json(run_cli, tiny_files):
     assert m["n_images"] == 18 and m["settings"]["sampler"] == "DPM++ 2M Karras"
     code, _, err = run_cli("world", "eval", "no-such-model")
     assert code == 2 and "no such file" in err
+
+
+def test_erase_scenes_others_never_name_the_erased_colour():
+    """The ESD claim's "other colours" prompts name the erased colour nowhere: ``yellow square, red
+    background`` asks for red as well (erasing red turned its shape orange: 3 of build 9's 5 misses)."""
+    from baka.world.eval import erase_scenes, suite_scenes
+
+    wanted, others = erase_scenes("red", 24)
+    assert len(wanted) == len(others) == 24
+    assert all(s.shapes[0].color == "red" for s in wanted)
+    assert all("red" not in s.caption.replace(",", " ").split() for s in others)
+    assert {s.shapes[0].color for s in others} >= {"blue", "green", "yellow"}
+    # the rule matters: the suite's first non-red shapes include some on red
+    seen = [s for s, held in suite_scenes("full") if not held and s.shapes[0].color != "red"][:24]
+    assert any(s.background == "red" for s in seen)

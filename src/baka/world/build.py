@@ -4,15 +4,19 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 
 1. render the training sets (``flat`` and ``striped``, held-out combinations excluded);
 2. train the VAE as a plain autoencoder on both styles (:func:`train_vae`), then rescale its latent
-   space so SD1.x's fixed ``scaling_factor`` (0.18215) gives unit-variance, zero-mean latents;
+   space so SD1.x's fixed ``scaling_factor`` (0.18215) gives unit-variance, zero-mean latents; a last
+   phase fits the decoder alone to colours faded towards their background (``(red:0.6)`` must decode
+   as a paler red, not snap back onto the palette);
 3. pretrain the text encoder on the captions (:func:`pretrain_text_encoder`: its end and padding tokens
    learn to say what the caption means; a second phase adds partial captions), then assemble
    ``init.safetensors``: random UNet (seeded), that text encoder, the trained VAE;
 4. ``baka train`` (``mode = "full"``, the UNet) trains ``world-flat-base`` from it (epsilon loss, min-SNR
-   plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR), then ``world-flat`` from
-   that with ``caption_free_below_timestep`` (the captioned and uncaptioned predictions agree on the
-   low-noise steps, so CFG 7 no longer bends the shapes there); ``world-striped`` and
-   ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``, with the same setting;
+   plus kohya's ``v_pred_like_loss`` so the high-noise steps count, cosine LR), then ``world-flat-cf``
+   from that with ``caption_free_below_timestep`` (the captioned and uncaptioned predictions agree on
+   the low-noise steps, so CFG 7 no longer bends the shapes there), ``world-flat-weighted`` on the
+   ``weighted`` set (colour words weighted in A1111 syntax, the colour faded below 1; kohya's
+   ``weighted_captions``: A1111 emphasis) and ``world-flat``, caption-free again on that set;
+   ``world-striped`` and ``world-vpred-ztsnr`` are fine-tuned from ``world-flat``, with the same setting;
 5. ``baka train`` (``mode = "lora"``) teaches ``world-flat`` the unseen star from 40 images
    (``world-star``, UNet + text encoder LoRA), and (``mode = "embedding"``) learns ``world-azure``, a
    textual-inversion vector for the colour blue;
@@ -24,12 +28,6 @@ Stages (each skipped when its output exists, so an interrupted build continues):
 Every stage after ``world-flat`` starts from its fp16 copy, the tensors the package ships, so
 ``--from-shipped`` reproduces stages 4 (striped, v-prediction) to 6 from the installed ``world-flat``
 alone, without the hour before it; a from-scratch build gives the same tensors.
-
-``--emphasis`` builds the build 9 candidate (not shipped: it teaches world-flat A1111 emphasis but
-costs three other claims; docs/world.md, "Build 9 candidate"): a third VAE phase fits the decoder alone to
-faded colours, a ``weighted`` set (colour words weighted, the colour faded below 1) is rendered, and
-world-flat's caption-free run (``world-flat-cf``) is followed by ``world-flat-weighted`` (kohya's
-``weighted_captions``) and ``world-flat``, caption-free again on the weighted set.
 
 Thread count: ``BAKA_WORLD_THREADS`` (default 2, the build machine's cores). On an otherwise idle
 2-core machine two threads are twice as fast as one; when other jobs share the cores, 1 is much faster.
@@ -58,15 +56,15 @@ VAE_STEPS = 700
 VAE_BATCH = 16
 # phase 1 on random 32x32 crops (4x cheaper per image; the autoencoder is convolutional), phase 2 on
 # whole images with shape pixels weighted, so shape colours come out right and not only the background
+# phase 3 (build 9) trains the decoder alone, half the images faded towards their background: phase 2's
+# decoder snaps colours between the palette's back onto it (a red circle on grey faded to 0.5 decodes at
+# 0.78 of red), so no UNet could draw `(red:0.6)`; the encoder, hence the latent space, is untouched
+# (docs/world.md, "Build 9")
 VAE_PHASES: tuple[dict, ...] = (
     {"steps": 3000, "lr": 2e-3, "fg_weight": 0.0, "batch": 32, "crop": 32},
     {"steps": 400, "lr": 1e-3, "fg_weight": 4.0, "batch": 16},
+    {"steps": 1500, "lr": 5e-4, "fg_weight": 4.0, "batch": 16, "decoder_only": True, "fade": 0.5},
 )
-# --emphasis (the build 9 candidate, not shipped): a third phase trains the decoder alone, half the images
-# faded towards their background: phase 2's decoder snaps colours between the palette's back onto it (a
-# red circle on grey faded to 0.5 decodes at 0.78 of red), so no UNet could draw `(red:0.6)`; the
-# encoder, hence the latent space and every UNet run, is untouched (docs/world.md, "Build 9 candidate")
-DECODER_PHASE = {"steps": 1500, "lr": 5e-4, "fg_weight": 4.0, "batch": 16, "decoder_only": True, "fade": 0.5}
 TE_STEPS = 300
 # text encoder pretraining: whole captions first (the binding of words in order), then a share of
 # partial captions (single tags and words: what negative prompts and ESD name), from the first phase
@@ -91,12 +89,11 @@ CF_BELOW = 300
 # build 7's world-flat; the price is the v-prediction model's own shapes, full suite 67% -> 54%;
 # docs/world.md, "Build 8")
 VPRED_CF_BELOW = 700
-# --emphasis, world-flat's emphasis (issue #10's "(red:1.4) vs (red:0.6) moves colour"): the flat scenes
+# world-flat's emphasis (issue #10's "(red:1.4) vs (red:0.6) moves colour"): the flat scenes
 # again, in EMPH_SHARE of the one-shape ones the colour word weighted (A1111 syntax), the colour faded
 # towards the background by the weight below 1 (above 1 left as it is: the palette colour cannot be
-# more itself); kohya's weighted_captions scales the word's state by it. The shipped build 8 world-flat
-# reads its colour from the padding states, which emphasis never touches (docs/world.md, "Build 9
-# candidate").
+# more itself); kohya's weighted_captions scales the word's state by it. Build 8's world-flat read its
+# colour from the padding states, which emphasis never touches (docs/world.md, "Build 9").
 # Two more runs after the caption-free one: EMPH_STEPS at LR 1e-3 without the caption-free setting
 # (with it, 800-2000 steps learnt next to nothing), then the caption-free stage again on the weighted
 # set, which gives back the shapes at CFG 7 that the first costs
@@ -107,7 +104,7 @@ EMPH_SEED = 13
 EMPH_STEPS = 3000
 WEIGHTED_KEYS = {"weighted_captions": "true", "weighted_captions_emphasis": '"No norm"'}
 STRIPED_STEPS = 600
-VPRED_STEPS = 1200
+VPRED_STEPS = 2000
 # min-SNR 5 alone weighs an x0 error at t ~ 900 some 500x less than at t ~ 300, yet the high-noise steps
 # decide background, colour and layout; kohya's v_pred_like_loss adds a v-like term (x0 weight SNR + 1)
 EPS_KEYS = {"v_pred_like_loss": 0.5, "lr_scheduler": '"cosine"', "lr_warmup_steps": 50}
@@ -125,7 +122,7 @@ TAG_DROPOUT = 0.15
 # dim 16 83%, conv dim 8 88%
 STAR_IMAGES = 40
 STAR_SEED = 7
-STAR_STEPS = 2000
+STAR_STEPS = 3000
 STAR_NETWORK = {"dim": 16, "alpha": 16, "conv_dim": 8, "conv_alpha": 8}
 STAR_LORA = "world-star"
 # the textual-inversion embedding: one vector learnt from 40 blue shapes whose captions say TI_WORD
@@ -166,7 +163,7 @@ ESD_LORA = "world-no-red"
 ESD_ARGS = "--method ESD-x --preset esd-2025 --lr 2e-3 --iterations 400 --separator |".split()
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 BASE = "world-flat-base"
-# --emphasis: world-flat's caption-free run becomes CF_RUN, then two weighted-caption runs follow
+# world-flat's caption-free run, then the two weighted-caption runs (build 9)
 CF_RUN = "world-flat-cf"
 WEIGHTED = "world-flat-weighted"
 FLAT_CHAIN = (BASE, CF_RUN, WEIGHTED, "world-flat")  # every name a world-flat run can have; the last ships
@@ -193,7 +190,7 @@ def _log(msg: str) -> None:
     print(f"[world build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def render_sets(out: Path, emphasis: bool = False) -> dict[str, Path]:
+def render_sets(out: Path) -> dict[str, Path]:
     from baka.world.render import render_folder
 
     sets = {  # folder -> (images, seed, style, split)
@@ -205,12 +202,10 @@ def render_sets(out: Path, emphasis: bool = False) -> dict[str, Path]:
     # the embedding's images: single blue shapes, TI_WORD in the colour's place in the caption
     only = {TI_WORD: lambda sc: len(sc.shapes) == 1 and sc.shapes[0].color == TI_COLOR}
     word = {TI_WORD: lambda sc: sc.caption.replace(TI_COLOR, TI_WORD, 1)}
-    paths = {}
-    if emphasis:
-        paths["weighted"] = out / "data" / "weighted"
-        if not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
-            _log(f"render {N_FLAT} weighted-caption images -> {paths['weighted']}")
-            render_weighted(paths["weighted"])
+    paths = {"weighted": out / "data" / "weighted"}
+    if not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
+        _log(f"render {N_FLAT} weighted-caption images -> {paths['weighted']}")
+        render_weighted(paths["weighted"])
     for name, (n, seed, style, split) in sets.items():
         d = out / "data" / name
         paths[name] = d
@@ -380,8 +375,8 @@ def _save_stage(sd: dict, path: Path) -> None:
 
 def _vae_phases(out: Path, folders: list[Path], phases: tuple[dict, ...] = VAE_PHASES) -> dict:
     """Phase 1: plain loss, OneCycle 2e-3; phase 2 (fresh Adam) weighs shape pixels 5x, OneCycle 1e-3,
-    so shape colours come out right and not only the background (:data:`VAE_PHASES`; ``--emphasis`` adds
-    :data:`DECODER_PHASE`). Each phase's result is kept."""
+    so shape colours come out right and not only the background; phase 3 fits the decoder alone to faded
+    colours (:data:`VAE_PHASES`). Each phase's result is kept."""
     from safetensors.torch import load_file
 
     sd = None
@@ -1003,20 +998,16 @@ def trained(out: Path, name: str) -> Path:
 Stage = tuple[str, Path, Path, int, float, bool, dict]  # name, start, data, steps, LR, v-pred, TOML keys
 
 
-def model_stages(out: Path, sets: dict[str, Path], init: Path, emphasis: bool = False) -> list[Stage]:
-    """The UNet runs in order: world-flat's runs (the base run, the caption-free run; with ``emphasis``
-    that one is CF_RUN and the two weighted-caption runs follow), then the fine-tunes from world-flat."""
+def model_stages(out: Path, sets: dict[str, Path], init: Path) -> list[Stage]:
+    """The UNet runs in order: world-flat's runs (the base run, the caption-free run, the two
+    weighted-caption runs), then the fine-tunes from world-flat."""
     start = flat_start(out)
-    caption_free = CF_RUN if emphasis else "world-flat"
-    chain: list[Stage] = [(caption_free, trained(out, BASE), sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS)]
-    if emphasis:
-        weighted, keys = sets["weighted"], {**EPS_KEYS, **WEIGHTED_KEYS}
-        chain.append((WEIGHTED, fp16_copy(out, CF_RUN), weighted, EMPH_STEPS, 1e-3, False, keys))
-        keys = {**CF_KEYS, **WEIGHTED_KEYS}
-        chain.append(("world-flat", trained(out, WEIGHTED), weighted, CF_STEPS, 3e-4, False, keys))
+    weighted = sets["weighted"]
     return [
         (BASE, init, sets["flat"], FLAT_STEPS, 1e-3, False, EPS_KEYS),
-        *chain,
+        (CF_RUN, trained(out, BASE), sets["flat"], CF_STEPS, 3e-4, False, CF_KEYS),
+        (WEIGHTED, fp16_copy(out, CF_RUN), weighted, EMPH_STEPS, 1e-3, False, {**EPS_KEYS, **WEIGHTED_KEYS}),
+        ("world-flat", trained(out, WEIGHTED), weighted, CF_STEPS, 3e-4, False, {**CF_KEYS, **WEIGHTED_KEYS}),
         ("world-striped", start, sets["striped"], STRIPED_STEPS, 3e-4, False, CF_KEYS),
         ("world-vpred-ztsnr", start, sets["flat"], VPRED_STEPS, 5e-4, True, VPRED_CF_KEYS),
     ]
@@ -1032,16 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start the stages after world-flat from the installed world-flat (no VAE, encoder, base runs)",
     )
-    p.add_argument(
-        "--emphasis",
-        action="store_true",
-        help="build 9 candidate (not shipped; docs/world.md): VAE decoder phase, weighted-caption runs",
-    )
     a = p.parse_args(argv)
-    if a.emphasis and Path(a.dest).resolve() == WEIGHTS_DIR.resolve():
-        p.error("--emphasis builds a candidate, not the shipped files: give --dest")
-    if a.emphasis and a.from_shipped:
-        p.error("--emphasis trains its own world-flat; --from-shipped starts from the installed one")
     if a.from_shipped and a.only in ("vae", "flat"):
         p.error(f"--only {a.only} stops before the stages --from-shipped runs")
     import torch
@@ -1049,20 +1031,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(THREADS))
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sets = render_sets(out, emphasis=a.emphasis)
+    sets = render_sets(out)
     init = out / "init.safetensors"
     if a.from_shipped:
         if not flat_start(out).exists():
             seed_from_shipped(out, WEIGHTS_DIR / "world-flat.safetensors")
     elif not init.exists():
-        phases = (*VAE_PHASES, DECODER_PHASE) if a.emphasis else VAE_PHASES
-        vae_sd = _vae_phases(out, [sets["flat"], sets["striped"]], phases)
+        vae_sd = _vae_phases(out, [sets["flat"], sets["striped"]])
         build_init(out, vae_sd, _text_encoder_stage(out))
     if a.only == "vae":
         return 0
 
     start = flat_start(out)
-    stages = model_stages(out, sets, init, emphasis=a.emphasis)
+    stages = model_stages(out, sets, init)
     for name, model, data, steps, lr, vpred, extra in stages:
         if a.from_shipped and name in FLAT_CHAIN:
             continue

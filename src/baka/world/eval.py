@@ -218,18 +218,26 @@ def star_scores(gen, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
     return {"star_share": shape_share([r for r, _ in pairs], "star"), **m, "n_images": len(pairs)}
 
 
-def erase_scores(gen, color: str, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
-    """The ESD claim (the paper's erased-class vs other-classes table): ``n`` seen suite prompts asking
-    for ``color`` and ``n`` asking for other colours, one image each (prompt k with seed 100 k),
-    optionally with ``lora`` appended (e.g. ``"<lora:world-no-red:1>"``). Returns the share of the
-    ``color`` prompts' images the judge reads in ``color`` and the colour accuracy on the others."""
-    from baka.world.score import score
-
+def erase_scenes(color: str, n: int = 24) -> tuple[list, list]:
+    """:func:`erase_scores`' prompts: ``n`` seen suite scenes whose shape is ``color`` and ``n`` that
+    name ``color`` nowhere (as shape or background colour)."""
     scenes = [s for s, held in suite_scenes("full") if not held]
     asked = [s for s in scenes if s.shapes[0].color == color]
     # the full suite has ~10 scenes per colour: cycle through them with a new seed per prompt
     wanted = [asked[k % len(asked)] for k in range(n)]
-    others = [s for s in scenes if s.shapes[0].color != color][:n]
+    others = [s for s in scenes if color not in s.caption.replace(",", " ").split()][:n]
+    return wanted, others
+
+
+def erase_scores(gen, color: str, n: int = 24, lora: str = "", **kw) -> dict[str, float]:
+    """The ESD claim (the paper's erased-class vs other-classes table): ``n`` seen suite prompts asking
+    for ``color`` and ``n`` asking for other colours, one image each (prompt k with seed 100 k),
+    optionally with ``lora`` appended (e.g. ``"<lora:world-no-red:1>"``). Returns the share of the
+    ``color`` prompts' images the judge reads in ``color`` and the colour accuracy on the others
+    (:func:`erase_scenes`; ``yellow square, red background`` asks for red too, so it is no "other")."""
+    from baka.world.score import score
+
+    wanted, others = erase_scenes(color, n)
     got = {}
     for name, group in (("erased", wanted), ("others", others)):
         got[name] = [
