@@ -174,11 +174,15 @@ def textual_inversion(n: int) -> tuple[str, dict]:
     shutil.copy(shipped_path("world-azure", SHIPPED_EMBEDDINGS), folder)
     gens = {"in the embeddings folder": Generator(FLAT, embedding_dirs=[folder], progress=False)}
     gens["absent (the word alone)"] = Generator(FLAT, progress=False)
+    # the negative rows: captions that ask for blue (the test's premise; a colourless prompt draws
+    # whatever colour world-flat favours, purple on build 9)
+    asking = colour_word_prompts("blue", n, "blue")
     base = "circle, grey background, large, center"
     cases = [
         ("`world-azure` for the colour (16 prompts)", colour_word_prompts("world-azure", 16, "blue"), ""),
+        (f"captions asking for blue ({n})", asking, ""),
+        (f"captions asking for blue ({n}), negative `world-azure`", asking, "world-azure"),
         (f"`{base}`", [base] * n, ""),
-        (f"`{base}`, negative `world-azure {base}`", [base] * n, "world-azure " + base),
         (f"`{base}`, negative `world-azure`", [base] * n, "world-azure"),
     ]
     rows, data = [], {}
