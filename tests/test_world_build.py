@@ -257,14 +257,17 @@ def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
         raise Trained
 
     out = tmp_path / "late"
-    monkeypatch.setattr(
-        build,
-        "render_sets",
-        lambda o: {k: o / k for k in ("flat", "striped", "star", build.TI_WORD, "weighted")},
-    )
+    rendered = []
+
+    def fake_sets(o, weighted=True):
+        rendered.append(weighted)
+        return {k: o / k for k in ("flat", "striped", "star", build.TI_WORD, "weighted")}
+
+    monkeypatch.setattr(build, "render_sets", fake_sets)
     monkeypatch.setattr(build, "run_train", fake_train)
     with pytest.raises(Trained):
         build.main(["--out", str(out), "--dest", str(tmp_path / "ship"), "--from-shipped"])
+    assert rendered == [False]  # the weighted set feeds only world-flat's runs, which it skips
     assert 'output_name = "world-striped"' in calls[0]
     assert f'model = "{build.flat_start(out)}"' in calls[0]
     got, _ = read_raw(build.flat_start(out))

@@ -192,7 +192,9 @@ def _log(msg: str) -> None:
     print(f"[world build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def render_sets(out: Path) -> dict[str, Path]:
+def render_sets(out: Path, weighted: bool = True) -> dict[str, Path]:
+    """The training sets' folders, rendered where missing; ``weighted=False`` (``--from-shipped``, whose
+    stages never read it) names the weighted set's folder without rendering it."""
     from baka.world.render import render_folder
 
     sets = {  # folder -> (images, seed, style, split)
@@ -205,7 +207,7 @@ def render_sets(out: Path) -> dict[str, Path]:
     only = {TI_WORD: lambda sc: len(sc.shapes) == 1 and sc.shapes[0].color == TI_COLOR}
     word = {TI_WORD: lambda sc: sc.caption.replace(TI_COLOR, TI_WORD, 1)}
     paths = {"weighted": out / "data" / "weighted"}
-    if not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
+    if weighted and not (paths["weighted"] / f"{N_FLAT - 1:05d}.txt").exists():
         _log(f"render {N_FLAT} weighted-caption images -> {paths['weighted']}")
         render_weighted(paths["weighted"])
     for name, (n, seed, style, split) in sets.items():
@@ -1033,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(THREADS))
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sets = render_sets(out)
+    sets = render_sets(out, weighted=not a.from_shipped)
     init = out / "init.safetensors"
     if a.from_shipped:
         if not flat_start(out).exists():
