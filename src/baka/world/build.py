@@ -377,14 +377,14 @@ def _save_stage(sd: dict, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
 
 
-def _vae_phases(out: Path, folders: list[Path], phases: tuple[dict, ...] = VAE_PHASES) -> dict:
+def _vae_phases(out: Path, folders: list[Path]) -> dict:
     """Phase 1: plain loss, OneCycle 2e-3; phase 2 (fresh Adam) weighs shape pixels 5x, OneCycle 1e-3,
     so shape colours come out right and not only the background; phase 3 fits the decoder alone to faded
     colours (:data:`VAE_PHASES`). Each phase's result is kept."""
     from safetensors.torch import load_file
 
     sd = None
-    for i, kw in enumerate(phases, 1):
+    for i, kw in enumerate(VAE_PHASES, 1):
         f = out / f"vae{i}.safetensors"
         if f.exists():
             sd = load_file(f)
@@ -1078,8 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = {**base, **_losses(out, name)}
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             if name == "world-flat":
-                for run in (s[0] for s in stages if s[0] in EARLIER_RUNS):
-                    key = EARLIER_RUNS[run]
+                for run, key in EARLIER_RUNS.items():
                     stats[key] = {**_losses(out, run), **json.loads((out / run / "time.json").read_text())}
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")
