@@ -6,7 +6,10 @@ judges the LoRA. One command, fixed seeds; ~7-8 min per ESD-u run on 2 cores (an
 judged again, not retrained; its erase time is shown only if this script made it).
 
     .venv/bin/python bench/world_esd.py [--method ESD-u] [--lr 5e-4 1e-3] [--n 24] [--out build/world-esd]
-        [--model world-flat]
+        [--model world-flat] [--preserve WEIGHT] [--iterations N]
+
+``--preserve WEIGHT`` adds ``baka erase --preserve`` with the build's ``ESD_PRESERVE`` captions (4 training
+captions of each other colour) at that retain weight.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="seeds / red captions / other captions judged")
     ap.add_argument("--out", default="build/world-esd", help="where the erased checkpoints go")
     ap.add_argument("--model", default="world-flat", help="the model erased (a path or a shipped name)")
+    ap.add_argument("--preserve", type=float, default=0.0, help="retain weight on ESD_PRESERVE (0: none)")
+    ap.add_argument("--iterations", help="baka erase --iterations (default: ESD_ARGS')")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
     from world_claims import esd_figures, md_table
 
     from baka.generate.engine import Generator
     from baka.models.shipped import shipped_path
-    from baka.world.build import ESD_ARGS, ESD_CONCEPT, ESD_PROMPTS, erase_in_context
+    from baka.world.build import ESD_ARGS, ESD_CONCEPT, ESD_PRESERVE, ESD_PROMPTS, erase_in_context
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,7 +43,14 @@ def main() -> None:
     for lr in a.lr:
         args = dict(zip(ESD_ARGS[::2], ESD_ARGS[1::2], strict=True))  # every option takes a value
         args.update({"--method": a.method, "--lr": lr})
-        erased = out / f"{a.method}-lr{lr}.safetensors"
+        if a.iterations:
+            args["--iterations"] = a.iterations
+        if a.preserve:
+            args.update(
+                {"--preserve": args["--separator"].join(ESD_PRESERVE), "--preserve-weight": str(a.preserve)}
+            )
+        tags = f"{f'-it{a.iterations}' if a.iterations else ''}{f'-keep{a.preserve}' if a.preserve else ''}"
+        erased = out / f"{a.method}-lr{lr}{tags}.safetensors"
         timing = erased.with_suffix(".json")  # the erase's wall time, kept for a later re-judging
         if not erased.exists():
             t = time.time()
@@ -53,7 +65,8 @@ def main() -> None:
         rows.append([lr, "-" if seconds is None else f"{seconds} s", *(f"{v:.0%}" for v in cells)])
         print(" | ".join(rows[-1]), flush=True)
     c = ESD_CONCEPT
-    title = f"{a.method} erasing `{c}` ({len(ESD_PROMPTS)} captions, {a.n} seeds / captions)"
+    keep = f", `--preserve` {len(ESD_PRESERVE)} captions at {a.preserve}" if a.preserve else ""
+    title = f"{a.method} erasing `{c}` ({len(ESD_PROMPTS)} captions{keep}, {a.n} seeds / captions)"
     header = ["lr", "erase time", f"prompt `{c}` drawn {c}", f"{c} captions drawn {c}", "other colours right"]
     print(md_table(title, header, rows))
     if a.json:

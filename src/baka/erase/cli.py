@@ -35,6 +35,14 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
         help="the concept is several prompts split at this string (e.g. '|'), one drawn per iteration,"
         " as the original train-esd.py's --seperator (default: one prompt)",
     )
+    p.add_argument(
+        "--preserve",
+        help="prompts the edit must leave as the original draws them (split at --separator like the"
+        " concept); adds a retain term on them, not in ESD (default: none)",
+    )
+    p.add_argument(
+        "--preserve-weight", type=float, default=1.0, help="weight of the retain term (with --preserve)"
+    )
     p.add_argument("--delta-only", action="store_true", help="write only the changed weights")
 
 
@@ -56,9 +64,16 @@ def cmd_erase(a: argparse.Namespace) -> int:
     }
     settings = {**PRESETS.get(a.preset), **given}
     cfg = EraseConfig(
-        a.concept, ERASE_METHODS.canonical(a.method), seed=a.seed, separator=a.separator, **settings
+        a.concept,
+        ERASE_METHODS.canonical(a.method),
+        seed=a.seed,
+        separator=a.separator,
+        preserve=a.preserve,
+        preserve_weight=a.preserve_weight,
+        **settings,
     )
     cfg.prompts()  # an empty split fails here, before the model loads
+    cfg.preserved()
     print_config(
         "erase",
         {

@@ -10,6 +10,13 @@ k drawn uniformly below ``ddim_steps``), and t is that latent's own timestep: th
 (``model.diffusion_model.`` stripped): ``xattn`` (ESD-x), ``noxattn`` (ESD-u), ``selfattn``, ``full``,
 ``notime``, ``xlayer``, ``selflayer``, and the 2025 release's ``esd-x-strict``. Settings: the paper's
 (1000 iterations, lr 1e-5, eta 1) are the defaults; :data:`PRESETS` holds the 2025 release's.
+
+Not in ESD: ``preserve`` prompts add a retain term, ``preserve_weight * || e_theta(y_s, p, s) -
+e*(y_s, p, s) ||^2`` averaged over every preserved prompt p each iteration, where y_s is a step (drawn
+per prompt and iteration) of the original model's own guided DDIM run of p (one seeded run per
+prompt, computed once: :func:`preserved_trajectories`). It holds the edited model to the original
+where the preserved prompts' images are made (the anchor / retain-set regularisers of later erasure
+work, e.g. Kumari et al. 2023, "Ablating Concepts").
 """
 
 from __future__ import annotations
@@ -98,14 +105,24 @@ class EraseConfig:
     sample_with_original: bool = False
     # the original train-esd.py's --seperator: the concept is several prompts, one drawn per iteration
     separator: str | None = None
+    # prompts kept as the original draws them (split at ``separator`` like the concept); none: plain ESD
+    preserve: str | None = None
+    preserve_weight: float = 1.0
 
     def prompts(self) -> list[str]:
         """The concept's prompts: split at ``separator`` (empty pieces dropped), or the whole."""
+        return self._split(self.concept, "concept")
+
+    def preserved(self) -> list[str]:
+        """The preserved prompts (none without ``preserve``)."""
+        return self._split(self.preserve, "preserve") if self.preserve is not None else []
+
+    def _split(self, text: str, what: str) -> list[str]:
         if not self.separator:
-            return [self.concept]
-        words = [w.strip() for w in self.concept.split(self.separator) if w.strip()]
+            return [text]
+        words = [w.strip() for w in text.split(self.separator) if w.strip()]
         if not words:
-            raise BakaError(f"concept {self.concept!r} has no prompt between its {self.separator!r}")
+            raise BakaError(f"{what} {text!r} has no prompt between its {self.separator!r}")
         return words
 
 
@@ -128,6 +145,14 @@ PRESETS.add(
 )
 
 
+def guided_step(unet, sched, x, step_t, emb_0: torch.Tensor, emb_c: torch.Tensor, guidance: float):
+    """One DDIM step from ``x`` at ``step_t`` guided towards ``emb_c`` (a batch of prompts for a batch
+    of latents, one empty prompt for all); returns the next latent and the conditional prediction."""
+    e = unet(torch.cat([x, x]), step_t, torch.cat([emb_0.expand(len(emb_c), -1, -1), emb_c])).sample
+    e0, ec = e.chunk(2)
+    return sched.step(e0 + guidance * (ec - e0), step_t, x).prev_sample, ec
+
+
 def partial_sample(
     unet, sched, x: torch.Tensor, k: int, emb_0: torch.Tensor, emb_c: torch.Tensor, guidance: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,10 +160,34 @@ def partial_sample(
     returns the latent and its own timestep ``sched.timesteps[k]``, the noise level those steps left
     it at (the step from timesteps[i] lands on timesteps[i + 1])."""
     for step_t in sched.timesteps[:k]:
-        e = unet(torch.cat([x, x]), step_t, torch.cat([emb_0, emb_c])).sample
-        e0, ec = e.chunk(2)
-        x = sched.step(e0 + guidance * (ec - e0), step_t, x).prev_sample
+        x = guided_step(unet, sched, x, step_t, emb_0, emb_c, guidance)[0]
     return x, sched.timesteps[k : k + 1].clone()
+
+
+def preserved_trajectories(
+    frozen, sched, kept: torch.Tensor, emb_0: torch.Tensor, guidance: float, gen: torch.Generator, size: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The original model's own guided DDIM run for each preserved prompt (one seeded noise each):
+    per step the latents ``[P, C, h, w]``, the timestep and the original's conditional predictions,
+    the retain term's inputs and targets."""
+    x = torch.randn(len(kept), frozen.config.in_channels, size, size, generator=gen)
+    out = []
+    with torch.no_grad():
+        for step_t in sched.timesteps:
+            x_next, ec = guided_step(frozen, sched, x, step_t, emb_0, kept, guidance)
+            out.append((x, step_t, ec))
+            x = x_next
+    return out
+
+
+def retain_batch(traj, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every preserved prompt at a step of its run drawn at random: latents ``[P, C, h, w]``, their
+    timesteps ``[P]`` and the original's predictions there."""
+    n = len(traj[0][0])
+    steps = torch.randint(len(traj), (n,), generator=gen).tolist()
+    x = torch.stack([traj[i][0][j] for j, i in enumerate(steps)])
+    t = torch.stack([traj[i][1] for i in steps]).reshape(n)
+    return x, t, torch.stack([traj[i][2][j] for j, i in enumerate(steps)])
 
 
 def erase(
@@ -173,11 +222,20 @@ def erase(
     enc = PromptEncoder(te)
     with torch.no_grad():
         embs = [enc.encode_chunks(enc.chunks(c)[:1]) for c in cfg.prompts()]
+        kept = [enc.encode_chunks(enc.chunks(c)[:1]) for c in cfg.preserved()]
         emb_0 = enc.encode_chunks(enc.chunks("")[:1])
     sched = DDIMScheduler.from_config(ckpt.config.scheduler)
     sched.set_timesteps(cfg.ddim_steps)
     size = (cfg.size or 8 * unet.config.sample_size) // 8
     gen = torch.Generator().manual_seed(cfg.seed)
+    # its own generator: the concept, k and noise draws are plain ESD's
+    keep_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    kept_all = torch.cat(kept) if kept else None
+    traj = (
+        preserved_trajectories(frozen, sched, kept_all, emb_0, cfg.start_guidance, keep_gen, size)
+        if kept_all is not None
+        else []
+    )
     unet.train()
     for _ in tqdm(range(cfg.iterations), desc=f"erase {cfg.method}", disable=not progress):
         # one prompt per iteration (drawn only when there are several: one prompt keeps the old stream)
@@ -191,6 +249,10 @@ def erase(
             ec = frozen(x, t, emb_c).sample
             target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(unet(x, t, emb_c).sample, target)
+        if traj:  # every preserved prompt, each at a step of the original's own run of it
+            x_p, t_p, anchor = retain_batch(traj, keep_gen)
+            pred = unet(x_p, t_p, kept_all).sample
+            loss = loss + cfg.preserve_weight * torch.nn.functional.mse_loss(pred, anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

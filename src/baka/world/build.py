@@ -161,6 +161,30 @@ ESD_PROMPTS = (
     "red square, blue background, medium, top",
     "red triangle, yellow background, medium, center",
 )
+# what ESD-u with baka erase --preserve keeps (bench/world_esd.py; not shipped): the first 4 distinct
+# one-shape training captions of each other colour that name red nowhere and are not eval-suite prompts
+ESD_PRESERVE = (
+    "yellow circle, blue background, small, center",
+    "yellow square, white background, small, right",
+    "yellow square, black background, medium, right",
+    "yellow triangle, green background, large, bottom",
+    "blue square, green background, medium, left",
+    "blue square, grey background, medium, bottom",
+    "blue triangle, black background, large, top",
+    "blue circle, white background, large, left",
+    "purple circle, grey background, small, bottom",
+    "purple circle, black background, small, bottom",
+    "purple circle, green background, medium, left",
+    "purple triangle, black background, medium, center",
+    "green square, grey background, large, bottom",
+    "green square, yellow background, medium, left",
+    "green square, grey background, large, left",
+    "green square, yellow background, medium, bottom",
+    "orange triangle, green background, small, top",
+    "orange square, green background, large, center",
+    "orange square, yellow background, large, top",
+    "orange square, black background, small, bottom",
+)
 ESD_LORA = "world-no-red"
 ESD_ARGS = "--method ESD-x --preset esd-2025 --lr 2e-3 --iterations 400 --separator |".split()
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
