@@ -246,6 +246,10 @@ def test_preserve_holds_other_prompts_to_the_original(tiny_files, tmp_path, prob
     code, _, err = run_cli("erase", tiny_files[0], "a cat", "-o", bad, "--preserve", "|", "--separator", "|")
     assert code != 0 and "preserve" in err and "no prompt" in err and len(err.strip().splitlines()) == 1
     assert not bad.exists()
+    code, _, err = run_cli(
+        "erase", tiny_files[0], "a cat", "-o", bad, "--preserve", "a dog", "--preserve-batch", 0
+    )
+    assert code != 0 and "preserve_batch" in err and len(err.strip().splitlines()) == 1
 
 
 def test_preserved_trajectories_are_the_originals_own_runs(probe):
@@ -268,9 +272,20 @@ def test_preserved_trajectories_are_the_originals_own_runs(probe):
                 assert torch.allclose(run[k][0][j : j + 1], x, atol=1e-5)
                 assert torch.allclose(run[k][2][j : j + 1], unet(x, t, kept[j : j + 1]).sample, atol=1e-5)
     # the retain batch: every prompt once, each at a step of its own run, prediction paired with latent
-    x, t, e = retain_batch(run, torch.Generator().manual_seed(0))
-    assert x.shape == (2, 4, 8, 8) and t.shape == (2,) and e.shape == x.shape
+    x, t, emb, e = retain_batch(run, kept, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 4, 8, 8) and t.shape == (2,) and e.shape == x.shape and torch.equal(emb, kept)
     steps = [int(s) for s in sched.timesteps]
     for j in range(2):
         i = steps.index(int(t[j]))
         assert torch.equal(x[j], run[i][0][j]) and torch.equal(e[j], run[i][2][j])
+    # a smaller batch: that many prompts, each row still its own prompt's latent and prediction
+    seen = set()
+    for seed in range(8):
+        x, t, emb, e = retain_batch(run, kept, torch.Generator().manual_seed(seed), batch=1)
+        assert x.shape == (1, 4, 8, 8) and t.shape == (1,)
+        j = 0 if torch.equal(emb, kept[:1]) else 1
+        assert torch.equal(emb, kept[j : j + 1])
+        i = steps.index(int(t[0]))
+        assert torch.equal(x[0], run[i][0][j]) and torch.equal(e[0], run[i][2][j])
+        seen.add(j)
+    assert seen == {0, 1}

@@ -43,6 +43,11 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preserve-weight", type=float, default=1.0, help="weight of the retain term (with --preserve)"
     )
+    p.add_argument(
+        "--preserve-batch",
+        type=int,
+        help="preserved prompts per iteration, drawn at random (default: all; fewer bound memory)",
+    )
     p.add_argument("--delta-only", action="store_true", help="write only the changed weights")
 
 
@@ -70,6 +75,7 @@ def cmd_erase(a: argparse.Namespace) -> int:
         separator=a.separator,
         preserve=a.preserve,
         preserve_weight=a.preserve_weight,
+        preserve_batch=a.preserve_batch,
         **settings,
     )
     cfg.prompts()  # an empty split fails here, before the model loads

@@ -12,11 +12,11 @@ k drawn uniformly below ``ddim_steps``), and t is that latent's own timestep: th
 (1000 iterations, lr 1e-5, eta 1) are the defaults; :data:`PRESETS` holds the 2025 release's.
 
 Not in ESD: ``preserve`` prompts add a retain term, ``preserve_weight * || e_theta(y_s, p, s) -
-e*(y_s, p, s) ||^2`` averaged over every preserved prompt p each iteration, where y_s is a step (drawn
-per prompt and iteration) of the original model's own guided DDIM run of p (one seeded run per
-prompt, computed once: :func:`preserved_trajectories`). It holds the edited model to the original
-where the preserved prompts' images are made (the anchor / retain-set regularisers of later erasure
-work, e.g. Kumari et al. 2023, "Ablating Concepts").
+e*(y_s, p, s) ||^2`` averaged over every preserved prompt p (or ``preserve_batch`` of them drawn at
+random) each iteration, where y_s is a step (drawn per prompt and iteration) of the original model's
+own guided DDIM run of p (one seeded run per prompt, computed once: :func:`preserved_trajectories`).
+It holds the edited model to the original where the preserved prompts' images are made (the anchor /
+retain-set regularisers of later erasure work, e.g. Kumari et al. 2023, "Ablating Concepts").
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ class EraseConfig:
     # prompts kept as the original draws them (split at ``separator`` like the concept); none: plain ESD
     preserve: str | None = None
     preserve_weight: float = 1.0
+    # preserved prompts in each iteration's retain batch (default all; fewer bound memory on 512px models)
+    preserve_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.preserve_batch is not None and self.preserve_batch < 1:
+            raise BakaError(f"preserve_batch must be at least 1, got {self.preserve_batch}")
 
     def prompts(self) -> list[str]:
         """The concept's prompts: split at ``separator`` (empty pieces dropped), or the whole."""
@@ -180,14 +186,19 @@ def preserved_trajectories(
     return out
 
 
-def retain_batch(traj, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every preserved prompt at a step of its run drawn at random: latents ``[P, C, h, w]``, their
-    timesteps ``[P]`` and the original's predictions there."""
-    n = len(traj[0][0])
-    steps = torch.randint(len(traj), (n,), generator=gen).tolist()
-    x = torch.stack([traj[i][0][j] for j, i in enumerate(steps)])
-    t = torch.stack([traj[i][1] for i in steps]).reshape(n)
-    return x, t, torch.stack([traj[i][2][j] for j, i in enumerate(steps)])
+def retain_batch(
+    traj, kept: torch.Tensor, gen: torch.Generator, batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The retain term's batch: every preserved prompt (or ``batch`` of them drawn at random), each at
+    a step of its run drawn at random: latents ``[B, C, h, w]``, timesteps ``[B]``, the prompts'
+    embeddings and the original's predictions there."""
+    n = len(kept)
+    rows = torch.randperm(n, generator=gen)[:batch].tolist() if batch and batch < n else list(range(n))
+    steps = torch.randint(len(traj), (len(rows),), generator=gen).tolist()
+    x = torch.stack([traj[i][0][j] for j, i in zip(rows, steps, strict=True)])
+    t = torch.stack([traj[i][1] for i in steps]).reshape(len(rows))
+    anchor = torch.stack([traj[i][2][j] for j, i in zip(rows, steps, strict=True)])
+    return x, t, kept[rows], anchor
 
 
 def erase(
@@ -249,9 +260,9 @@ def erase(
             ec = frozen(x, t, emb_c).sample
             target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(unet(x, t, emb_c).sample, target)
-        if traj:  # every preserved prompt, each at a step of the original's own run of it
-            x_p, t_p, anchor = retain_batch(traj, keep_gen)
-            pred = unet(x_p, t_p, kept_all).sample
+        if kept_all is not None:  # every preserved prompt, each at a step of the original's own run of it
+            x_p, t_p, emb_p, anchor = retain_batch(traj, kept_all, keep_gen, cfg.preserve_batch)
+            pred = unet(x_p, t_p, emb_p).sample
             loss = loss + cfg.preserve_weight * torch.nn.functional.mse_loss(pred, anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
