@@ -219,8 +219,8 @@ def drift(path, probe, emb):
 
 
 def test_preserve_holds_other_prompts_to_the_original(tiny_files, tmp_path, probe, run_cli):
-    """``--preserve``: a retain term keeps the preserved prompts' predictions near the original's while
-    the concept is still erased; without it the run is plain ESD."""
+    """``--preserve``: a retain term keeps the preserved prompt's predictions nearer the original's than
+    plain ESD does, while the concept is still erased."""
     from baka.generate.conditioning import PromptEncoder
     from baka.models.safetensors_io import SafetensorsFile
 
