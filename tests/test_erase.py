@@ -15,16 +15,27 @@ from baka.models.io import load_checkpoint, read_raw
 from baka.models.pipeline import build_module
 
 
-@pytest.fixture(scope="module")
-def probe(tiny_files):
+def embed(ck, text):
+    """``text``'s first chunk through ``ck``'s text encoder, as ``erase`` reads a prompt."""
     from baka.generate.conditioning import PromptEncoder
 
-    ck = load_checkpoint(tiny_files[0])
-    te = build_module("text_encoder", ck.config, ck.components()["text_encoder"])
-    enc = PromptEncoder(te)
+    enc = PromptEncoder(build_module("text_encoder", ck.config, ck.components()["text_encoder"]))
     with torch.no_grad():
-        c = enc.encode_chunks(enc.chunks("a cat")[:1])
-        u = enc.encode_chunks(enc.chunks("")[:1])
+        return enc.encode_chunks(enc.chunks(text)[:1])
+
+
+def unets(ck0, path):
+    """The original UNet (of checkpoint ``ck0``) and the one in ``path``."""
+    ck = load_checkpoint(path)
+    return build_module("unet", ck0.config, ck0.components()["unet"]), build_module(
+        "unet", ck.config, ck.components()["unet"]
+    )
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_files):
+    ck = load_checkpoint(tiny_files[0])
+    c, u = embed(ck, "a cat"), embed(ck, "")
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(4)]
     ts = [torch.tensor([t]) for t in (100, 400, 700, 900)]
@@ -33,9 +44,7 @@ def probe(tiny_files):
 
 def gap(path, probe, eta=1.0):
     ck0, c, u, xs, ts = probe
-    orig = build_module("unet", ck0.config, ck0.components()["unet"])
-    ck = load_checkpoint(path)
-    unet = build_module("unet", ck.config, ck.components()["unet"])
+    orig, unet = unets(ck0, path)
     total = 0.0
     with torch.no_grad():
         for x, t in zip(xs, ts, strict=True):
@@ -177,7 +186,6 @@ def test_presets_and_fp16_model(tiny_sds, tmp_path, run_cli):
 def test_separator_erases_each_prompt(tiny_files, tmp_path, probe, run_cli):
     """The original train-esd.py's ``--seperator``: the concept is several prompts, one drawn per
     iteration, so the edit moves every prompt's prediction towards its own target."""
-    from baka.generate.conditioning import PromptEncoder
 
     assert EraseConfig("a cat|a dog").prompts() == ["a cat|a dog"]
     assert EraseConfig(" a cat | a dog |", separator="|").prompts() == ["a cat", "a dog"]
@@ -189,10 +197,7 @@ def test_separator_erases_each_prompt(tiny_files, tmp_path, probe, run_cli):
         progress=False,
     )
     ck, _, u, xs, ts = probe
-    enc = PromptEncoder(build_module("text_encoder", ck.config, ck.components()["text_encoder"]))
-    with torch.no_grad():
-        dog = enc.encode_chunks(enc.chunks("a dog")[:1])
-    dog_probe = (ck, dog, u, xs, ts)
+    dog_probe = (ck, embed(ck, "a dog"), u, xs, ts)
     assert gap(out, probe) < 0.9 * gap(tiny_files[0], probe)
     assert gap(out, dog_probe) < 0.9 * gap(tiny_files[0], dog_probe)
     code, _, err = run_cli(
@@ -208,9 +213,7 @@ def drift(path, probe, emb):
     from diffusers import DDIMScheduler
 
     ck0, _, u, _, _ = probe
-    orig = build_module("unet", ck0.config, ck0.components()["unet"])
-    ck = load_checkpoint(path)
-    unet = build_module("unet", ck.config, ck.components()["unet"])
+    orig, unet = unets(ck0, path)
     sched = DDIMScheduler.from_config(ck0.config.scheduler)
     sched.set_timesteps(5)
     run = preserved_trajectories(orig, sched, emb, u, 3.0, torch.Generator().manual_seed(9), 8)
@@ -221,13 +224,9 @@ def drift(path, probe, emb):
 def test_preserve_holds_other_prompts_to_the_original(tiny_files, tmp_path, probe, run_cli):
     """``--preserve``: a retain term keeps the preserved prompt's predictions nearer the original's than
     plain ESD does, while the concept is still erased."""
-    from baka.generate.conditioning import PromptEncoder
     from baka.models.safetensors_io import SafetensorsFile
 
-    ck, *_ = probe
-    enc = PromptEncoder(build_module("text_encoder", ck.config, ck.components()["text_encoder"]))
-    with torch.no_grad():
-        dog = enc.encode_chunks(enc.chunks("a dog")[:1])
+    dog = embed(probe[0], "a dog")
     assert EraseConfig("a cat").preserved() == []
     assert EraseConfig("a cat", preserve="a dog| a bird", separator="|").preserved() == ["a dog", "a bird"]
     outs = {}

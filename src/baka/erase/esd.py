@@ -231,20 +231,24 @@ def erase(
         p.requires_grad_(True)
     opt = torch.optim.Adam(params.values(), lr=cfg.lr)
     enc = PromptEncoder(te)
+
+    def encode(text: str) -> torch.Tensor:  # the first 75-token chunk, as the original's single pass
+        return enc.encode_chunks(enc.chunks(text)[:1])
+
     with torch.no_grad():
-        embs = [enc.encode_chunks(enc.chunks(c)[:1]) for c in cfg.prompts()]
-        kept = [enc.encode_chunks(enc.chunks(c)[:1]) for c in cfg.preserved()]
-        emb_0 = enc.encode_chunks(enc.chunks("")[:1])
+        embs = [encode(c) for c in cfg.prompts()]
+        preserved = cfg.preserved()
+        kept = torch.cat([encode(c) for c in preserved]) if preserved else None
+        emb_0 = encode("")
     sched = DDIMScheduler.from_config(ckpt.config.scheduler)
     sched.set_timesteps(cfg.ddim_steps)
     size = (cfg.size or 8 * unet.config.sample_size) // 8
     gen = torch.Generator().manual_seed(cfg.seed)
     # its own generator: the concept, k and noise draws are plain ESD's
     keep_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    kept_all = torch.cat(kept) if kept else None
     traj = (
-        preserved_trajectories(frozen, sched, kept_all, emb_0, cfg.start_guidance, keep_gen, size)
-        if kept_all is not None
+        preserved_trajectories(frozen, sched, kept, emb_0, cfg.start_guidance, keep_gen, size)
+        if kept is not None
         else []
     )
     unet.train()
@@ -260,8 +264,8 @@ def erase(
             ec = frozen(x, t, emb_c).sample
             target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(unet(x, t, emb_c).sample, target)
-        if kept_all is not None:  # every preserved prompt, each at a step of the original's own run of it
-            x_p, t_p, emb_p, anchor = retain_batch(traj, kept_all, keep_gen, cfg.preserve_batch)
+        if kept is not None:  # every preserved prompt, each at a step of the original's own run of it
+            x_p, t_p, emb_p, anchor = retain_batch(traj, kept, keep_gen, cfg.preserve_batch)
             pred = unet(x_p, t_p, emb_p).sample
             loss = loss + cfg.preserve_weight * torch.nn.functional.mse_loss(pred, anchor)
         opt.zero_grad(set_to_none=True)
