@@ -223,14 +223,19 @@ def drift(path, probe, emb):
 
 def test_preserve_holds_other_prompts_to_the_original(tiny_files, tmp_path, probe, run_cli):
     """``--preserve``: a retain term keeps the preserved prompt's predictions nearer the original's than
-    plain ESD does, while the concept is still erased."""
+    plain ESD does, the more so the larger its weight, while the concept is still erased."""
     from baka.models.safetensors_io import SafetensorsFile
 
     dog = embed(probe[0], "a dog")
     assert EraseConfig("a cat").preserved() == []
     assert EraseConfig("a cat", preserve="a dog| a bird", separator="|").preserved() == ["a dog", "a bird"]
     outs = {}
-    for name, extra in (("plain", []), ("kept", ["--preserve", "a dog", "--preserve-weight", 4])):
+    runs = {
+        "plain": [],
+        "kept1": ["--preserve", "a dog"],
+        "kept": ["--preserve", "a dog", "--preserve-weight", 4],
+    }
+    for name, extra in runs.items():
         outs[name] = tmp_path / f"{name}.safetensors"
         args = ("-m", "ESD-u", "--iterations", 50, "--lr", 1e-5, "--ddim-steps", 5, "--eta", 1)
         code, _, err = run_cli("erase", tiny_files[0], "a cat", "-o", outs[name], *args, *extra)
@@ -238,7 +243,11 @@ def test_preserve_holds_other_prompts_to_the_original(tiny_files, tmp_path, prob
     # (measured: the concept's gap 0.82 / 0.92 of the original's, the dog's drift 0.42 of plain ESD's)
     assert gap(outs["plain"], probe) < 0.9 * gap(tiny_files[0], probe)
     assert gap(outs["kept"], probe) < 0.95 * gap(tiny_files[0], probe)
-    assert drift(outs["kept"], probe, dog) < 0.6 * drift(outs["plain"], probe, dog)
+    drifts = {name: drift(out, probe, dog) for name, out in outs.items()}
+    assert drifts["kept"] < 0.6 * drifts["plain"]
+    # the weight lets the world's ESD-u erase longer (docs/world.md: weight 4 keeps 96% where 1 kept 67%);
+    # measured: weight 1 drifts 0.61 of plain ESD's, weight 4 0.69 of weight 1's
+    assert drifts["kept"] < 0.8 * drifts["kept1"] < 0.8 * drifts["plain"]
     with SafetensorsFile(outs["kept"]) as f:
         assert '"preserve": "a dog"' in f.metadata["baka_erase"]
     bad = tmp_path / "x.safetensors"
