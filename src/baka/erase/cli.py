@@ -48,6 +48,23 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="preserved prompts per iteration, drawn at random (default: all; fewer bound memory)",
     )
+    p.add_argument(
+        "--network-dim",
+        type=int,
+        help="train a kohya LoRA of this rank (alpha = rank) on the method's layers and write it as a"
+        " LoRA file, instead of editing the weights (LECO's way) (default: edit the weights)",
+    )
+    p.add_argument(
+        "--conv-dim",
+        type=int,
+        default=0,
+        help="with --network-dim: the LoRA's rank on the 3x3 convs (ESD-u's resnets); 0: none",
+    )
+    p.add_argument(
+        "--save-precision",
+        default="float",
+        help="with --network-dim: the LoRA file's dtype, kohya's names: float (fp32), fp16, bf16",
+    )
     p.add_argument("--delta-only", action="store_true", help="write only the changed weights")
 
 
@@ -76,6 +93,9 @@ def cmd_erase(a: argparse.Namespace) -> int:
         preserve=a.preserve,
         preserve_weight=a.preserve_weight,
         preserve_batch=a.preserve_batch,
+        network_dim=a.network_dim,
+        conv_dim=a.conv_dim,
+        save_precision=a.save_precision,
         **settings,
     )
     cfg.prompts()  # an empty split fails here, before the model loads

@@ -17,6 +17,10 @@ random) each iteration, where y_s is a step (drawn per prompt and iteration) of 
 own guided DDIM run of p (one seeded run per prompt, computed once: :func:`preserved_trajectories`).
 It holds the edited model to the original where the preserved prompts' images are made (the anchor /
 retain-set regularisers of later erasure work, e.g. Kumari et al. 2023, "Ablating Concepts").
+
+With ``network_dim`` the method's layers are not edited: a kohya LoRA on them is trained instead (LECO's
+way, p1atdev/LECO) and written as a LoRA file, used as ``<lora:NAME:1>``. The original's predictions then
+come from the same UNet with the LoRA switched off, so no second copy is held in memory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from baka.errors import BakaError
+from baka.merge.lora.common import lora_metadata, save_precision
 from baka.registry import Registry
 
 ParamFilter = Callable[[str], bool]  # LDM UNet parameter name (no model.diffusion_model.) -> trains?
@@ -111,9 +116,22 @@ class EraseConfig:
     # preserved prompts in each iteration's retain batch (default all; fewer bound memory on 512px models)
     preserve_batch: int | None = None
 
+    # train a kohya LoRA of this rank (alpha = rank: scale 1) on the method's layers instead of the
+    # weights (None: edit the weights)
+    network_dim: int | None = None
+    conv_dim: int = 0  # rank on the 3x3 convs (ESD-u's resnet and sampler convs); 0: those keep no module
+    save_precision: str = "float"  # the LoRA file's dtype, kohya's names: float (fp32), fp16, bf16
+
     def __post_init__(self) -> None:
         if self.preserve_batch is not None and self.preserve_batch < 1:
             raise BakaError(f"preserve_batch must be at least 1, got {self.preserve_batch}")
+        if self.network_dim is not None and self.network_dim < 1:
+            raise BakaError(f"network_dim must be at least 1, got {self.network_dim}")
+        if self.conv_dim and self.network_dim is None:
+            raise BakaError("conv_dim is a LoRA rank: it needs network_dim")
+        if self.conv_dim < 0:
+            raise BakaError(f"conv_dim must be 0 or more, got {self.conv_dim}")
+        save_precision(self.save_precision)
 
     def prompts(self) -> list[str]:
         """The concept's prompts: split at ``separator`` (empty pieces dropped), or the whole."""
@@ -209,7 +227,8 @@ def erase(
     delta_only: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Erase ``cfg.concept`` from ``model``; write a full checkpoint, or only the changed tensors."""
+    """Erase ``cfg.concept`` from ``model``; write a full checkpoint, only the changed tensors
+    (``delta_only``), or with ``cfg.network_dim`` the trained LoRA."""
     from diffusers import DDIMScheduler
 
     from baka.generate.conditioning import PromptEncoder
@@ -218,13 +237,21 @@ def erase(
     from baka.models.pipeline import load_modules, save_modules
 
     keep = ERASE_METHODS.get(cfg.method)
+    if delta_only and cfg.network_dim is not None:
+        raise BakaError("delta_only writes edited weights; a LoRA (network_dim) is its own file")
     ckpt = load_checkpoint(model)
     # fp32 weights to edit whatever the file holds (Adam on fp16 weights loses the small updates)
     mods = load_modules(ckpt, ("unet", "text_encoder"), dtype=torch.float32)
     unet, te = mods["unet"], mods["text_encoder"].requires_grad_(False)
-    frozen = copy.deepcopy(unet).requires_grad_(False)
     unet.requires_grad_(False)
-    params = {n: p for n, p in unet.named_parameters() if keep(unet_key_to_ldm(n))}
+    net = None
+    if cfg.network_dim is None:
+        frozen = copy.deepcopy(unet)
+        params = {n: p for n, p in unet.named_parameters() if keep(unet_key_to_ldm(n))}
+    else:
+        net = lora_network(unet, cfg, keep)
+        frozen = WithoutLoRA(unet, net)
+        params = dict(net.named_parameters())
     if not params:
         raise BakaError(f"{cfg.method}: selects no parameters")
     for p in params.values():
@@ -273,7 +300,46 @@ def erase(
         opt.step()
     unet.eval()
     meta = {"baka_erase": json.dumps({**asdict(cfg), "base_model": Path(model).name}, sort_keys=True)}
+    if net is not None:  # a kohya LoRA file, with the metadata baka's LoRA tools write
+        from baka.models.safetensors_io import save_file
+
+        sd = net.kohya_state_dict(save_precision(cfg.save_precision))
+        tool = {"tool": "erase"}  # the settings are in baka_erase
+        meta |= lora_metadata(Path(output).stem, cfg.network_dim or 1, cfg.conv_dim, tool, sd)
+        return save_file(sd, output, meta, protect=[model])
     if delta_only:
         changed = {UNET_PREFIX + unet_key_to_ldm(n): p.detach().clone() for n, p in params.items()}
         return save_checkpoint(changed, output, metadata=meta, protect=[model])
     return save_modules(ckpt, {"unet": unet}, output, metadata=meta, protect=[model])
+
+
+def lora_network(unet: torch.nn.Module, cfg: EraseConfig, keep: ParamFilter):
+    """A kohya LoRA (LoCon with ``conv_dim``; alpha = rank) on the UNet layers whose weight ``keep``
+    selects."""
+    from baka.models.keymap import unet_key_to_ldm
+    from baka.train.config import NetworkConfig
+    from baka.train.network import LoRANetwork
+
+    dim, conv = cfg.network_dim or 1, cfg.conv_dim
+    ncfg = NetworkConfig(dim=dim, alpha=float(dim), conv_dim=conv, conv_alpha=float(conv))
+    with torch.random.fork_rng():  # the down matrices' random start, from the run's seed
+        torch.manual_seed(cfg.seed)
+        return LoRANetwork(unet, None, ncfg, keep=lambda name: keep(unet_key_to_ldm(name + ".weight")))
+
+
+class WithoutLoRA:
+    """``unet`` called with every module of ``net`` switched off: the original model, for ESD's
+    targets, without a second copy of the UNet."""
+
+    def __init__(self, unet: torch.nn.Module, net: torch.nn.Module):
+        self.unet, self.modules = unet, list(net.lora.values())
+        self.config = unet.config
+
+    def __call__(self, *args, **kwargs):
+        for m in self.modules:
+            m.resting = True
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            for m in self.modules:
+                m.resting = False

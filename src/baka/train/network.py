@@ -294,7 +294,10 @@ class LoRANetwork(nn.Module):
         text_encoder: nn.Module | None,
         cfg: NetworkConfig,
         te_layers: set[int] | None = None,
+        keep: Callable[[str], bool] | None = None,
     ):
+        """``keep``: which of the UNet's target layers get a module, by the layer's diffusers name
+        (``down_blocks.0.resnets.0.conv1``); default all (kohya's targets)."""
         super().__init__()
         self.cfg = cfg
         make = module_factory(cfg)
@@ -310,6 +313,8 @@ class LoRANetwork(nn.Module):
                 if not isinstance(child, nn.Linear | nn.Conv2d) or not child_name:
                     continue
                 full = f"{parent_name}.{child_name}"
+                if keep is not None and not keep(full):
+                    continue
                 block = block_of_diffusers("unet", full + ".weight") or "BASE"
                 is_3x3 = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
                 if is_3x3 and not cfg.conv_dim:
