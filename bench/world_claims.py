@@ -215,15 +215,20 @@ def esd(n: int) -> tuple[str, dict]:
 
     gen = Generator(FLAT, progress=False)
     rows, data = [], {}
-    for name, lora in (("world-flat", ""), ("world-flat + `<lora:world-no-red:1>`", "<lora:world-no-red:1>")):
+    runs = [("world-flat", "")] + [
+        (f"world-flat + `<lora:{lora}:1>` ({method})", f"<lora:{lora}:1>")
+        for lora, method in (("world-no-red", "ESD-x"), ("world-no-red-u", "ESD-u"))
+    ]
+    for name, lora in runs:
         m = esd_figures(gen, n, lora)
         data[name] = m
         rows.append(
             [name, f"{m['word_share']:.0%}", f"{m['erased_share']:.0%}", f"{m['others_color_accuracy']:.0%}"]
         )
     return md_table(
-        f"ESD-x erasing `red` (world-no-red: `baka erase` on 16 red training captions, `--separator`;"
-        f" {n} seeds / red captions / other captions)",
+        f"ESD erasing `red` (world-no-red: `baka erase` ESD-x on 16 red training captions, `--separator`,"
+        f" extracted; world-no-red-u: ESD-u trained as a LoRA, a retain term on 20 captions of the other"
+        f" colours; {n} seeds / red captions / other captions)",
         ["model", "prompt `red` drawn red", "red captions drawn red", "other colours right"],
         rows,
     ), data

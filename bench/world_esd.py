@@ -6,12 +6,13 @@ judges the LoRA. One command, fixed seeds; ~7-8 min per ESD-u run on 2 cores (an
 judged again, not retrained; its erase time is shown only if this script made it).
 
     .venv/bin/python bench/world_esd.py [--method ESD-u] [--lr 5e-4 1e-3] [--n 24] [--out build/world-esd]
-        [--model world-flat] [--preserve WEIGHT] [--iterations N]
+        [--model world-flat] [--preserve WEIGHT] [--iterations N] [--network-dim R [--conv-dim R]]
 
 ``--preserve WEIGHT`` adds ``baka erase --preserve`` with the build's ``ESD_PRESERVE`` captions (4 training
 captions of each other colour) at that retain weight. ESD-u meets the issue's target (red captions <= 20%
 red, other colours >= 85%) with ``--lr 1e-3 --iterations 3000 --preserve 4`` (12% / 88%, ~53 min on one
-core; docs/benchmarks.md).
+core; docs/benchmarks.md). ``--network-dim`` trains a LoRA (``baka erase --network-dim``) instead of
+editing the weights; it is judged on the model at weight 1.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--model", default="world-flat", help="the model erased (a path or a shipped name)")
     ap.add_argument("--preserve", type=float, default=0.0, help="retain weight on ESD_PRESERVE (0: none)")
     ap.add_argument("--iterations", help="baka erase --iterations (default: ESD_ARGS')")
+    ap.add_argument("--network-dim", help="baka erase --network-dim: train a LoRA, judged at weight 1")
+    ap.add_argument("--conv-dim", help="baka erase --conv-dim (with --network-dim)")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args()
     from world_claims import esd_figures, md_table
@@ -51,7 +54,11 @@ def main() -> None:
             args.update(
                 {"--preserve": args["--separator"].join(ESD_PRESERVE), "--preserve-weight": str(a.preserve)}
             )
+        if a.network_dim:
+            args.update({"--network-dim": a.network_dim, "--conv-dim": a.conv_dim or "0"})
         tags = f"{f'-it{a.iterations}' if a.iterations else ''}{f'-keep{a.preserve}' if a.preserve else ''}"
+        if a.network_dim:
+            tags += f"-lora{a.network_dim}c{a.conv_dim or 0}"
         erased = out / f"{a.method}-lr{lr}{tags}.safetensors"
         timing = erased.with_suffix(".json")  # the erase's wall time, kept for a later re-judging
         if not erased.exists():
@@ -60,7 +67,11 @@ def main() -> None:
             erase_in_context(model, erased, [x for kv in args.items() for x in kv])
             timing.write_text(json.dumps({"seconds": round(time.time() - t)}))
         seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-        m = esd_figures(Generator(erased, progress=False), a.n)
+        if a.network_dim:  # the LoRA on the model it was trained on
+            gen = Generator(shipped_path(a.model) or Path(a.model), lora_dirs=[out], progress=False)
+            m = esd_figures(gen, a.n, f"<lora:{erased.stem}:1>")
+        else:
+            m = esd_figures(Generator(erased, progress=False), a.n)
         m["erase_seconds"] = seconds
         figures[lr] = m
         cells = (m["word_share"], m["erased_share"], m["others_color_accuracy"])
