@@ -292,3 +292,22 @@ def test_the_esd_stage_erases_red_in_context_not_on_the_eval_prompts():
     assert not {s.caption for s, _ in suite_scenes("full")} & set(prompts)
     sep = build.ESD_ARGS[build.ESD_ARGS.index("--separator") + 1]
     assert EraseConfig(sep.join(prompts), separator=sep).prompts() == list(prompts)
+
+
+def test_the_esd_u_stage_keeps_captions_that_name_red_nowhere():
+    """world-no-red-u's retain term keeps training captions of every other colour, none naming red and
+    none an eval-suite prompt; the stage's arguments train ESD-u as a LoCon on one thread."""
+    from baka.erase.esd import EraseConfig
+    from baka.world.eval import suite_scenes
+    from baka.world.render import COLORS
+
+    kept = build.ESD_PRESERVE
+    assert len(set(kept)) == len(kept) and not any(build.ESD_CONCEPT in p for p in kept)
+    assert {p.split()[0] for p in kept} == set(COLORS) - {build.ESD_CONCEPT}
+    assert not {s.caption for s, _ in suite_scenes("full")} & set(kept)
+    args = build.esd_u_args()
+    opt = dict(zip(args[::2], args[1::2], strict=True))
+    assert opt["--method"] == "ESD-u" and int(opt["--network-dim"]) > 0 and int(opt["--conv-dim"]) > 0
+    sep = opt["--separator"]
+    assert EraseConfig("x", preserve=opt["--preserve"], separator=sep).preserved() == list(kept)
+    assert build.ESD_U_THREADS == "1"

@@ -19,6 +19,7 @@ SHIPPED = {
 SHIPPED_NETWORKS = {
     "world-star": "world/weights/lora/world-star.safetensors",
     "world-no-red": "world/weights/lora/world-no-red.safetensors",  # ESD-x "red", extracted as a LoRA
+    "world-no-red-u": "world/weights/lora/world-no-red-u.safetensors",  # ESD-u "red", trained as a LoRA
 }
 # textual-inversion embeddings, for an embeddings folder (``--embeddings``): prompts use them by name
 SHIPPED_EMBEDDINGS = {

@@ -22,6 +22,8 @@ Stages (each skipped when its output exists, so an interrupted build continues):
    textual-inversion vector for the colour blue;
 6. ``baka erase`` (ESD-x, one of 16 red training captions per iteration) erases "red" from
    ``world-flat``; ``baka lora extract`` turns the edit into the LoRA ``world-no-red`` (:func:`erase_stage`);
+   ``baka erase --network-dim`` trains ESD-u on the same captions as the LoRA ``world-no-red-u``, a retain
+   term holding the other colours (:func:`erase_u_stage`, one thread);
 7. fp16 copies with modelspec metadata and a model card go to ``src/baka/world/weights`` (the LoRAs to
    ``weights/lora``, the embedding to ``weights/embeddings``).
 
@@ -161,8 +163,8 @@ ESD_PROMPTS = (
     "red square, blue background, medium, top",
     "red triangle, yellow background, medium, center",
 )
-# what ESD-u with baka erase --preserve keeps (bench/world_esd.py; not shipped): the first 4 distinct
-# one-shape training captions of each other colour that name red nowhere and are not eval-suite prompts
+# what ESD-u's retain term (baka erase --preserve) keeps: the first 4 distinct one-shape training captions
+# of each other colour that name red nowhere and are not eval-suite prompts
 ESD_PRESERVE = (
     "yellow circle, blue background, small, center",
     "yellow square, white background, small, right",
@@ -187,6 +189,18 @@ ESD_PRESERVE = (
 )
 ESD_LORA = "world-no-red"
 ESD_ARGS = "--method ESD-x --preset esd-2025 --lr 2e-3 --iterations 400 --separator |".split()
+# ESD-u (the issue names both) erases the same captions into a LoRA trained directly (baka erase
+# --network-dim, LECO's way): extracting a full ESD-u edit as a LoRA lost the claim (rank 32: 33% of red
+# captions still red) and the edit itself is ~7 MB. The retain term on ESD_PRESERVE at weight 4 holds the
+# other colours (docs/world.md, "ESD-u with a retain term"). It runs on one thread whatever THREADS says:
+# batch-1 ESD gains nothing from a second, and bench/world_esd.py's runs of the same command are one-thread
+# runs, so its output is this stage's byte for byte.
+ESD_U_LORA = "world-no-red-u"
+ESD_U_ARGS = (
+    "--method ESD-u --preset esd-2025 --lr 2e-3 --iterations 3000 --separator | --preserve-weight 4"
+    " --network-dim 8 --conv-dim 8"
+).split()
+ESD_U_THREADS = "1"
 THREADS = os.environ.get("BAKA_WORLD_THREADS", "2")
 BASE = "world-flat-base"
 # world-flat's caption-free run, then the two weighted-caption runs (build 9)
@@ -801,9 +815,9 @@ def embedding_toml(out: Path, model: Path, data: Path) -> Path:
     return _small_run_toml(out, TI_WORD, model, data, TI_STEPS, keys, "")
 
 
-def run_baka(*args: str | Path) -> None:
+def run_baka(*args: str | Path, threads: str = THREADS) -> None:
     """``baka ARGS`` in a subprocess, exactly as a user runs it."""
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "baka", *map(str, args)], check=True, env=env)
 
 
@@ -811,11 +825,17 @@ def run_train(toml: Path) -> None:
     run_baka("train", toml)
 
 
-def erase_in_context(model: Path, erased: Path, args: list[str] = ESD_ARGS) -> None:
+def erase_in_context(model: Path, erased: Path, args: list[str] = ESD_ARGS, threads: str = THREADS) -> None:
     """``baka erase`` ``ESD_PROMPTS`` from ``model`` into ``erased``, joined by the separator that
     ``args`` names (one prompt per iteration)."""
     sep = args[args.index("--separator") + 1]
-    run_baka("erase", model, sep.join(ESD_PROMPTS), "-o", erased, *args)
+    run_baka("erase", model, sep.join(ESD_PROMPTS), "-o", erased, *args, threads=threads)
+
+
+def esd_u_args() -> list[str]:
+    """``ESD_U_ARGS`` with the retain term's prompts (``ESD_PRESERVE``, joined by the separator)."""
+    sep = ESD_U_ARGS[ESD_U_ARGS.index("--separator") + 1]
+    return [*ESD_U_ARGS, "--preserve", sep.join(ESD_PRESERVE)]
 
 
 def erase_stage(out: Path, model: Path) -> Path:
@@ -835,6 +855,38 @@ def erase_stage(out: Path, model: Path) -> Path:
     return lora
 
 
+def erase_u_stage(out: Path, model: Path) -> Path:
+    """``baka erase`` ESD-u as a LoRA (fp32, as trained), then its fp16 copy, the shipped tensors."""
+    import torch
+
+    from baka.models.io import cast, read_raw
+    from baka.models.safetensors_io import save_file
+
+    d = out / ESD_U_LORA
+    d.mkdir(exist_ok=True)
+    erased, lora = d / "erased.safetensors", trained(out, ESD_U_LORA)
+    if not erased.exists():
+        t = time.time()
+        _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {shlex.join(ESD_U_ARGS)}")
+        erase_in_context(model, erased, esd_u_args(), threads=ESD_U_THREADS)
+        (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+    if not lora.exists():
+        tensors, meta = read_raw(erased)
+        save_file(cast(tensors, torch.float16), lora, {**meta, "ss_output_name": ESD_U_LORA})
+    return lora
+
+
+def esd_stats(out: Path, name: str) -> dict:
+    """An erase LoRA's card figures: its concept, arguments, prompts and erase time."""
+    args, extra = {
+        ESD_LORA: (ESD_ARGS, {}),
+        ESD_U_LORA: (ESD_U_ARGS, {"preserve_prompts": list(ESD_PRESERVE)}),
+    }[name]
+    secs = json.loads((out / name / "time.json").read_text())["seconds"]
+    stats = {"concept": ESD_CONCEPT, "erase_args": shlex.join(args), "erase_seconds": secs}
+    return {**stats, "erase_prompts": list(ESD_PROMPTS), **extra}
+
+
 CARDS = {
     "world-flat": "epsilon-prediction base model of the shapes world, flat fills",
     "world-striped": "world-flat fine-tuned on the striped style (hatched fills + outlines)",
@@ -842,6 +894,7 @@ CARDS = {
     STAR_LORA: "a LoRA that teaches world-flat the star, a shape its training never showed",
     TI_WORD: f"a textual-inversion embedding that world-flat reads as the colour {TI_COLOR}",
     ESD_LORA: f"world-flat with the concept {ESD_CONCEPT!r} erased by ESD-x, as a LoRA",
+    ESD_U_LORA: f"a LoRA that erases the concept {ESD_CONCEPT!r} from world-flat by ESD-u",
 }
 
 
@@ -927,6 +980,15 @@ SMALL_USE = {  # how a card says to use a shipped LoRA / embedding
         " (cross-attention keys and values edited), turned into a rank-32 LoRA by `baka lora extract`.",
         f"Use: `<lora:{ESD_LORA}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
         f' -p "{ESD_CONCEPT} circle, grey background, large, center <lora:{ESD_LORA}:1>"`.',
+    ),
+    ESD_U_LORA: (
+        "kohya-layout LoCon for world-flat, trained by"
+        f" `baka erase world-flat CAPTIONS {shlex.join(ESD_U_ARGS)} --preserve KEPT` (every UNet layer"
+        f" but cross-attention, the time embedding and the output), CAPTIONS being the {len(ESD_PROMPTS)}"
+        f" {ESD_CONCEPT} captions of `{ESD_LORA}` and KEPT {len(ESD_PRESERVE)} captions of the other"
+        " colours (`baka.world.build.ESD_PRESERVE`), joined by `|`.",
+        f"Use: `<lora:{ESD_U_LORA}:1>` in a prompt, e.g. `baka generate world-flat -W 64 -H 64"
+        f' -p "{ESD_CONCEPT} circle, grey background, large, center <lora:{ESD_U_LORA}:1>"`.',
     ),
 }
 
@@ -1096,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_train(toml())
                 (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
         erase_stage(out, start)
+        erase_u_stage(out, start)
     base = base_stats(out)
     for name in ONLY.values():  # world-flat's earlier runs are not shipped; its card has their figures
         if trained(out, name).exists():
@@ -1112,12 +1175,11 @@ def main(argv: list[str] | None = None) -> int:
             stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
             ship_small(out, name, stats, Path(a.dest), folder)
             _log(f"shipped {name}: {stats}")
-    if trained(out, ESD_LORA).exists():
-        secs = json.loads((out / ESD_LORA / "time.json").read_text())["seconds"]
-        stats = {"concept": ESD_CONCEPT, "erase_args": shlex.join(ESD_ARGS), "erase_seconds": secs}
-        stats["erase_prompts"] = list(ESD_PROMPTS)
-        ship_small(out, ESD_LORA, stats, Path(a.dest), "lora")
-        _log(f"shipped {ESD_LORA}: {stats}")
+    for name in (ESD_LORA, ESD_U_LORA):
+        if trained(out, name).exists():
+            stats = esd_stats(out, name)
+            ship_small(out, name, stats, Path(a.dest), "lora")
+            _log(f"shipped {name}: {stats}")
     return 0
 
 
