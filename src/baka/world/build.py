@@ -197,7 +197,7 @@ ESD_ARGS = "--method ESD-x --preset esd-2025 --lr 2e-3 --iterations 400 --separa
 # runs, so its output is this stage's byte for byte.
 ESD_U_LORA = "world-no-red-u"
 ESD_U_ARGS = (
-    "--method ESD-u --preset esd-2025 --lr 2e-3 --iterations 3000 --separator | --preserve-weight 4"
+    "--method ESD-u --preset esd-2025 --lr 3e-3 --iterations 2000 --separator | --preserve-weight 4"
     " --network-dim 8 --conv-dim 8"
 ).split()
 ESD_U_THREADS = "1"
@@ -860,7 +860,7 @@ def erase_u_stage(out: Path, model: Path) -> Path:
     import torch
 
     from baka.models.io import cast, read_raw
-    from baka.models.safetensors_io import save_file
+    from baka.models.safetensors_io import payload_sha256, save_file
 
     d = out / ESD_U_LORA
     d.mkdir(exist_ok=True)
@@ -872,7 +872,8 @@ def erase_u_stage(out: Path, model: Path) -> Path:
         (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
     if not lora.exists():
         tensors, meta = read_raw(erased)
-        save_file(cast(tensors, torch.float16), lora, {**meta, "ss_output_name": ESD_U_LORA})
+        half = cast(tensors, torch.float16)  # the addnet hash is over the tensors the file holds
+        save_file(half, lora, {**meta, "ss_output_name": ESD_U_LORA, "sshs_model_hash": payload_sha256(half)})
     return lora
 
 
