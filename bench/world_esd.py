@@ -54,10 +54,9 @@ def main() -> None:
             args.update(
                 {"--preserve": args["--separator"].join(ESD_PRESERVE), "--preserve-weight": str(a.preserve)}
             )
-        if a.network_dim:
-            args.update({"--network-dim": a.network_dim, "--conv-dim": a.conv_dim or "0"})
         tags = f"{f'-it{a.iterations}' if a.iterations else ''}{f'-keep{a.preserve}' if a.preserve else ''}"
         if a.network_dim:
+            args.update({"--network-dim": a.network_dim, "--conv-dim": a.conv_dim or "0"})
             tags += f"-lora{a.network_dim}c{a.conv_dim or 0}"
         erased = out / f"{a.method}-lr{lr}{tags}.safetensors"
         timing = erased.with_suffix(".json")  # the erase's wall time, kept for a later re-judging
@@ -68,7 +67,7 @@ def main() -> None:
             timing.write_text(json.dumps({"seconds": round(time.time() - t)}))
         seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
         if a.network_dim:  # the LoRA on the model it was trained on
-            gen = Generator(shipped_path(a.model) or Path(a.model), lora_dirs=[out], progress=False)
+            gen = Generator(a.model, lora_dirs=[out], progress=False)  # a shipped name works as a path
             m = esd_figures(gen, a.n, f"<lora:{erased.stem}:1>")
         else:
             m = esd_figures(Generator(erased, progress=False), a.n)
