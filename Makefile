@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_bench.py
 
 # Rebuild the shipped shapes-world models (src/baka/world/weights) from nothing: render, VAE, text
-# encoder pretraining, baka train (98 min on 2 cores, build 7; docs/world.md).
+# encoder pretraining, baka train, baka erase (~190 min on 2 cores, build 9; docs/world.md).
 # Threads: BAKA_WORLD_THREADS (default 2); see docs/world.md.
 world: $(STAMP)
 	rm -rf build/world

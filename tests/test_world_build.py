@@ -232,32 +232,19 @@ def test_the_decoder_phase_leaves_the_latent_space_alone(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k not in decoder)
 
 
-def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
-    """Every stage after world-flat starts from its fp16 copy, so ``--from-shipped`` seeds that start
-    from the package and goes straight to world-striped; the cards keep the VAE / encoder figures."""
-    import pytest
+class _Trained(Exception):
+    pass
 
-    from baka.models.io import read_raw, save_checkpoint
 
-    shipped = build.WEIGHTS_DIR / "world-flat.safetensors"
-    want, meta = read_raw(shipped)
-    # a from-scratch build's fp32 world-flat and the shipped file give the same start
-    scratch = tmp_path / "scratch"
-    fp32 = save_checkpoint({k: v.float() for k, v in want.items()}, tmp_path / "fp32.safetensors")
-    got, _ = read_raw(build.write_flat_start(scratch, fp32))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-
-    calls = []
-
-    class Trained(Exception):
-        pass
+def _stop_at_first_train(monkeypatch) -> tuple[list[str], list[bool]]:
+    """``build.main`` with no rendering and no training: the first ``baka train`` it would run is
+    recorded (its TOML) and stops it with ``_Trained``."""
+    calls: list[str] = []
+    rendered: list[bool] = []
 
     def fake_train(toml):
         calls.append(toml.read_text())
-        raise Trained
-
-    out = tmp_path / "late"
-    rendered = []
+        raise _Trained
 
     def fake_sets(o, weighted=True):
         rendered.append(weighted)
@@ -265,13 +252,59 @@ def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "render_sets", fake_sets)
     monkeypatch.setattr(build, "run_train", fake_train)
-    with pytest.raises(Trained):
+    return calls, rendered
+
+
+def test_a_build_from_scratch_starts_the_later_stages_from_the_shipped_file(tmp_path, monkeypatch):
+    """Once world-flat is trained it ships at once, and world-striped (every later stage) starts from
+    that very file, so the base-model hashes in the star LoRA's and the embedding's metadata name the
+    world-flat that ships beside them (the build's own fp16 copy, lacking the card, had another hash)."""
+    import pytest
+
+    from baka.models.io import read_raw, save_checkpoint
+
+    want, _ = read_raw(build.WEIGHTS_DIR / "world-flat.safetensors")
+    out, dest = tmp_path / "scratch", tmp_path / "ship"
+    (out / "init.safetensors").parent.mkdir(parents=True)
+    (out / "init.safetensors").write_bytes(b"")  # VAE and encoder done; only its path is used
+    (out / "base_stats.json").write_text(json.dumps({"vae_steps": 1}))
+    losses = json.dumps({"train": [0.5, 0.25], "val": []})
+    for run in build.FLAT_CHAIN:
+        (out / run).mkdir()
+        (out / run / "losses.json").write_text(losses)
+        (out / run / "time.json").write_text(json.dumps({"seconds": 7}))
+        build.trained(out, run).write_bytes(b"")  # trained: skipped
+    build.fp16_copy(out, build.CF_RUN).write_bytes(b"")
+    save_checkpoint({k: v.float() for k, v in want.items()}, build.trained(out, "world-flat"))
+    calls, _ = _stop_at_first_train(monkeypatch)
+    with pytest.raises(_Trained):
+        build.main(["--out", str(out), "--dest", str(dest)])
+    assert 'output_name = "world-striped"' in calls[0]
+    assert f'model = "{build.flat_start(out)}"' in calls[0]
+    shipped = dest / "world-flat.safetensors"
+    assert build.flat_start(out).read_bytes() == shipped.read_bytes()
+    got, meta = read_raw(shipped)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads(meta["baka_world"])["caption_free"]["seconds"] == 7  # the card's full figures
+
+
+def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
+    """Every stage after world-flat starts from the shipped file, so ``--from-shipped`` seeds that start
+    from the package and goes straight to world-striped; the cards keep the VAE / encoder figures."""
+    import pytest
+
+    from baka.models.io import read_raw
+
+    shipped = build.WEIGHTS_DIR / "world-flat.safetensors"
+    want, meta = read_raw(shipped)
+    out = tmp_path / "late"
+    calls, rendered = _stop_at_first_train(monkeypatch)
+    with pytest.raises(_Trained):
         build.main(["--out", str(out), "--dest", str(tmp_path / "ship"), "--from-shipped"])
     assert rendered == [False]  # the weighted set feeds only world-flat's runs, which it skips
     assert 'output_name = "world-striped"' in calls[0]
     assert f'model = "{build.flat_start(out)}"' in calls[0]
-    got, _ = read_raw(build.flat_start(out))
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert build.flat_start(out).read_bytes() == shipped.read_bytes()
     stats = build.base_stats(out)
     card = json.loads(meta["baka_world"])
     assert stats == {k: card[k] for k in card if k.startswith(("vae_", "text_encoder_"))}

@@ -337,6 +337,22 @@ def test_the_shipped_loras_carry_their_addnet_hash():
         assert meta["sshs_model_hash"] == payload_sha256(tensors), name
 
 
+def test_the_shipped_lora_and_embedding_name_the_shipped_world_flat_as_their_base():
+    """The trainer's base-model hashes (kohya's ``ss_sd_model_hash``, A1111's legacy hash, and
+    ``ss_new_sd_model_hash``, the file's sha256) in the star LoRA and the embedding are those of the
+    world-flat that ships beside them, so A1111 / Civitai can tell which model they were trained on."""
+    from baka.models.hashes import legacy_hash, sha256_file
+    from baka.models.io import read_raw
+    from baka.models.shipped import SHIPPED_EMBEDDINGS, SHIPPED_NETWORKS
+
+    flat = shipped_path("world-flat")
+    want = {"ss_sd_model_hash": legacy_hash(flat), "ss_new_sd_model_hash": sha256_file(flat)}
+    files = [shipped_path("world-star", SHIPPED_NETWORKS), shipped_path("world-azure", SHIPPED_EMBEDDINGS)]
+    for f in files:
+        _, meta = read_raw(f)
+        assert {k: meta[k] for k in want} == want, f.name
+
+
 def test_the_shipped_files_fit_the_package_budget():
     """Issue #10: the shipped variants together at most ~40 MB (taken as 40 MiB: models, LoRAs,
     embedding and cards)."""

@@ -43,6 +43,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -1014,12 +1015,14 @@ def fp16_copy(out: Path, name: str) -> Path:
 
 
 def flat_start(out: Path) -> Path:
-    """The later stages' start: ``world-flat`` in fp16, the tensors :func:`ship` writes."""
+    """The later stages' start: the file shipped as ``world-flat``, byte for byte, so the base-model
+    hashes the star LoRA and the embedding record (``ss_sd_model_hash``, ``ss_new_sd_model_hash``) are
+    the shipped world-flat's, from scratch and ``--from-shipped`` alike."""
     return fp16_copy(out, "world-flat")
 
 
 def write_fp16(source: Path, path: Path) -> Path:
-    """``source`` (a trained fp32 model, or a shipped fp16 one) in fp16 at ``path``."""
+    """``source`` (a trained fp32 run) in fp16 at ``path``, for the next run to start from."""
     import torch
 
     from baka.models.io import cast, read_raw, save_checkpoint
@@ -1029,9 +1032,15 @@ def write_fp16(source: Path, path: Path) -> Path:
     return save_checkpoint(cast(tensors, torch.float16), path, metadata=meta)
 
 
-def write_flat_start(out: Path, source: Path) -> Path:
-    """``source`` (the trained fp32 world-flat, or the shipped fp16 one) as :func:`flat_start`."""
-    return write_fp16(source, flat_start(out))
+def write_flat_start(out: Path, shipped: Path) -> Path:
+    """The shipped world-flat file (this build's or the installed one), copied byte for byte to
+    :func:`flat_start`."""
+    from baka.models.safetensors_io import atomic_output
+
+    path = flat_start(out)
+    with atomic_output(path) as tmp:
+        shutil.copyfile(shipped, tmp)
+    return path
 
 
 def base_stats(out: Path) -> dict:
@@ -1079,6 +1088,17 @@ def _losses(out: Path, name: str) -> dict:
         "loss_last": round(sum(tr[-k:]) / k, 4),
         "val_loss_last": round(d["val"][-1][1], 4) if d["val"] else None,
     }
+
+
+def model_stats(out: Path, name: str) -> dict:
+    """A shipped model's card figures: the VAE / encoder's, its run's losses and time (world-flat: its
+    earlier runs' too)."""
+    stats = {**base_stats(out), **_losses(out, name)}
+    stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
+    if name == "world-flat":
+        for run, key in EARLIER_RUNS.items():
+            stats[key] = {**_losses(out, run), **json.loads((out / run / "time.json").read_text())}
+    return stats
 
 
 def trained(out: Path, name: str) -> Path:
@@ -1143,8 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
             (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
-        if name in (CF_RUN, "world-flat") and not fp16_copy(out, name).exists():
+        if name == CF_RUN and not fp16_copy(out, name).exists():
             write_fp16(trained(out, name), fp16_copy(out, name))
+        if name == "world-flat" and not flat_start(out).exists():  # shipped now: later stages start from it
+            write_flat_start(out, ship(out, name, model_stats(out, name), Path(a.dest)))
         if a.only and name == ONLY[a.only]:
             break
     else:  # every model trained: the LoRA and the embedding on world-flat
@@ -1160,14 +1182,9 @@ def main(argv: list[str] | None = None) -> int:
                 (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
         erase_stage(out, start)
         erase_u_stage(out, start)
-    base = base_stats(out)
     for name in ONLY.values():  # world-flat's earlier runs are not shipped; its card has their figures
         if trained(out, name).exists():
-            stats = {**base, **_losses(out, name)}
-            stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
-            if name == "world-flat":
-                for run, key in EARLIER_RUNS.items():
-                    stats[key] = {**_losses(out, run), **json.loads((out / run / "time.json").read_text())}
+            stats = model_stats(out, name)
             ship(out, name, stats, Path(a.dest))
             _log(f"shipped {name}: {stats}")
     for name, folder, images in ((STAR_LORA, "lora", STAR_IMAGES), (TI_WORD, "embeddings", TI_IMAGES)):
