@@ -296,7 +296,7 @@ def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
     from baka.models.io import read_raw
 
     shipped = build.WEIGHTS_DIR / "world-flat.safetensors"
-    want, meta = read_raw(shipped)
+    _, meta = read_raw(shipped)
     out = tmp_path / "late"
     calls, rendered = _stop_at_first_train(monkeypatch)
     with pytest.raises(_Trained):
