@@ -36,7 +36,7 @@ def compare(installed: Path, rebuilt: Path) -> tuple[int, int, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="build/world-repro", help="the build's work folder (its files: OUT/ship)")
+    ap.add_argument("--out", default="build/world-repro", help="work folder (files: OUT/ship)")
     a = ap.parse_args()
     from baka.world.build import WEIGHTS_DIR
 
