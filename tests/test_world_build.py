@@ -286,6 +286,9 @@ def test_a_build_from_scratch_starts_the_later_stages_from_the_shipped_file(tmp_
     got, meta = read_raw(shipped)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads(meta["baka_world"])["caption_free"]["seconds"] == 7  # the card's full figures
+    # the build's end ships world-flat again (with the others): the same bytes the later stages started from
+    build.ship(out, "world-flat", build.model_stats(out, "world-flat"), dest)
+    assert build.flat_start(out).read_bytes() == shipped.read_bytes()
 
 
 def test_the_later_stages_start_from_the_shipped_tensors(tmp_path, monkeypatch):
