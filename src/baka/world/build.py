@@ -816,6 +816,16 @@ def embedding_toml(out: Path, model: Path, data: Path) -> Path:
     return _small_run_toml(out, TI_WORD, model, data, TI_STEPS, keys, "")
 
 
+def _save_seconds(folder: Path, start: float) -> None:
+    """A stage's wall time since ``start``, kept beside its output (``time.json``) for its card."""
+    (folder / "time.json").write_text(json.dumps({"seconds": round(time.time() - start)}))
+
+
+def _seconds(out: Path, name: str) -> int:
+    """The wall time :func:`_save_seconds` kept for the stage ``name``."""
+    return json.loads((out / name / "time.json").read_text())["seconds"]
+
+
 def run_baka(*args: str | Path, threads: str = THREADS) -> None:
     """``baka ARGS`` in a subprocess, exactly as a user runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
@@ -849,7 +859,7 @@ def erase_stage(out: Path, model: Path) -> Path:
         t = time.time()
         _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {shlex.join(ESD_ARGS)}")
         erase_in_context(model, erased)
-        (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+        _save_seconds(d, t)
     if not lora.exists():
         extract = ("--dim", "32", "--clamp-quantile", "1", "--min-diff", "1e-6", "--save-precision", "fp16")
         run_baka("lora", "extract", model, erased, "-o", lora, "-q", *extract)
@@ -870,7 +880,7 @@ def erase_u_stage(out: Path, model: Path) -> Path:
         t = time.time()
         _log(f"baka erase {model.name} <{len(ESD_PROMPTS)} {ESD_CONCEPT} captions> {shlex.join(ESD_U_ARGS)}")
         erase_in_context(model, erased, esd_u_args(), threads=ESD_U_THREADS)
-        (d / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+        _save_seconds(d, t)
     if not lora.exists():
         tensors, meta = read_raw(erased)
         half = cast(tensors, torch.float16)  # the addnet hash is over the tensors the file holds
@@ -884,7 +894,7 @@ def esd_stats(out: Path, name: str) -> dict:
         ESD_LORA: (ESD_ARGS, {}),
         ESD_U_LORA: (ESD_U_ARGS, {"preserve_prompts": list(ESD_PRESERVE)}),
     }[name]
-    secs = json.loads((out / name / "time.json").read_text())["seconds"]
+    secs = _seconds(out, name)
     stats = {"concept": ESD_CONCEPT, "erase_args": shlex.join(args), "erase_seconds": secs}
     return {**stats, "erase_prompts": list(ESD_PROMPTS), **extra}
 
@@ -1094,10 +1104,10 @@ def model_stats(out: Path, name: str) -> dict:
     """A shipped model's card figures: the VAE / encoder's, its run's losses and time (world-flat: its
     earlier runs' too)."""
     stats = {**base_stats(out), **_losses(out, name)}
-    stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
+    stats["train_seconds"] = _seconds(out, name)
     if name == "world-flat":
         for run, key in EARLIER_RUNS.items():
-            stats[key] = {**_losses(out, run), **json.loads((out / run / "time.json").read_text())}
+            stats[key] = {**_losses(out, run), "seconds": _seconds(out, run)}
     return stats
 
 
@@ -1162,7 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.time()
             _log(f"baka train {name}: {steps} steps from {model.name}")
             run_train(train_toml(out, name, model, data, steps, lr=lr, v_pred=vpred, extra=extra))
-            (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+            _save_seconds(out / name, t)
         if name == CF_RUN and not fp16_copy(out, name).exists():
             write_fp16(trained(out, name), fp16_copy(out, name))
         if name == "world-flat" and not flat_start(out).exists():  # shipped now: later stages start from it
@@ -1179,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.time()
                 _log(f"baka train {name}: {CARDS[name]}")
                 run_train(toml())
-                (out / name / "time.json").write_text(json.dumps({"seconds": round(time.time() - t)}))
+                _save_seconds(out / name, t)
         erase_stage(out, start)
         erase_u_stage(out, start)
     for name in ONLY.values():  # world-flat's earlier runs are not shipped; its card has their figures
@@ -1190,7 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, folder, images in ((STAR_LORA, "lora", STAR_IMAGES), (TI_WORD, "embeddings", TI_IMAGES)):
         if trained(out, name).exists():
             stats = {**_losses(out, name), "images": images}
-            stats["train_seconds"] = json.loads((out / name / "time.json").read_text())["seconds"]
+            stats["train_seconds"] = _seconds(out, name)
             ship_small(out, name, stats, Path(a.dest), folder)
             _log(f"shipped {name}: {stats}")
     for name in (ESD_LORA, ESD_U_LORA):
