@@ -305,7 +305,7 @@ def erase(
 
         sd = net.kohya_state_dict(save_precision(cfg.save_precision))
         tool = {"tool": "erase"}  # the settings are in baka_erase
-        meta |= lora_metadata(Path(output).stem, cfg.network_dim or 1, cfg.conv_dim, tool, sd)
+        meta |= lora_metadata(Path(output).stem, net.cfg.dim, net.cfg.conv_dim, tool, sd)
         return save_file(sd, output, meta, protect=[model])
     if delta_only:
         changed = {UNET_PREFIX + unet_key_to_ldm(n): p.detach().clone() for n, p in params.items()}
